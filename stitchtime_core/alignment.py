@@ -1,0 +1,328 @@
+"""FFHQ-style face crops, smoothed over time, and their inverse (paper section 3.1).
+
+A crop is described by its quad: the four frame-pixel corners [4, 2] of an oriented square,
+ordered top-left, bottom-left, bottom-right, top-right as seen in the crop (PIL's QUAD order,
+which the reference code uses). Frame and crop points are pixel indices: x to the right, y down,
+(0, 0) the centre of the top-left pixel.
+
+The sampling convention is the reference code's (``PIL.Image.transform(QUAD, quad + 0.5)``): the
+quad corners, read as pixel indices, land on the crop's outer pixel *edges*. Crop pixel (0, 0) is
+therefore half a crop pixel inside the quad's first corner. Because every quad built here is a
+square, PIL's bilinear QUAD map and the perspective map used here coincide.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+
+def face_axes(landmarks: np.ndarray, *, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The FFHQ crop square of one face: its centre and half-side axes.
+
+    The FFHQ recipe: the crop is centred a little below the eyes, oriented by the eye-to-eye and
+    eye-to-mouth directions, and sized by whichever of the two distances dominates.
+
+    Args:
+        landmarks: float [68, 2] dlib 68-point landmarks, (x, y) frame pixels.
+        scale: crop size relative to the FFHQ crop (``AlignmentConfig.scale``), > 0.
+
+    Returns:
+        ``(c, x, y)``, each float64 [2]: the centre, the half-side vector pointing to the crop's
+        right and the one pointing down (``x`` turned by +90 degrees, same length).
+
+    Raises:
+        ValueError: the landmarks are not [68, 2] or not finite.
+    """
+    lm = _check_landmarks(landmarks)
+    eye_left = lm[36:42].mean(axis=0)
+    eye_right = lm[42:48].mean(axis=0)
+    eye_avg = (eye_left + eye_right) * 0.5
+    eye_to_eye = eye_right - eye_left
+    mouth_avg = (lm[48] + lm[54]) * 0.5
+    eye_to_mouth = mouth_avg - eye_avg
+    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1.0, 1.0]
+    x = x / np.hypot(*x)
+    x = x * max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8) * scale
+    y = np.flipud(x) * [-1.0, 1.0]
+    c = eye_avg + eye_to_mouth * 0.1
+    return c, x, y
+
+
+def quad_from_axes(c: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The quad [4, 2] (top-left, bottom-left, bottom-right, top-right) of centre ``c`` and axes."""
+    return np.stack([c - x - y, c - x + y, c + x + y, c + x - y], axis=-2)
+
+
+def smooth_quads(
+    landmarks: np.ndarray, *, center_sigma: float, axes_sigma: float, scale: float
+) -> np.ndarray:
+    """Per-frame FFHQ quads with the crop centre and axes low-passed over time.
+
+    Frames without landmarks (NaN rows) get their centre and axes interpolated linearly from the
+    nearest frames that have them (held constant before the first and after the last), then
+    everything is smoothed with a Gaussian over time, as the reference code does (scipy's
+    ``gaussian_filter1d``, default 'reflect' ends). The down axis is rebuilt from the smoothed
+    right axis, which equals smoothing both (the turn is linear).
+
+    Args:
+        landmarks: float [N, 68, 2] frame pixels; a frame with any NaN counts as having no face.
+        center_sigma: Gaussian sigma over time for the centres, in frames; 0 skips it.
+        axes_sigma: Gaussian sigma over time for the axes, in frames; 0 skips it.
+        scale: crop size relative to the FFHQ crop, > 0.
+
+    Returns:
+        float64 [N, 4, 2] quads (top-left, bottom-left, bottom-right, top-right) in frame pixels.
+
+    Raises:
+        ValueError: bad shape, a negative sigma, a non-positive scale, or no frame with landmarks.
+    """
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.ndim != 3 or lm.shape[1:] != (68, 2):
+        raise ValueError(f"landmarks must have shape [N, 68, 2], got {list(lm.shape)}")
+    if center_sigma < 0 or axes_sigma < 0:
+        raise ValueError(f"sigmas must be >= 0, got center {center_sigma}, axes {axes_sigma}")
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    has_face = np.isfinite(lm).all(axis=(1, 2))
+    if not has_face.any():
+        raise ValueError("no frame has landmarks")
+
+    n = len(lm)
+    centres = np.zeros((n, 2))
+    axes = np.zeros((n, 2))
+    for i in np.flatnonzero(has_face):
+        centres[i], axes[i], _ = face_axes(lm[i], scale=scale)
+    if not has_face.all():
+        t = np.arange(n)
+        known = np.flatnonzero(has_face)
+        for k in range(2):
+            centres[:, k] = np.interp(t, known, centres[known, k])
+            axes[:, k] = np.interp(t, known, axes[known, k])
+
+    if center_sigma > 0:
+        centres = gaussian_filter1d(centres, sigma=center_sigma, axis=0)
+    if axes_sigma > 0:
+        axes = gaussian_filter1d(axes, sigma=axes_sigma, axis=0)
+    downs = axes[:, ::-1] * [-1.0, 1.0]
+    return quad_from_axes(centres, axes, downs)
+
+
+def crop_transform(quad: np.ndarray, size: int) -> np.ndarray:
+    """The 3x3 perspective matrix from frame pixels to crop pixels.
+
+    Args:
+        quad: float [4, 2] frame-pixel corners (top-left, bottom-left, bottom-right, top-right).
+        size: crop side in pixels, > 0.
+
+    Returns:
+        float64 [3, 3] ``M`` with ``crop_point ~ M @ [x, y, 1]`` (homogeneous).
+
+    Raises:
+        ValueError: bad quad shape, a degenerate quad, or a non-positive size.
+    """
+    q = _check_quad(quad)
+    if size <= 0:
+        raise ValueError(f"size must be > 0, got {size}")
+    corners = np.array([[0, 0], [0, size], [size, size], [size, 0]], dtype=np.float64)
+    # Quad corners land on crop pixel edges, i.e. half a pixel before crop pixel centres.
+    half_pixel = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
+    return half_pixel @ _homography(q, corners)
+
+
+def crop(frame: np.ndarray, quad: np.ndarray, size: int) -> np.ndarray:
+    """Resample the quad of a frame into an aligned square crop.
+
+    Bilinear sampling. Where the quad reaches beyond the frame, the frame is mirrored at its
+    edge (OpenCV's BORDER_REFLECT_101, numpy's 'reflect', as FFHQ pads) so the crop has no black
+    wedges. When the quad is two or more times larger than the crop, the frame is first
+    box-averaged by that integer factor (as the reference shrinks it with an antialiasing
+    resize), so the crop does not alias.
+
+    Args:
+        frame: uint8 [H, W, 3] image.
+        quad: float [4, 2] frame-pixel corners.
+        size: crop side in pixels.
+
+    Returns:
+        uint8 [size, size, 3] crop.
+
+    Raises:
+        ValueError: bad shapes or size.
+    """
+    _check_image(frame, "frame")
+    matrix = crop_transform(quad, size)
+    q = np.asarray(quad, dtype=np.float64)
+    shrink = int(np.hypot(*(q[3] - q[0])) // size)
+    source = np.ascontiguousarray(frame)
+    if shrink >= 2:
+        source, to_frame = _box_shrink(frame, q, shrink)
+        matrix = matrix @ to_frame
+    out = cv2.warpPerspective(
+        source,
+        matrix,
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
+    if out.dtype != np.uint8:
+        out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out
+
+
+def uncrop(
+    crop_image: np.ndarray,
+    quad: np.ndarray,
+    frame_shape: tuple[int, ...],
+    *,
+    box: tuple[int, int, int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Warp a crop back onto the frame it came from (the inverse of :func:`crop`).
+
+    Bilinear sampling; outside the quad the crop's edge pixels are repeated (BORDER_REPLICATE)
+    so a blend that reaches one pixel past the edge does not pull in black.
+
+    Args:
+        crop_image: uint8 or float [S, S, C] crop (values kept as they are, e.g. [0, 255]).
+        quad: float [4, 2] frame-pixel corners the crop was taken from.
+        frame_shape: (H, W) or (H, W, ...) of the frame.
+        box: only compute this frame box (x0, y0, x1, y1), end-exclusive, e.g. from
+            :func:`quad_bounds`; the whole frame when None.
+
+    Returns:
+        ``(image, valid)``: float32 [h, w, C] the crop in frame pixels, and float32 [h, w] in
+        [0, 1]: 1 where the frame pixel maps inside the crop, 0 outside, a one-pixel bilinear
+        ramp at the quad edge. (h, w) is (H, W), or the box's size when ``box`` is given.
+
+    Raises:
+        ValueError: bad shapes or a box outside the frame.
+    """
+    image = np.asarray(crop_image)
+    if image.ndim != 3 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"crop_image must have shape [S, S, C], got {list(image.shape)}")
+    h, w = int(frame_shape[0]), int(frame_shape[1])
+    x0, y0, x1, y1 = (0, 0, w, h) if box is None else box
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"box {box} is empty or outside the {w}x{h} frame")
+    size = image.shape[0]
+    from_box = np.array([[1.0, 0.0, x0], [0.0, 1.0, y0], [0.0, 0.0, 1.0]])
+    # Maps box pixels to crop pixels: the direction cv2 wants with WARP_INVERSE_MAP.
+    matrix = crop_transform(quad, size) @ from_box
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpPerspective(
+        image.astype(np.float32),
+        matrix,
+        (x1 - x0, y1 - y0),
+        flags=flags,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    warped = warped.reshape(y1 - y0, x1 - x0, image.shape[2])
+    valid = cv2.warpPerspective(
+        np.ones((size, size), np.float32),
+        matrix,
+        (x1 - x0, y1 - y0),
+        flags=flags,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
+    return warped, valid
+
+
+def landmarks_to_crop(landmarks: np.ndarray, quad: np.ndarray, size: int) -> np.ndarray:
+    """Frame-pixel points in crop-pixel coordinates.
+
+    Args:
+        landmarks: float [K, 2] (e.g. [68, 2]) frame pixels.
+        quad: float [4, 2] frame-pixel corners of the crop.
+        size: crop side in pixels.
+
+    Returns:
+        float64 [K, 2] crop pixels.
+
+    Raises:
+        ValueError: bad shapes.
+    """
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"landmarks must have shape [K, 2], got {list(points.shape)}")
+    return _apply(crop_transform(quad, size), points)
+
+
+def quad_bounds(
+    quad: np.ndarray, frame_shape: tuple[int, ...], *, margin: int = 2
+) -> tuple[int, int, int, int]:
+    """The frame-pixel box (x0, y0, x1, y1), end-exclusive, around a quad, clipped to the frame.
+
+    Empty (x1 <= x0 or y1 <= y0) when the quad lies outside the frame.
+    """
+    q = _check_quad(quad)
+    h, w = int(frame_shape[0]), int(frame_shape[1])
+    x0 = max(int(np.floor(q[:, 0].min())) - margin, 0)
+    y0 = max(int(np.floor(q[:, 1].min())) - margin, 0)
+    x1 = min(int(np.ceil(q[:, 0].max())) + margin + 1, w)
+    y1 = min(int(np.ceil(q[:, 1].max())) + margin + 1, h)
+    return x0, y0, x1, y1
+
+
+def _box_shrink(frame: np.ndarray, quad: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Box-average the frame region around ``quad`` by ``k``; also return pooled->frame pixels."""
+    x0, y0, x1, y1 = quad_bounds(quad, frame.shape, margin=2 * k + 2)
+    w = (x1 - x0) // k * k
+    h = (y1 - y0) // k * k
+    if w == 0 or h == 0:
+        # The quad lies off the frame: nothing to pool, mirror the whole frame as it is.
+        return frame, np.eye(3)
+    region = frame[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
+    pooled = region.reshape(h // k, k, w // k, k, -1).mean(axis=(1, 3))
+    # Pooled pixel j averages frame pixels x0 + k*j .. x0 + k*j + k - 1, centred (k-1)/2 in.
+    to_frame = np.array(
+        [[k, 0.0, x0 + (k - 1) / 2], [0.0, k, y0 + (k - 1) / 2], [0.0, 0.0, 1.0]]
+    )
+    return pooled, to_frame
+
+
+def _homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 3x3 perspective map taking the 4 points ``src`` to ``dst``, solved in float64."""
+    a = np.zeros((8, 8))
+    b = np.zeros(8)
+    for i, ((x, y), (u, v)) in enumerate(zip(src, dst)):
+        a[2 * i] = [x, y, 1, 0, 0, 0, -u * x, -u * y]
+        a[2 * i + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y]
+        b[2 * i], b[2 * i + 1] = u, v
+    try:
+        h = np.linalg.solve(a, b)
+    except np.linalg.LinAlgError as e:
+        raise ValueError(f"degenerate quad {src.tolist()}") from e
+    return np.append(h, 1.0).reshape(3, 3)
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ matrix.T
+    return homogeneous[:, :2] / homogeneous[:, 2:3]
+
+
+def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.shape != (68, 2):
+        raise ValueError(f"landmarks must have shape [68, 2], got {list(lm.shape)}")
+    if not np.isfinite(lm).all():
+        raise ValueError("landmarks must be finite")
+    return lm
+
+
+def _check_quad(quad: np.ndarray) -> np.ndarray:
+    q = np.asarray(quad, dtype=np.float64)
+    if q.shape != (4, 2):
+        raise ValueError(f"quad must have shape [4, 2], got {list(q.shape)}")
+    if not np.isfinite(q).all():
+        raise ValueError("quad must be finite")
+    return q
+
+
+def _check_image(image: np.ndarray, name: str) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        dtype = getattr(image, "dtype", type(image))
+        raise ValueError(f"{name} must be a uint8 numpy array, got {dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{name} must have shape [H, W, 3], got {list(image.shape)}")

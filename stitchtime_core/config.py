@@ -1,0 +1,142 @@
+"""One frozen, typed config per stage. Defaults are the paper's (section 3.5) and the reference code's.
+
+A run resolves these once (profile defaults, then user overrides) and stores the result as JSON
+beside its outputs; every stage's artifact key hashes its config, so a changed setting re-runs
+exactly the stages it affects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    """Landmarks, temporal smoothing and the FFHQ-style crop (paper section 3.1)."""
+
+    center_sigma: float = 1.0
+    """Gaussian low-pass over time of the crop centre, in frames (reference code: 1)."""
+    axes_sigma: float = 3.0
+    """Gaussian low-pass over time of the crop's x/y axes, in frames (reference code: 3)."""
+    scale: float = 1.0
+    """Crop size relative to the FFHQ crop (1.0 is the FFHQ crop)."""
+    detector_upsample: int = 1
+    """How many times dlib's HOG detector upsamples a frame before looking for faces."""
+
+
+@dataclass(frozen=True)
+class EncodingConfig:
+    """e4e inversion of the aligned crops into W+ pivots (paper section 3.2)."""
+
+    batch_size: int = 8
+    """Crops encoded per forward pass."""
+
+
+@dataclass(frozen=True)
+class PTIConfig:
+    """One generator tuned around all pivots together (paper eq. 1)."""
+
+    lr: float = 3e-5
+    """Adam learning rate."""
+    observations_per_frame: int = 80
+    """Train until each frame has been seen this many times."""
+    batch_size: int = 1
+    """Frames per optimisation step."""
+    lambda_lpips: float = 1.0
+    """Weight of LPIPS(c_i, r_i)."""
+    lambda_l2: float = 10.0
+    """λ_L2: weight of the pixel-wise MSE(c_i, r_i)."""
+    lambda_r: float = 0.1
+    """λ_R: weight of PTI's locality regulariser."""
+    locality_alpha: float = 30.0
+    """The regulariser's code is the pivot moved this far towards a random w."""
+    locality_psi: float = 0.5
+    """Truncation of the random w drawn from the original mapping network."""
+    seed: int = 0
+    """Seeds frame order and the regulariser's random codes."""
+
+
+@dataclass(frozen=True)
+class EditingConfig:
+    """Linear latent edits e_i = G(w_i + δw; θ_p) (paper section 3.3)."""
+
+    edits: tuple[tuple[str, float], ...] = ()
+    """(direction, strength) pairs applied together: a profile's direction name,
+    ``sefa:K`` or a direction file."""
+
+
+@dataclass(frozen=True)
+class StitchingConfig:
+    """Per-frame stitching tuning (paper eqs. 2-4)."""
+
+    lr: float = 3e-4
+    """Adam learning rate."""
+    steps: int = 100
+    """Optimisation steps per frame."""
+    lambda_m: float = 0.01
+    """λ_m: weight of the loss that keeps the edit inside the mask."""
+    loss: Literal["l1", "l2"] = "l1"
+    """The paper's L1, or the reference code's L2."""
+    border_px: int = 50
+    """Width of the boundary b = m ⊕ dilate(m), in pixels at 1024 px, scaled to the model size."""
+    early_stop_loss: float = 0.0
+    """Stop a frame early once its boundary loss falls below this (0 never stops early)."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BlendingConfig:
+    """Paste the stitched crop back into the frame through the dilated mask."""
+
+    feather_px: float = 12.0
+    """Gaussian feathering of the mask edge (sigma, pixels at 1024 px, scaled to the crop)."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Encoding of the edited video; the source's audio is copied as it is."""
+
+    codec: str = "libx264"
+    crf: int = 18
+    """Constant rate factor: lower is better quality and larger files."""
+    preset: str = "medium"
+    pix_fmt: str = "yuv420p"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every stage's config for one run."""
+
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    encoding: EncodingConfig = field(default_factory=EncodingConfig)
+    pti: PTIConfig = field(default_factory=PTIConfig)
+    editing: EditingConfig = field(default_factory=EditingConfig)
+    stitching: StitchingConfig = field(default_factory=StitchingConfig)
+    blending: BlendingConfig = field(default_factory=BlendingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Rebuild a config written by :func:`to_dict`; unknown stages or fields raise ``TypeError``."""
+        parts = {}
+        for f in dataclasses.fields(cls):
+            stage = dict(data.get(f.name, {}))
+            if f.name == "editing" and "edits" in stage:
+                stage["edits"] = tuple((str(n), float(s)) for n, s in stage["edits"])
+            parts[f.name] = f.default_factory(**stage)  # type: ignore[misc]
+        return cls(**parts)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config (any of the dataclasses here) as plain JSON-able data."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_hash(config: Any) -> str:
+    """A stable hex digest of a config's values, used in artifact keys."""
+    text = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,103 @@
+"""Latent edits: e_i = G(w_i + δw; θ_p) (paper section 3.3), and where δw comes from.
+
+A direction is [num_ws, w_dim]. It comes from a name the model profile provides, from the
+generator's closed-form (SeFa) directions (``sefa:K``), or from a ``.npy``/``.pt`` file holding a
+[w_dim], [1, w_dim] or [num_ws, w_dim] array.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stitchtime_core.errors import InputError
+from stitchtime_core.models.stylegan2 import Generator, style_affine_weights
+
+
+def sefa_directions(G: Generator) -> torch.Tensor:
+    """Closed-form semantic directions (Shen & Zhou, SeFa) of a generator.
+
+    The eigenvectors of AᵀA, where A stacks every synthesis layer's style affine weight with its
+    rows normalised, sorted by eigenvalue, largest first.
+
+    Returns:
+        [w_dim, num_ws, w_dim]: direction k applied to every layer of W+, each row of unit norm.
+    """
+    with torch.no_grad():
+        A = style_affine_weights(G).detach().to(torch.float64).cpu()  # [channels, w_dim]
+        A = A / A.norm(dim=1, keepdim=True)
+        eigenvalues, eigenvectors = torch.linalg.eigh(A.T @ A)
+        order = torch.argsort(eigenvalues, descending=True)
+        dirs = eigenvectors[:, order].T.to(torch.float32)  # [w_dim, w_dim]
+    return dirs.unsqueeze(1).repeat(1, G.num_ws, 1)
+
+
+def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int) -> torch.Tensor:
+    """Read a direction from ``.npy`` or ``.pt`` without unpickling objects.
+
+    Raises:
+        InputError: the file is missing, unreadable, or its shape fits no [num_ws, w_dim] layout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such direction file")
+    try:
+        if path.suffix == ".npy":
+            array = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+        elif path.suffix == ".pt":
+            array = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(array, torch.Tensor):
+                raise InputError(path, f"holds a {type(array).__name__}, expected one tensor")
+            array = array.to(torch.float32)
+        else:
+            raise InputError(path, "unknown direction format (expected .npy or .pt)")
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
+        raise InputError(path, f"not a readable direction file ({exc.__class__.__name__}: {exc})") from None
+    if array.ndim == 1:
+        array = array.unsqueeze(0)
+    if array.ndim != 2 or array.shape[1] != w_dim or array.shape[0] not in (1, num_ws):
+        raise InputError(path, f"direction has shape {list(array.shape)}, expected [{w_dim}], [1, {w_dim}] "
+                               f"or [{num_ws}, {w_dim}] for this generator")
+    return array.expand(num_ws, w_dim).clone()
+
+
+def resolve_direction(spec: str, *, G: Generator, named: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The direction an ``--edit`` names: a profile name, ``sefa:K`` or a file path.
+
+    Returns:
+        [num_ws, w_dim] on the generator's device.
+    """
+    device = G.synthesis.b4.const.device
+    if spec in named:
+        return named[spec].to(device)
+    if spec.startswith("sefa:"):
+        index = spec.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= G.w_dim:
+            raise ValueError(f"edit {spec!r}: sefa:K needs 0 <= K < {G.w_dim}")
+        return sefa_directions(G)[int(index)].to(device)
+    if Path(spec).suffix in (".npy", ".pt") or Path(spec).exists():
+        return load_direction_file(spec, num_ws=G.num_ws, w_dim=G.w_dim).to(device)
+    names = ", ".join(sorted(named)) or "none"
+    raise ValueError(f"unknown edit direction {spec!r}: not a profile direction ({names}), sefa:K or a file")
+
+
+def edit_latents(pivots: torch.Tensor, directions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """Move every pivot by the sum of strength-scaled directions.
+
+    Args:
+        pivots: [frames, num_ws, w_dim].
+        directions: (direction [num_ws, w_dim], strength) pairs.
+
+    Returns:
+        edited latents [frames, num_ws, w_dim].
+    """
+    delta = torch.zeros_like(pivots[0])
+    for direction, strength in directions:
+        if direction.shape != delta.shape:
+            raise ValueError(f"direction shape {list(direction.shape)} does not match pivots {list(delta.shape)}")
+        delta = delta + strength * direction.to(delta)
+    return pivots + delta.unsqueeze(0)

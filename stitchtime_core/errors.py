@@ -1,0 +1,31 @@
+"""Typed errors. Each names the offending input so the CLI can print one clear line."""
+
+from __future__ import annotations
+
+import os
+
+
+class StitchtimeError(Exception):
+    """Base class of every error stitchtime reports to a user without a traceback."""
+
+
+class InputError(StitchtimeError):
+    """An input file (video, model, direction) is missing, unreadable or unusable.
+
+    Args:
+        path: the offending file.
+        problem: what is wrong with it, as a short sentence fragment.
+    """
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class NoFaceError(InputError):
+    """No face was found in a video (or in too few of its frames to edit it)."""
+
+
+class StoreError(StitchtimeError):
+    """The artifact store cannot be reached or refused an operation."""

@@ -1,0 +1,123 @@
+"""Face masks in crop coordinates and the stitching boundary b = m XOR dilate(m) (paper section 3.4).
+
+The paper segments the face with a parsing network; :func:`landmark_face_mask` is the
+landmark-only mask used where no parsing network is loaded (the tiny profile, tests). All masks
+here are float32 [size, size] arrays with values in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+FOREHEAD_LIFT = 0.5
+"""How far the eyebrows are lifted to close the mask over the forehead, as a fraction of the
+brow-to-nose-base distance. The forehead is about as tall as that distance (the facial thirds),
+so half of it covers the lower forehead while staying below most hairlines and fringes."""
+
+
+def landmark_face_mask(crop_landmarks: np.ndarray, size: int) -> np.ndarray:
+    """A filled face region from 68 landmarks, reaching up over the forehead.
+
+    The region is the convex hull of the 68 points and of the ten eyebrow points (17:27) lifted
+    along the face's up direction (nose base to brow centre) by ``FOREHEAD_LIFT`` times the
+    brow-to-nose-base distance.
+
+    Args:
+        crop_landmarks: float [68, 2] dlib landmarks in crop pixels (x, y).
+        size: mask side in pixels, > 0.
+
+    Returns:
+        float32 [size, size], 1 inside the face, 0 outside.
+
+    Raises:
+        ValueError: bad landmark shape, non-finite landmarks or a non-positive size.
+    """
+    lm = np.asarray(crop_landmarks, dtype=np.float64)
+    if lm.shape != (68, 2):
+        raise ValueError(f"crop_landmarks must have shape [68, 2], got {list(lm.shape)}")
+    if not np.isfinite(lm).all():
+        raise ValueError("crop_landmarks must be finite")
+    if size <= 0:
+        raise ValueError(f"size must be > 0, got {size}")
+    brows = lm[17:27]
+    up = brows.mean(axis=0) - lm[33]
+    forehead = brows + up * FOREHEAD_LIFT
+    points = np.concatenate([lm, forehead])
+    # Fixed-point coordinates (4 fractional bits) keep sub-pixel landmark positions.
+    fixed = np.rint(points * 16).astype(np.int32)
+    hull = cv2.convexHull(fixed)
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillConvexPoly(mask, hull, 1, lineType=cv2.LINE_8, shift=4)
+    return mask.astype(np.float32)
+
+
+def dilate_mask(mask: np.ndarray, px: int) -> np.ndarray:
+    """Grow a mask by ``px`` pixels with a disc (elliptical kernel of radius ``px``).
+
+    Args:
+        mask: float [H, W]; values above 0.5 count as inside.
+        px: dilation radius in pixels, >= 0.
+
+    Returns:
+        float32 [H, W] in {0, 1}.
+
+    Raises:
+        ValueError: the mask is not 2-D or ``px`` is negative.
+    """
+    binary = _binary(mask)
+    if px < 0:
+        raise ValueError(f"px must be >= 0, got {px}")
+    if px == 0:
+        return binary.astype(np.float32)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
+    return cv2.dilate(binary, kernel).astype(np.float32)
+
+
+def boundary(mask: np.ndarray, px: int) -> np.ndarray:
+    """The ring just outside a mask: b = m XOR dilate(m, px).
+
+    Args:
+        mask: float [H, W]; values above 0.5 count as inside.
+        px: ring width in pixels, >= 0.
+
+    Returns:
+        float32 [H, W] in {0, 1}.
+
+    Raises:
+        ValueError: the mask is not 2-D or ``px`` is negative.
+    """
+    inside = _binary(mask)
+    return np.logical_xor(dilate_mask(inside, px) > 0.5, inside > 0).astype(np.float32)
+
+
+def scaled_px(px_at_1024: float, size: int) -> int:
+    """A width given in pixels at 1024 px, in pixels at ``size``, never rounding a positive width to 0.
+
+    Args:
+        px_at_1024: width at 1024 px (e.g. ``StitchingConfig.border_px``), >= 0.
+        size: the image side it applies to, > 0.
+
+    Returns:
+        The width rounded to whole pixels; at least 1 when ``px_at_1024`` > 0.
+
+    Raises:
+        ValueError: a negative width or a non-positive size.
+    """
+    if px_at_1024 < 0:
+        raise ValueError(f"px_at_1024 must be >= 0, got {px_at_1024}")
+    if size <= 0:
+        raise ValueError(f"size must be > 0, got {size}")
+    if px_at_1024 == 0:
+        return 0
+    # Halves round up (12.5 -> 13), unlike Python's round-half-to-even.
+    return max(1, math.floor(px_at_1024 * size / 1024 + 0.5))
+
+
+def _binary(mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must have shape [H, W], got {list(m.shape)}")
+    return (m > 0.5).astype(np.uint8)

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin adapters between the artifact store and stitchtime_core."""

@@ -1,0 +1,367 @@
+"""Video I/O on real files made by ffmpeg: probe, streamed decoding, atomic encoding, the demo clip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stitchtime_core import video as video_module
+from stitchtime_core.config import OutputConfig
+from stitchtime_core.errors import InputError, StitchtimeError
+from stitchtime_core.sample_clip import (
+    FACE_BOX,
+    SAMPLE_RATE,
+    camera_matrices,
+    make_sample_clip,
+    sound_track,
+)
+from stitchtime_core.video import (
+    VideoInfo,
+    VideoWriter,
+    ffmpeg_binary,
+    ffprobe_binary,
+    iter_frames,
+    probe,
+)
+
+FAST = OutputConfig(preset="ultrafast")
+NEAR_LOSSLESS = OutputConfig(crf=0, preset="ultrafast", pix_fmt="yuv444p")
+
+
+@pytest.fixture(scope="module")
+def sample_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sample") / "sample.mp4"
+    make_sample_clip(path)
+    return path
+
+
+def gradient_frames(count: int, width: int, height: int) -> list[np.ndarray]:
+    """Smooth frames with a different pattern in each channel (so RGB/BGR mix-ups show)."""
+    y, x = np.mgrid[0:height, 0:width]
+    frames = []
+    for i in range(count):
+        r = 255 * x / max(width - 1, 1)
+        g = 255 * y / max(height - 1, 1)
+        b = np.full_like(r, 20.0 * i % 256)
+        frames.append(np.stack([r, g, b], axis=-1).round().astype(np.uint8))
+    return frames
+
+
+def write_video(
+    path: Path, frames: list[np.ndarray], *, fps: Fraction = Fraction(25),
+    config: OutputConfig = FAST, audio_source: Path | None = None,
+) -> None:
+    height, width = frames[0].shape[:2]
+    with VideoWriter(
+        path, width=width, height=height, fps=fps, config=config, audio_source=audio_source
+    ) as writer:
+        for frame in frames:
+            writer.write(frame)
+
+
+def audio_packets(path: Path) -> list[tuple[str, str]]:
+    """(pts, md5 of the data) of every audio packet."""
+    result = subprocess.run(
+        [
+            ffprobe_binary(), "-v", "error", "-select_streams", "a", "-show_packets",
+            "-show_data_hash", "MD5", "-show_entries", "packet=pts,data_hash",
+            "-print_format", "json", str(path),
+        ],
+        capture_output=True, text=True, check=True,
+    )
+    return [(p["pts"], p["data_hash"]) for p in json.loads(result.stdout).get("packets", [])]
+
+
+# ----------------------------------------------------------------------------- the demo clip
+
+
+def test_sample_clip_probe(sample_clip: Path) -> None:
+    info = probe(sample_clip)
+    assert (info.width, info.height) == (384, 384)
+    assert info.fps == Fraction(25)
+    assert info.frame_count == 75
+    assert info.duration == pytest.approx(3.0, abs=0.05)
+    assert info.rotation == 0
+    assert info.codec == "h264" and info.pix_fmt == "yuv420p"
+    assert info.has_audio and info.audio_codec == "aac"
+    assert not info.variable_frame_rate
+
+
+def test_sample_clip_frames_move_smoothly(sample_clip: Path) -> None:
+    info = probe(sample_clip)
+    frames = list(iter_frames(sample_clip, info))
+    assert len(frames) == info.frame_count
+    assert all(f.shape == (384, 384, 3) and f.dtype == np.uint8 for f in frames)
+    first = frames[0].astype(np.float64)
+    assert 60 < first.mean() < 200
+    assert first.std() > 30  # a photo, not a flat colour
+    steps = [np.abs(b.astype(np.int16) - a).mean() for a, b in zip(frames, frames[1:])]
+    assert min(steps) > 0.5  # the camera never stops...
+    assert max(steps) < 15  # ...and never jumps
+    assert np.abs(frames[-1].astype(np.int16) - frames[0]).mean() > max(steps)
+
+
+def test_sample_clip_keeps_the_face_whole_and_large() -> None:
+    size = (384, 384)
+    matrices = camera_matrices(75, fps=Fraction(25), size=size, seed=0)
+    x0, y0, x1, y1 = FACE_BOX
+    corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]])
+    in_frame = np.einsum("nij,kj->nki", matrices[:, :, :2], corners) + matrices[:, None, :, 2]
+    assert in_frame.min() > 0 and in_frame.max() < size[0] - 1
+    face_width = in_frame[..., 0].max(axis=1) - in_frame[..., 0].min(axis=1)
+    assert face_width.min() > 0.3 * size[0]
+    centre = in_frame.mean(axis=1)
+    assert np.all(np.abs(centre - np.array(size) / 2) < 0.15 * size[0])
+
+
+def test_sample_clip_is_deterministic(tmp_path: Path) -> None:
+    options = dict(seconds=0.4, size=(96, 64))
+    make_sample_clip(tmp_path / "a.mp4", seed=3, **options)
+    make_sample_clip(tmp_path / "b.mp4", seed=3, **options)
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4", "b.mp4"]
+    fps = Fraction(25)
+    assert not np.array_equal(
+        camera_matrices(10, fps=fps, size=(96, 64), seed=3),
+        camera_matrices(10, fps=fps, size=(96, 64), seed=4),
+    )
+    assert not np.array_equal(sound_track(SAMPLE_RATE, seed=3), sound_track(SAMPLE_RATE, seed=4))
+
+
+# ----------------------------------------------------------------------------- writer round trips
+
+
+@pytest.mark.parametrize(
+    "fps", [Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30), Fraction(60)]
+)
+def test_writer_round_trip_keeps_frames_fps_and_audio(
+    tmp_path: Path, sample_clip: Path, fps: Fraction
+) -> None:
+    out = tmp_path / "out.mp4"
+    write_video(out, gradient_frames(10, 64, 48), fps=fps, audio_source=sample_clip)
+    info = probe(out)
+    assert (info.width, info.height, info.frame_count, info.fps) == (64, 48, 10, fps)
+    assert not info.variable_frame_rate
+    assert info.has_audio and info.audio_codec == "aac"
+    source_packets = audio_packets(sample_clip)
+    assert len(source_packets) > 100
+    assert audio_packets(out) == source_packets  # copied, not re-encoded, not cut
+    assert len(list(iter_frames(out))) == 10
+    assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_writer_without_audio_source_and_source_without_audio(tmp_path: Path) -> None:
+    silent = tmp_path / "silent.mp4"
+    write_video(silent, gradient_frames(5, 64, 48))
+    assert not probe(silent).has_audio
+    out = tmp_path / "out.mp4"
+    write_video(out, gradient_frames(5, 64, 48), audio_source=silent)
+    info = probe(out)
+    assert not info.has_audio and info.audio_codec is None and info.frame_count == 5
+
+
+def test_pixels_survive_a_near_lossless_round_trip(tmp_path: Path) -> None:
+    frames = gradient_frames(4, 64, 48)
+    out = tmp_path / "out.mp4"
+    write_video(out, frames, config=NEAR_LOSSLESS)
+    decoded = list(iter_frames(out))
+    assert len(decoded) == 4
+    for a, b in zip(frames, decoded):
+        assert np.abs(a.astype(np.int16) - b).mean() < 1.5  # only YUV rounding
+
+
+def test_odd_sizes_repeat_the_edge_pixels(tmp_path: Path) -> None:
+    frames = gradient_frames(3, 63, 47)
+    out = tmp_path / "out.mp4"
+    write_video(out, frames, config=OutputConfig(crf=0, preset="ultrafast", pix_fmt="yuv420p"))
+    info = probe(out)
+    assert (info.width, info.height, info.frame_count) == (64, 48, 3)
+    decoded = next(iter_frames(out, info)).astype(np.int16)
+    expected = np.pad(frames[0], ((0, 1), (0, 1), (0, 0)), mode="edge")
+    assert np.abs(decoded - expected).mean() < 3  # chroma subsampling, no black seam
+    assert np.abs(decoded[:, -1] - expected[:, -1]).max() < 20
+
+
+def test_count_packets_when_the_container_has_no_frame_count(tmp_path: Path) -> None:
+    out = tmp_path / "out.mkv"  # Matroska stores no per-stream frame count
+    write_video(out, gradient_frames(7, 64, 48))
+    assert probe(out).frame_count == 7
+
+
+def test_rotated_video_is_decoded_upright(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.mp4"
+    frames = gradient_frames(3, 64, 48)
+    write_video(plain, frames, config=NEAR_LOSSLESS)
+    rotated = tmp_path / "rotated.mp4"
+    subprocess.run(
+        [ffmpeg_binary(), "-v", "error", "-i", str(plain), "-c", "copy",
+         "-metadata:s:v:0", "rotate=90", str(rotated)],
+        check=True, capture_output=True,
+    )
+    info = probe(rotated)
+    if info.rotation == 0:
+        pytest.skip("this ffmpeg does not write rotation metadata from the rotate tag")
+    assert info.rotation in (90, 270)
+    assert (info.width, info.height) == (48, 64)
+    decoded = list(iter_frames(rotated, info))
+    assert len(decoded) == 3 and decoded[0].shape == (64, 48, 3)
+    # rotation is clockwise: turning the stored frame by it must give the decoded one
+    upright = np.rot90(frames[0], k=-info.rotation // 90)
+    assert np.abs(decoded[0].astype(np.int16) - upright).mean() < 1.5
+
+
+def test_variable_frame_rate_is_detected(tmp_path: Path) -> None:
+    out = tmp_path / "vfr.mp4"
+    subprocess.run(
+        [ffmpeg_binary(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25",
+         "-frames:v", "20", "-vf", "setpts='(N+gt(N,9)*N)/25/TB'", "-vsync", "passthrough",
+         "-c:v", "libx264", "-preset", "ultrafast", str(out)],
+        check=True, capture_output=True,
+    )
+    info = probe(out)
+    assert info.variable_frame_rate
+    assert info.frame_count == 20
+    assert info.fps == pytest.approx(20 / info.duration, rel=0.1)  # the average rate
+    assert len(list(iter_frames(out, info))) == 20  # no duplicated or dropped frames
+
+
+def test_info_dict_round_trip(sample_clip: Path) -> None:
+    info = probe(sample_clip)
+    data = json.loads(json.dumps(info.to_dict()))
+    assert data["fps"] == "25/1"
+    assert VideoInfo.from_dict(data) == info
+
+
+def test_early_break_ends_ffmpeg(sample_clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = probe(sample_clip)
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):  # type: ignore[no-untyped-def]
+        process = real_popen(*args, **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(video_module.subprocess, "Popen", recording_popen)
+    frames = iter_frames(sample_clip, info)
+    next(frames)
+    next(frames)
+    frames.close()
+    assert len(started) == 1 and started[0].poll() is not None
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.mp4"
+    with pytest.raises(InputError, match="no such file") as error:
+        probe(missing)
+    assert error.value.path == str(missing)
+    with pytest.raises(InputError, match="no such file"):
+        next(iter_frames(missing))
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, I am not a video\n" * 20])
+def test_not_a_video(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "fake.mp4"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match="not a readable video: .+") as error:
+        probe(path)
+    assert error.value.path == str(path)
+    assert str(path) in str(error.value)
+
+
+def test_audio_only_file_has_no_video_stream(tmp_path: Path) -> None:
+    path = tmp_path / "sound.m4a"
+    subprocess.run(
+        [ffmpeg_binary(), "-v", "error", "-f", "lavfi", "-i", "sine=duration=0.2",
+         "-c:a", "aac", str(path)],
+        check=True, capture_output=True,
+    )
+    with pytest.raises(InputError, match="has no video stream"):
+        probe(path)
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError, KeyboardInterrupt])
+def test_failure_midway_leaves_nothing(tmp_path: Path, interrupt: type[BaseException]) -> None:
+    out = tmp_path / "out.mp4"
+    with pytest.raises(interrupt):
+        with VideoWriter(out, width=64, height=48, fps=Fraction(25), config=FAST) as writer:
+            for frame in gradient_frames(3, 64, 48):
+                writer.write(frame)
+            raise interrupt()
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_rewrite_keeps_the_previous_output(tmp_path: Path) -> None:
+    out = tmp_path / "out.mp4"
+    write_video(out, gradient_frames(3, 64, 48))
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="uint8"):
+        with VideoWriter(out, width=64, height=48, fps=Fraction(25), config=FAST) as writer:
+            writer.write(gradient_frames(1, 64, 48)[0])
+            writer.write(np.zeros((48, 64, 3), dtype=np.float32))
+    assert out.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_ffmpeg_failure_is_reported_and_cleaned_up(tmp_path: Path) -> None:
+    out = tmp_path / "out.mp4"
+    config = OutputConfig(codec="no-such-codec", preset="ultrafast")
+    with pytest.raises(StitchtimeError, match="ffmpeg"):
+        with VideoWriter(out, width=64, height=48, fps=Fraction(25), config=config) as writer:
+            for frame in gradient_frames(30, 64, 48):
+                writer.write(frame)
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_refuses_to_overwrite_its_source(tmp_path: Path) -> None:
+    source = tmp_path / "in.mp4"
+    write_video(source, gradient_frames(3, 64, 48))
+    link = tmp_path / "link.mp4"
+    link.symlink_to(source)
+    for target in (source, tmp_path / "." / "in.mp4", link):
+        with pytest.raises(InputError, match="overwrite its source"):
+            VideoWriter(
+                target, width=64, height=48, fps=Fraction(25), config=FAST, audio_source=source
+            )
+    assert sorted(os.listdir(tmp_path)) == ["in.mp4", "link.mp4"]
+
+
+def test_writer_needs_an_existing_output_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "missing"
+    with pytest.raises(InputError, match="output folder does not exist") as error:
+        VideoWriter(folder / "out.mp4", width=64, height=48, fps=Fraction(25), config=FAST)
+    assert error.value.path == str(folder)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_writer_needs_a_writable_output_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(InputError, match="not writable"):
+            VideoWriter(folder / "out.mp4", width=64, height=48, fps=Fraction(25), config=FAST)
+    finally:
+        folder.chmod(0o700)
+
+
+def test_missing_binaries_say_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STITCHTIME_FFMPEG", raising=False)
+    monkeypatch.delenv("STITCHTIME_FFPROBE", raising=False)
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(StitchtimeError, match="ffmpeg not found.*apt-get install ffmpeg"):
+        ffmpeg_binary()
+    with pytest.raises(StitchtimeError, match="ffprobe not found.*apt-get install ffmpeg"):
+        ffprobe_binary()
+    monkeypatch.setenv("STITCHTIME_FFPROBE", "/no/such/ffprobe")
+    with pytest.raises(StitchtimeError, match="STITCHTIME_FFPROBE"):
+        ffprobe_binary()
