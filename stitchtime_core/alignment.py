@@ -94,12 +94,8 @@ def smooth_quads(
     axes = np.zeros((n, 2))
     for i in np.flatnonzero(has_face):
         centres[i], axes[i], _ = face_axes(lm[i], scale=scale)
-    if not has_face.all():
-        t = np.arange(n)
-        known = np.flatnonzero(has_face)
-        for k in range(2):
-            centres[:, k] = np.interp(t, known, centres[known, k])
-            axes[:, k] = np.interp(t, known, axes[known, k])
+    centres = interpolate_gaps(centres, has_face)
+    axes = interpolate_gaps(axes, has_face)
 
     if center_sigma > 0:
         centres = gaussian_filter1d(centres, sigma=center_sigma, axis=0)
@@ -107,6 +103,30 @@ def smooth_quads(
         axes = gaussian_filter1d(axes, sigma=axes_sigma, axis=0)
     downs = axes[:, ::-1] * [-1.0, 1.0]
     return quad_from_axes(centres, axes, downs)
+
+
+def interpolate_gaps(values: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Fill the frames where ``known`` is False by linear interpolation over time.
+
+    Args:
+        values: float [N, ...] per-frame values; rows where ``known`` is False are ignored.
+        known: bool [N], at least one True.
+
+    Returns:
+        float64 [N, ...]: known rows as they were, gaps interpolated from the nearest known frames
+        on each side, held constant before the first and after the last known frame.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    known = np.asarray(known, dtype=bool)
+    if known.shape != values.shape[:1] or not known.any():
+        raise ValueError(f"known must be a bool [N] mask with a True, got shape {list(known.shape)}")
+    if known.all():
+        return values
+    flat = values.reshape(len(values), -1).copy()
+    t, idx = np.arange(len(values)), np.flatnonzero(known)
+    for k in range(flat.shape[1]):
+        flat[:, k] = np.interp(t, idx, flat[idx, k])
+    return flat.reshape(values.shape)
 
 
 def crop_transform(quad: np.ndarray, size: int) -> np.ndarray:

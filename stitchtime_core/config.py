@@ -132,7 +132,11 @@ class RunConfig:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A config (any of the dataclasses here) as plain JSON-able data."""
+    """A config (one of the dataclasses here, or a dict of them) as plain JSON-able data."""
+    if isinstance(config, dict):
+        return {name: to_dict(part) for name, part in config.items()}
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"not a config: {config!r}")
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
@@ -140,3 +144,26 @@ def config_hash(config: Any) -> str:
     """A stable hex digest of a config's values, used in artifact keys."""
     text = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def with_overrides(config: RunConfig, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    """A copy of ``config`` with ``{stage: {field: value}}`` replaced.
+
+    Raises:
+        ValueError: an unknown stage or field, or a value of the wrong type.
+    """
+    data = to_dict(config)
+    for stage, fields in overrides.items():
+        if stage not in data:
+            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(data)}")
+        for name, value in fields.items():
+            if name not in data[stage]:
+                raise ValueError(f"unknown setting {stage}.{name}; {stage} has {', '.join(data[stage])}")
+            current = data[stage][name]
+            if isinstance(current, bool) or not isinstance(current, (int, float, str)):
+                raise ValueError(f"{stage}.{name} cannot be set from the command line")
+            try:
+                data[stage][name] = type(current)(value) if not isinstance(current, float) else float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{stage}.{name} must be a {type(current).__name__}, got {value!r}") from None
+    return RunConfig.from_dict(data)

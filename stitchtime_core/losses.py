@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import lpips
 import torch
@@ -21,7 +22,8 @@ def build_lpips(*, net: str = "alex", backbone_path: str | os.PathLike | None = 
     Returns:
         a frozen module mapping two [batch, 3, H, W] images in [-1, 1] to [batch, 1, 1, 1] distances.
     """
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's notice about lpips' `pretrained=` argument
         torch.manual_seed(0)
         model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
     if backbone_path is not None:

@@ -121,3 +121,21 @@ def _binary(mask: np.ndarray) -> np.ndarray:
     if m.ndim != 2:
         raise ValueError(f"mask must have shape [H, W], got {list(m.shape)}")
     return (m > 0.5).astype(np.uint8)
+
+
+def stitching_masks(crop_landmarks: np.ndarray, size: int, *, border_px_1024: float) -> tuple[np.ndarray, np.ndarray]:
+    """The masks stitching tuning needs for each frame, from landmarks in crop coordinates.
+
+    Args:
+        crop_landmarks: float [N, 68, 2] landmarks in crop pixels.
+        size: crop size in pixels.
+        border_px_1024: boundary width at 1024 px, scaled to ``size``.
+
+    Returns:
+        (masks m, boundaries b = dilate(m) XOR m), each float32 [N, size, size] in {0, 1}; the
+        dilated mask m^d used for pasting is their sum.
+    """
+    px = scaled_px(border_px_1024, size)
+    masks = np.stack([landmark_face_mask(lm, size) for lm in crop_landmarks]).astype(np.float32)
+    boundaries = np.stack([boundary(m, px) for m in masks]).astype(np.float32)
+    return masks, boundaries

@@ -81,7 +81,7 @@ def _stitch_one(G: torch.nn.Module, w: torch.Tensor, crop: torch.Tensor, edit: t
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if float(border_loss) < config.early_stop_loss:
+        if border_loss.item() < config.early_stop_loss:
             break
     with torch.no_grad():
         return synthesis.eval()(w, noise_mode="const"), taken

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +32,8 @@ from stitchtime_core.errors import InputError, StitchtimeError
 _VFR_TOLERANCE = 0.005
 """Relative difference between r_frame_rate and avg_frame_rate above which a stream counts as
 variable frame rate (containers with millisecond timestamps put small errors in avg_frame_rate)."""
+
+_COMPONENT_PREFIX = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\] ")
 
 
 def _binary(name: str, env_var: str) -> str:
@@ -113,8 +116,9 @@ def _first_error_line(text: str, path: str | os.PathLike) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return "no error message"
-    line = lines[0]
-    # ffprobe prefixes its messages with the input's name, which InputError already shows.
+    # Drop the prefixes ffmpeg puts before a message: the input's name (InputError shows it
+    # already) or the component and its address ("[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0] ").
+    line = _COMPONENT_PREFIX.sub("", lines[0])
     prefix = f"{os.fspath(path)}: "
     return line[len(prefix):] if line.startswith(prefix) else line
 

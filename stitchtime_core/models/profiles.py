@@ -30,6 +30,7 @@ TINY_GENERATOR_KWARGS: dict[str, Any] = dict(
 )
 TINY_ENCODER_KWARGS: dict[str, Any] = dict(stylegan_size=64, input_size=64, widths=(16, 32, 64, 64))
 TINY_SEED = 2022
+TINY_DIRECTION_SCALE = 0.2
 
 FFHQ_FILES = {
     "generator": ("ffhq.pkl", "the stylegan2-ada-pytorch FFHQ generator (PTI's ffhq.pkl)"),
@@ -64,15 +65,16 @@ class Models:
 def profile_defaults(profile: str) -> RunConfig:
     """The run config a profile starts from: the paper's values, except where ``tiny`` needs its own.
 
-    The tiny networks start from random weights, so PTI and stitching tuning need larger learning
-    rates to move them within a CPU-minute; the run's summary records the values used.
+    The tiny networks start from random weights, so PTI needs a larger learning rate and batches to
+    fit the frames within a CPU-minute, and stitching tuning takes fewer steps (at the paper's learning
+    rate: a larger one blurs the face it should keep). The run's config file records the values used.
     """
     if profile == "ffhq":
         return RunConfig()
     if profile == "tiny":
         return RunConfig(
-            pti=PTIConfig(lr=3e-3, observations_per_frame=24, batch_size=4),
-            stitching=StitchingConfig(lr=3e-3, steps=25),
+            pti=PTIConfig(lr=1e-2, observations_per_frame=40, batch_size=4),
+            stitching=StitchingConfig(steps=25),
         )
     raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
 
@@ -91,8 +93,9 @@ def build_tiny(device: torch.device | str = "cpu") -> Models:
     latent_avg = w_avg.unsqueeze(0).repeat(G.num_ws, 1)
     models = Models("tiny", G, E, latent_avg, identity="", directions={})
     models.identity = _weights_identity(models)
-    # Stand-ins for the FFHQ directions: the tiny generator's strongest closed-form directions.
-    sefa = sefa_directions(G)
+    # Stand-ins for the FFHQ directions: the tiny generator's strongest closed-form directions, scaled
+    # so that strengths of 1-3 change the face visibly and keep it recognisable, as FFHQ's do.
+    sefa = sefa_directions(G) * TINY_DIRECTION_SCALE
     models.directions = {"age": sefa[0], "smile": sefa[1], "pose": sefa[2]}
     return _to_device(models, device)
 

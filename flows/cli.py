@@ -1,0 +1,138 @@
+"""The ``stitchtime`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+EXAMPLES = """
+\b
+Examples:
+  stitchtime edit clip.mp4 --edit age=2 --out clip-older.mp4
+  stitchtime edit clip.mp4 --edit sefa:3=1.5 --edit smile=1 --out out.mp4 --store s3://bucket/stitchtime
+  stitchtime demo
+"""
+
+
+def _prepare_environment(store: str | None, verbose: bool) -> None:
+    """Settings Prefect reads when it is imported: no telemetry, results under the data folder, quiet console."""
+    from tasks.store import DEFAULT_STORE_DIR
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    local = DEFAULT_STORE_DIR if not store or store.startswith("s3://") else store.removeprefix("file://")
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(local, "prefect-results").resolve()))
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "stitchtime")
+    if not verbose:
+        # Prefect's own console lines (and its tracebacks for input errors we report in one line) are
+        # hidden; they still reach the Prefect server's logs.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("stitchtime: %(message)s"))
+    logger = logging.getLogger("stitchtime")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _parse_edit(text: str) -> tuple[str, float]:
+    name, sep, strength = text.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(strength)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected NAME=STRENGTH, e.g. age=2 or sefa:3=1.5") from None
+
+
+def _parse_setting(text: str) -> tuple[str, str, str]:
+    path, sep, value = text.partition("=")
+    stage, dot, name = path.partition(".")
+    if not sep or not dot or not stage or not name:
+        raise click.BadParameter(f"{text!r}: expected STAGE.SETTING=VALUE, e.g. stitching.steps=50")
+    return stage, name, value
+
+
+def _run_edit(source: str, out: str, edits: list[tuple[str, float]], *, profile: str, store: str | None,
+              device: str, models: str | None, settings: list[tuple[str, str, str]], as_json: bool,
+              verbose: bool) -> dict:
+    _prepare_environment(store, verbose)
+    from flows.edit_video import edit_video, sidecar_paths
+    from stitchtime_core.errors import StitchtimeError
+
+    overrides: dict[str, dict[str, str]] = {}
+    for stage, name, value in settings:
+        overrides.setdefault(stage, {})[name] = value
+    try:
+        summary = edit_video(source, out, edits, profile=profile, store=store, device=device, models_dir=models,
+                             overrides=overrides)
+    except StitchtimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # bad settings or edit names, found before any stage ran
+        raise click.UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        click.echo(f"edited video: {summary['output']}")
+        click.echo(f"summary:      {sidecar_paths(out)[0].resolve()}")
+    return summary
+
+
+@click.group(epilog=EXAMPLES)
+@click.version_option(package_name="stitchtime")
+def main() -> None:
+    """stitchtime: temporally coherent face editing in real videos (Stitch it in Time)."""
+
+
+@main.command(epilog=EXAMPLES)
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("--edit", "edits", multiple=True, required=True, metavar="NAME=STRENGTH",
+              help="Direction and strength: a profile direction (tiny: age, smile, pose), sefa:K for the K-th "
+                   "closed-form direction, or a .npy/.pt direction file. Repeat to combine edits.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output video file.")
+@click.option("--profile", type=click.Choice(["tiny", "ffhq"]), default="tiny", show_default=True,
+              help="Models: tiny (built in, CPU) or ffhq (official files from --models).")
+@click.option("--store", default=None, help="Artifact store: a folder, file://PATH or s3://BUCKET/PREFIX "
+                                            "(default: ./stitchtime-data).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--models", default=None, type=click.Path(file_okay=False),
+              help="Folder with the ffhq model files (default: $STITCHTIME_MODELS or ./models).")
+@click.option("--set", "settings", multiple=True, metavar="STAGE.SETTING=VALUE",
+              help="Override a stage setting, e.g. --set stitching.steps=50 --set pti.lr=1e-3.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines.")
+def edit(source: str, edits: tuple[str, ...], out: str, profile: str, store: str | None, device: str,
+         models: str | None, settings: tuple[str, ...], as_json: bool, verbose: bool) -> None:
+    """Edit the face in SOURCE and write --out with the same frames, frame rate and sound."""
+    _run_edit(source, out, [_parse_edit(e) for e in edits], profile=profile, store=store, device=device,
+              models=models, settings=[_parse_setting(s) for s in settings], as_json=as_json, verbose=verbose)
+
+
+@main.command(epilog=EXAMPLES)
+@click.option("--out-dir", default="demo-output", show_default=True, type=click.Path(file_okay=False),
+              help="Where the sample clip, the edited video and its summary go.")
+@click.option("--edit", "edit_text", default="age=2", show_default=True, metavar="NAME=STRENGTH")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines.")
+def demo(out_dir: str, edit_text: str, device: str, as_json: bool, verbose: bool) -> None:
+    """Build a sample clip from a real face photo and edit it with the tiny profile."""
+    from stitchtime_core.sample_clip import make_sample_clip
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = folder / "sample.mp4"
+    if not clip.exists():
+        click.echo(f"stitchtime: building the sample clip {clip}", err=True)
+        make_sample_clip(clip)
+    _run_edit(str(clip), str(folder / "sample-edited.mp4"), [_parse_edit(edit_text)], profile="tiny",
+              store=None, device=device, models=None, settings=[], as_json=as_json, verbose=verbose)
+    click.echo(f"source clip:  {clip.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Prefect tasks, one per pipeline stage.
+
+Each task is a thin adapter: it derives its artifact key from its inputs' keys, its stage config
+and the stage's code version; if the store already holds that stage's output it returns at once;
+otherwise it reads its inputs from the store, calls the core, writes its outputs and, last, a
+``done.json`` marker (so a half-finished stage is never taken as done). Tasks return a
+:class:`StageRef`, a small reference, never tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+
+import stitchtime_core
+from stitchtime_core import alignment, faces, masks, video
+from stitchtime_core.artifacts import derive_key, file_hash
+from stitchtime_core.config import (AlignmentConfig, BlendingConfig, EditingConfig, EncodingConfig, OutputConfig,
+                                    PTIConfig, StitchingConfig, to_dict)
+from stitchtime_core.editing import edit_latents, resolve_direction
+from stitchtime_core.errors import NoFaceError, StitchtimeError, StoreError
+from stitchtime_core.losses import build_lpips
+from stitchtime_core.models.e4e import encode
+from stitchtime_core.models.profiles import Models, generator_config, load_models
+from stitchtime_core.models.stylegan2 import Generator
+from stitchtime_core.pti import tune_generator
+from stitchtime_core.render import render_video
+from stitchtime_core.stitching import stitch_frames
+from stitchtime_core.tensors import images_to_tensor, tensor_to_images
+from tasks.store import ArtifactStore, open_store
+
+# Bump a stage's version when its code changes what it writes: its key, and every key downstream, change.
+STAGE_VERSIONS = {"probe": 1, "landmarks": 1, "align": 1, "encode": 1, "pti": 1, "edit": 1, "stitch": 1,
+                  "render": 1}
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """What a stage task returns: where its artifacts are, and how it went."""
+
+    stage: str
+    key: str
+    """Prefix of the stage's artifacts in the store."""
+    reused: bool
+    """True when an earlier run had already written this stage's output."""
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+    """Small facts the flow reports (frame counts, losses); never tensors."""
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
+    """Retry failures that may pass (storage, network); never a bad input, which fails the same way again."""
+    try:
+        state.result()
+    except StitchtimeError as exc:
+        return isinstance(exc, StoreError)
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return False
+
+
+stage_task = functools.partial(task, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_unless_bad_input,
+                               cache_policy=None, persist_result=False)
+
+
+def _run_stage(store: ArtifactStore, stage: str, *, inputs: list[str], config: Any,
+               produce: Callable[[str], dict[str, Any]]) -> StageRef:
+    code_version = f"{stitchtime_core.__version__}/{STAGE_VERSIONS[stage]}"
+    key = derive_key(stage, inputs=inputs, config=config, code_version=code_version)
+    marker = f"{key}/done.json"
+    start = time.perf_counter()
+    if store.exists(marker):
+        return StageRef(stage, key, True, time.perf_counter() - start, store.get_json(marker).get("info", {}))
+    info = produce(key)
+    store.put_json(marker, {"stage": stage, "inputs": inputs, "code_version": code_version,
+                            "config": None if config is None else to_dict(config), "info": info})
+    return StageRef(stage, key, False, time.perf_counter() - start, info)
+
+
+@functools.lru_cache(maxsize=2)
+def _models(profile: str, models_dir: str | None, device: str) -> Models:
+    return load_models(profile, models_dir=models_dir, device=device)
+
+
+@functools.lru_cache(maxsize=2)
+def _lpips(device: str) -> torch.nn.Module:
+    return build_lpips().to(device)
+
+
+@stage_task(name="probe")
+def probe_video(store_uri: str, source: str) -> StageRef:
+    """Probe the source video; keyed by the file's content hash."""
+    info = video.probe(source)
+    store = open_store(store_uri)
+
+    def produce(key: str) -> dict[str, Any]:
+        store.put_json(f"{key}/probe.json", info.to_dict())
+        return {"video": info.to_dict()}
+
+    return _run_stage(store, "probe", inputs=[file_hash(source)], config=None, produce=produce)
+
+
+@stage_task(name="landmarks")
+def detect_landmarks(store_uri: str, source: str, probe: StageRef, config: AlignmentConfig) -> StageRef:
+    """dlib 68-point landmarks of the tracked face in every frame (NaN where no face was found)."""
+    store = open_store(store_uri)
+
+    def produce(key: str) -> dict[str, Any]:
+        landmarker = faces.load_landmarker(upsample=config.detector_upsample)
+        info = video.VideoInfo.from_dict(probe.info["video"])
+        points, found = faces.landmarks_for_video(video.iter_frames(source, info), landmarker)
+        if not found.any():
+            raise NoFaceError(source, f"no face found in any of its {len(found)} frames")
+        store.put_table(f"{key}/landmarks.parquet",
+                        {"frame": np.arange(len(found)), "found": found, "landmarks": points})
+        return {"frames": int(len(found)), "frames_with_face": int(found.sum()),
+                "frames_without_face": np.flatnonzero(~found).tolist()}
+
+    # Only the detector setting changes landmarks; smoothing lives in the align stage.
+    return _run_stage(store, "landmarks", inputs=[probe.key, str(config.detector_upsample)], config=None,
+                      produce=produce)
+
+
+@stage_task(name="align")
+def align_faces(store_uri: str, source: str, probe: StageRef, landmarks: StageRef, config: AlignmentConfig,
+                resolution: int) -> StageRef:
+    """Temporally smoothed FFHQ quads and the aligned crops at the model resolution."""
+    store = open_store(store_uri)
+
+    def produce(key: str) -> dict[str, Any]:
+        table = store.get_table(f"{landmarks.key}/landmarks.parquet")
+        points, found = table["landmarks"], table["found"]
+        quads = alignment.smooth_quads(points, center_sigma=config.center_sigma, axes_sigma=config.axes_sigma,
+                                       scale=config.scale)
+        filled = alignment.interpolate_gaps(points, found)
+        crop_points = np.stack([alignment.landmarks_to_crop(p, q, resolution) for p, q in zip(filled, quads)])
+        info = video.VideoInfo.from_dict(probe.info["video"])
+        crops = np.stack([alignment.crop(frame, quads[i], resolution)
+                          for i, frame in enumerate(video.iter_frames(source, info)) if i < len(quads)])
+        store.put_table(f"{key}/quads.parquet", {"frame": np.arange(len(quads)), "quad": quads,
+                                                 "crop_landmarks": crop_points})
+        store.put_tensors(f"{key}/crops.safetensors", {"crops": torch.from_numpy(crops)})
+        return {"frames": int(len(quads)), "resolution": resolution}
+
+    return _run_stage(store, "align", inputs=[landmarks.key, str(resolution)], config=config, produce=produce)
+
+
+@stage_task(name="encode")
+def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profile: str, models_dir: str | None,
+                  device: str) -> StageRef:
+    """e4e W+ pivots of every aligned crop."""
+    store = open_store(store_uri)
+    models = _models(profile, models_dir, device)
+
+    def produce(key: str) -> dict[str, Any]:
+        crops = store.get_tensors(f"{align.key}/crops.safetensors")["crops"].numpy()
+        pivots = []
+        with torch.no_grad():
+            for start in range(0, len(crops), config.batch_size):
+                batch = images_to_tensor(crops[start:start + config.batch_size], device)
+                pivots.append(encode(models.encoder, batch, models.latent_avg).cpu())
+        store.put_tensors(f"{key}/pivots.safetensors", {"pivots": torch.cat(pivots)})
+        return {"frames": int(len(crops))}
+
+    return _run_stage(store, "encode", inputs=[align.key, models.identity], config=config, produce=produce)
+
+
+@stage_task(name="pti")
+def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfig, profile: str,
+             models_dir: str | None, device: str) -> StageRef:
+    """One generator tuned around the pivots of all frames (paper eq. 1)."""
+    store = open_store(store_uri)
+    models = _models(profile, models_dir, device)
+
+    def produce(key: str) -> dict[str, Any]:
+        crops = images_to_tensor(store.get_tensors(f"{align.key}/crops.safetensors")["crops"].numpy(), device)
+        w = store.get_tensors(f"{pivots.key}/pivots.safetensors", device=device)["pivots"]
+        result = tune_generator(models.generator, w, crops, config=config, lpips_fn=_lpips(device))
+        with torch.no_grad():
+            mse = float(torch.nn.functional.mse_loss(result.generator.synthesis(w), crops))
+        store.put_tensors(f"{key}/generator.safetensors", result.generator.state_dict())
+        store.put_json(f"{key}/generator.json", generator_config(result.generator))
+        return {"steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1],
+                "reconstruction_mse": mse}
+
+    return _run_stage(store, "pti", inputs=[align.key, pivots.key, models.identity], config=config,
+                      produce=produce)
+
+
+def _load_generator(store: ArtifactStore, key: str, device: str) -> Generator:
+    G = Generator(**store.get_json(f"{key}/generator.json"))
+    G.load_state_dict(store.get_tensors(f"{key}/generator.safetensors"))
+    return G.to(device).eval().requires_grad_(False)
+
+
+def _direction_inputs(config: EditingConfig) -> list[str]:
+    """Content hashes of direction files, so an edited file gives a new key."""
+    return [file_hash(name) for name, _ in config.edits if os.path.isfile(name)]
+
+
+@stage_task(name="edit")
+def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, profile: str, models_dir: str | None,
+                device: str) -> StageRef:
+    """Edited latents w_i + δw (paper section 3.3)."""
+    store = open_store(store_uri)
+    models = _models(profile, models_dir, device)
+
+    def produce(key: str) -> dict[str, Any]:
+        w = store.get_tensors(f"{pivots.key}/pivots.safetensors", device=device)["pivots"]
+        try:
+            directions = [(resolve_direction(name, G=models.generator, named=models.directions), strength)
+                          for name, strength in config.edits]
+        except ValueError as exc:
+            raise StitchtimeError(str(exc)) from None
+        store.put_tensors(f"{key}/latents.safetensors", {"latents": edit_latents(w, directions).cpu()})
+        return {"edits": [list(e) for e in config.edits]}
+
+    return _run_stage(store, "edit", inputs=[pivots.key, models.identity, *_direction_inputs(config)],
+                      config=config, produce=produce)
+
+
+@stage_task(name="stitch")
+def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig,
+                device: str, chunk_size: int = 16) -> StageRef:
+    """Stitching tuning of every frame, chunk by chunk; finished chunks are kept if the run stops."""
+    store = open_store(store_uri)
+
+    def produce(key: str) -> dict[str, Any]:
+        G = _load_generator(store, pti.key, device)
+        crops = store.get_tensors(f"{align.key}/crops.safetensors")["crops"].numpy()
+        crop_points = store.get_table(f"{align.key}/quads.parquet")["crop_landmarks"]
+        latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"]
+        m, b = masks.stitching_masks(crop_points, crops.shape[1], border_px_1024=config.border_px)
+        before, after = [], []
+        for start in range(0, len(crops), chunk_size):
+            chunk_key = f"{key}/chunk-{start:06d}.safetensors"
+            if not store.exists(chunk_key):
+                part = slice(start, start + chunk_size)
+                as_tensor = lambda a: torch.from_numpy(a[part]).unsqueeze(1).to(device)  # noqa: E731
+                result = stitch_frames(G, latents[part], images_to_tensor(crops[part], device), as_tensor(m),
+                                       as_tensor(b), config=config)
+                store.put_tensors(chunk_key, {
+                    "stitched": torch.from_numpy(tensor_to_images(result.stitched)),
+                    "paste_masks": torch.from_numpy(m[part] + b[part]).to(torch.uint8),
+                    "boundary_error_before": result.boundary_error_before.cpu(),
+                    "boundary_error_after": result.boundary_error_after.cpu(),
+                })
+            chunk = store.get_tensors(chunk_key)
+            before.append(chunk["boundary_error_before"])
+            after.append(chunk["boundary_error_after"])
+        return {"chunks": [f"{key}/chunk-{s:06d}.safetensors" for s in range(0, len(crops), chunk_size)],
+                "boundary_error_before": float(torch.cat(before).mean()),
+                "boundary_error_after": float(torch.cat(after).mean())}
+
+    return _run_stage(store, "stitch", inputs=[align.key, pti.key, edit.key], config=config, produce=produce)
+
+
+@stage_task(name="render")
+def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef, stitch: StageRef,
+                  blending: BlendingConfig, output: OutputConfig, out: str) -> StageRef:
+    """Paste the stitched crops back, encode with the source's audio, and deliver to ``out`` atomically."""
+    store = open_store(store_uri)
+    info = video.VideoInfo.from_dict(probe.info["video"])
+    suffix = os.path.splitext(out)[1] or ".mp4"
+
+    def produce(key: str) -> dict[str, Any]:
+        quads = store.get_table(f"{align.key}/quads.parquet")["quad"]
+        chunks = [store.get_tensors(k) for k in stitch.info["chunks"]]
+        stitched = np.concatenate([c["stitched"].numpy() for c in chunks])
+        paste = np.concatenate([c["paste_masks"].numpy() for c in chunks]).astype(np.float32)
+        frames = render_video(source, out, info=info, quads=quads, crops=lambda i: (stitched[i], paste[i]),
+                              blending=blending, output=output)
+        store.put_file(f"{key}/output{suffix}", out)
+        return {"frames": frames, "output": f"{key}/output{suffix}"}
+
+    ref = _run_stage(store, "render", inputs=[probe.key, align.key, stitch.key, suffix],
+                     config={"blending": blending, "output": output}, produce=produce)
+    if ref.reused:
+        _deliver(store, ref.info["output"], out)
+    return ref
+
+
+def _deliver(store: ArtifactStore, key: str, out: str) -> None:
+    """Copy a stored output to ``out`` through a temporary name, so ``out`` is never half-written."""
+    folder, name = os.path.split(os.path.abspath(out))
+    temp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        store.get_file(key, temp)
+        os.replace(temp, out)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def model_resolution(profile: str, models_dir: str | None, device: str) -> int:
+    """The crop size a profile's generator works at."""
+    return _models(profile, models_dir, device).resolution
