@@ -28,15 +28,16 @@ def _prepare_environment(store: str | None, verbose: bool) -> None:
     local = DEFAULT_STORE_DIR if not store or store.startswith("s3://") else store.removeprefix("file://")
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(local, "prefect-results").resolve()))
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "stitchtime")
-    if not verbose:
-        # Prefect's own console lines (and its tracebacks for input errors we report in one line) are
-        # hidden; they still reach the Prefect server's logs.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    logger = logging.getLogger("stitchtime")
+    logger.setLevel(logging.INFO)
+    if verbose:
+        return  # Prefect's console handler prints everything, ours included
+    # Prefect's own console lines (and its tracebacks for input errors we report in one line) are
+    # hidden; they still reach the Prefect server's logs. Our stage lines go to stderr.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("stitchtime: %(message)s"))
-    logger = logging.getLogger("stitchtime")
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
 
 
 def _parse_edit(text: str) -> tuple[str, float]:
@@ -61,13 +62,14 @@ def _run_edit(source: str, out: str, edits: list[tuple[str, float]], *, profile:
               device: str, models: str | None, settings: list[tuple[str, str, str]], as_json: bool,
               verbose: bool) -> dict:
     _prepare_environment(store, verbose)
-    from flows.edit_video import edit_video, sidecar_paths
+    from flows.edit_video import check_paths, edit_video, sidecar_paths
     from stitchtime_core.errors import StitchtimeError
 
     overrides: dict[str, dict[str, str]] = {}
     for stage, name, value in settings:
         overrides.setdefault(stage, {})[name] = value
     try:
+        check_paths(source, out)  # before Prefect starts, so a wrong path fails at once
         summary = edit_video(source, out, edits, profile=profile, store=store, device=device, models_dir=models,
                              overrides=overrides)
     except StitchtimeError as exc:

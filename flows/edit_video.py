@@ -84,6 +84,7 @@ def edit_video(source: str, out: str, edits: list[tuple[str, float]], profile: s
     config = resolve_config(profile, edits, overrides)
     store = store or default_store_uri()
     resolution = stages.model_resolution(profile, models_dir, device)
+    stages.check_edits(profile, models_dir, device, config.editing.edits)
 
     refs: list[stages.StageRef] = []
 

@@ -303,3 +303,15 @@ def _deliver(store: ArtifactStore, key: str, out: str) -> None:
 def model_resolution(profile: str, models_dir: str | None, device: str) -> int:
     """The crop size a profile's generator works at."""
     return _models(profile, models_dir, device).resolution
+
+
+def check_edits(profile: str, models_dir: str | None, device: str, edits: tuple[tuple[str, float], ...]) -> None:
+    """Resolve every edit's direction now, so a typo fails before hours of tuning, not after.
+
+    Raises:
+        ValueError: an unknown direction name or a bad ``sefa:K``.
+        InputError: a direction file that is missing or unreadable.
+    """
+    models = _models(profile, models_dir, device)
+    for name, _ in edits:
+        resolve_direction(name, G=models.generator, named=models.directions)

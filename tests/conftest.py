@@ -17,6 +17,10 @@ from pathlib import Path
 import boto3
 import pytest
 
+# No telemetry from Prefect, and its local results under a temp folder, for every test and subprocess.
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+
 
 @dataclasses.dataclass(frozen=True)
 class S3Server:
@@ -47,16 +51,26 @@ def _free_port() -> int:
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers; fail with the server's log if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            with urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=1):
+            with urllib.request.urlopen(url, timeout=1):
                 return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.1)
-    raise RuntimeError(f"moto server did not answer on {url} within {timeout} s:\n{log.read_text()}")
+            time.sleep(0.2)
+    raise RuntimeError(f"server did not answer on {url} within {timeout} s:\n{log.read_text()}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +95,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             },
         )
     try:
-        _wait_until_up(url, proc, log)
+        _wait_until_up(f"{url}/moto-api/data.json", proc, log)
         region = "us-east-1"
         iam = boto3.session.Session(aws_access_key_id="setup", aws_secret_access_key="setup").client(
             "iam", endpoint_url=url, region_name=region
@@ -108,12 +122,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         s3.create_bucket(Bucket=server.bucket)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 @pytest.fixture
@@ -126,3 +135,24 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server on loopback for the session; yields its API URL.
+
+    Flows run against it instead of each starting Prefect's temporary server.
+    """
+    home = tmp_path_factory.mktemp("prefect-home")
+    log = home / "server.log"
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_until_up(f"http://127.0.0.1:{port}/api/health", proc, log, timeout=90)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        _stop(proc)

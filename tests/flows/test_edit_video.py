@@ -1,0 +1,182 @@
+"""The whole pipeline through the real CLI, against a real Prefect server and a real S3-protocol server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stitchtime_core.config import OutputConfig
+from stitchtime_core.sample_clip import make_sample_clip
+from stitchtime_core.video import VideoWriter, ffmpeg_binary, iter_frames, probe
+
+# Few steps: the test is about the pipeline's wiring and contracts, not the quality of the edit.
+FAST = ["--set", "pti.observations_per_frame=4", "--set", "stitching.steps=3"]
+STAGES = ["probe", "landmarks", "align", "encode", "pti", "edit", "stitch", "render"]
+
+
+def run_cli(args: list[str], *, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def audio_md5(path: Path) -> str:
+    result = subprocess.run([ffmpeg_binary(), "-v", "error", "-i", str(path), "-map", "0:a", "-c", "copy",
+                             "-f", "md5", "-"], capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("edit")
+
+
+@pytest.fixture(scope="module")
+def clip(workdir: Path) -> Path:
+    path = workdir / "clip.mp4"
+    make_sample_clip(path, seconds=1.0, size=(192, 192))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_env(prefect_server: str, workdir: Path) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": prefect_server,
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "prefect-results")}
+
+
+@pytest.fixture(scope="module")
+def first_run(clip: Path, cli_env: dict[str, str], workdir: Path) -> dict:
+    out = workdir / "out" / "edited.mp4"
+    out.parent.mkdir()
+    started = time.perf_counter()
+    result = run_cli(["edit", str(clip), "--edit", "age=2", "--out", str(out), "--store", str(workdir / "data"),
+                      "--json", *FAST], env=cli_env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return {"out": out, "summary": json.loads(result.stdout), "seconds": time.perf_counter() - started,
+            "stderr": result.stderr}
+
+
+def test_output_has_source_frames_rate_size_and_audio(clip: Path, first_run: dict) -> None:
+    source, edited = probe(clip), probe(first_run["out"])
+    assert edited.frame_count == source.frame_count == 25
+    assert edited.fps == source.fps == Fraction(25)
+    assert (edited.width, edited.height) == (source.width, source.height)
+    assert edited.has_audio
+    assert audio_md5(first_run["out"]) == audio_md5(clip)
+
+
+def test_face_is_edited_and_the_rest_of_the_frame_is_kept(clip: Path, first_run: dict) -> None:
+    src = np.stack(list(iter_frames(clip))).astype(np.float32)
+    out = np.stack(list(iter_frames(first_run["out"]))).astype(np.float32)
+    diff = np.abs(src - out).mean(axis=(0, 3))  # [H, W] over frames and channels
+    # The face sits in the middle of the sample clip; the corners are background.
+    h, w = diff.shape
+    face = diff[int(0.35 * h):int(0.65 * h), int(0.35 * w):int(0.65 * w)].mean()
+    corners = np.mean([diff[:20, :20].mean(), diff[:20, -20:].mean(), diff[-20:, :20].mean(), diff[-20:, -20:].mean()])
+    # The corners only carry re-encoding loss (crf 18 twice: about 2 grey levels).
+    assert corners < 3.0, f"background changed (mean abs diff {corners:.2f})"
+    assert face > 5 * corners, f"face region barely changed (mean abs diff {face:.2f}, corners {corners:.2f})"
+
+
+def test_summary_and_config_are_written_beside_the_output(first_run: dict, clip: Path, workdir: Path) -> None:
+    out = first_run["out"]
+    summary = json.loads(out.with_name("edited.summary.json").read_text())
+    assert summary == first_run["summary"]
+    assert summary["input"] == str(clip.resolve())
+    assert summary["edits"] == [{"direction": "age", "strength": 2.0}]
+    assert summary["profile"] == "tiny" and summary["frames"] == 25 and summary["fps"] == "25/1"
+    assert set(summary["seconds"]) == set(STAGES) == set(summary["artifacts"])
+    assert summary["reused_stages"] == []
+    assert summary["stitching"]["boundary_error_after"] < summary["stitching"]["boundary_error_before"]
+    for stage, key in summary["artifacts"].items():
+        assert key.startswith(f"{stage}/")
+        assert (workdir / "data" / key / "done.json").is_file()
+    config = json.loads(out.with_name("edited.config.json").read_text())
+    assert config["pti"]["observations_per_frame"] == 4 and config["stitching"]["steps"] == 3
+    assert config["stitching"]["lambda_m"] == 0.01 and config["pti"]["lambda_l2"] == 10.0
+    assert config["editing"]["edits"] == [["age", 2.0]]
+
+
+def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cli_env: dict[str, str],
+                                                 workdir: Path) -> None:
+    out = workdir / "out" / "again.mp4"
+    started = time.perf_counter()
+    result = run_cli(["edit", str(clip), "--edit", "age=2", "--out", str(out), "--store", str(workdir / "data"),
+                      "--json", *FAST], env=cli_env, cwd=workdir)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["reused_stages"] == STAGES
+    assert summary["artifacts"] == first_run["summary"]["artifacts"]
+    assert out.read_bytes() == first_run["out"].read_bytes()
+    # Work dropped to nothing: what is left is process start-up and reading small artifacts.
+    assert summary["total_seconds"] < 0.2 * first_run["summary"]["total_seconds"]
+    assert seconds < first_run["seconds"]
+
+
+def test_a_changed_setting_reruns_only_the_stages_it_affects(first_run: dict, clip: Path, cli_env: dict[str, str],
+                                                             workdir: Path) -> None:
+    out = workdir / "out" / "smile.mp4"
+    result = run_cli(["edit", str(clip), "--edit", "smile=2", "--out", str(out), "--store", str(workdir / "data"),
+                      "--json", *FAST], env=cli_env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["reused_stages"] == ["probe", "landmarks", "align", "encode", "pti"]
+
+
+def test_s3_store_gives_the_same_video_as_file_store(first_run: dict, clip: Path, cli_env: dict[str, str],
+                                                     workdir: Path, s3_server) -> None:
+    out = workdir / "out" / "from-s3.mp4"
+    env = {**cli_env, **s3_server.env, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    store = f"s3://{s3_server.bucket}/edit-test"
+    result = run_cli(["edit", str(clip), "--edit", "age=2", "--out", str(out), "--store", store, "--json", *FAST],
+                     env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["store"] == store and summary["reused_stages"] == []
+    assert summary["artifacts"] == first_run["summary"]["artifacts"]
+    np.testing.assert_array_equal(np.stack(list(iter_frames(out))), np.stack(list(iter_frames(first_run["out"]))))
+
+
+def _no_face_clip(path: Path) -> Path:
+    with VideoWriter(path, width=96, height=64, fps=Fraction(25), config=OutputConfig(preset="ultrafast")) as writer:
+        for i in range(8):
+            writer.write(np.full((64, 96, 3), 30 * i, np.uint8))
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "empty", "no-face", "bad-edit", "overwrite-source"])
+def test_bad_input_ends_with_one_clear_line_and_no_output(case: str, cli_env: dict[str, str], tmp_path: Path,
+                                                          clip: Path) -> None:
+    source = {"missing": tmp_path / "missing.mp4", "text": tmp_path / "notes.mp4", "empty": tmp_path / "empty.mp4",
+              "no-face": tmp_path / "wall.mp4", "bad-edit": clip, "overwrite-source": tmp_path / "wall.mp4"}[case]
+    if case == "text":
+        source.write_text("not a video\n")
+    elif case == "empty":
+        source.write_bytes(b"")
+    elif case in ("no-face", "overwrite-source"):
+        _no_face_clip(source)
+    out = source if case == "overwrite-source" else tmp_path / "out" / "edited.mp4"
+    out.parent.mkdir(exist_ok=True)
+    before = sorted(p.name for p in out.parent.iterdir())
+    edit = "no-such-direction=1" if case == "bad-edit" else "age=1"
+    result = run_cli(["edit", str(source), "--edit", edit, "--out", str(out), "--store", str(tmp_path / "data"),
+                      *FAST], env=cli_env, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    expected = {"missing": "no such file", "text": "not a readable video", "empty": "",
+                "no-face": "no face found", "bad-edit": "unknown edit direction",
+                "overwrite-source": "overwrite its source"}[case]
+    assert expected in errors[0]
+    if case != "bad-edit":
+        assert source.name in errors[0]
+    assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing written, no temp file left
