@@ -322,22 +322,21 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return homogeneous[:, :2] / homogeneous[:, 2:3]
 
 
+def _check_points(points: np.ndarray, count: int, name: str) -> np.ndarray:
+    p = np.asarray(points, dtype=np.float64)
+    if p.shape != (count, 2):
+        raise ValueError(f"{name} must have shape [{count}, 2], got {list(p.shape)}")
+    if not np.isfinite(p).all():
+        raise ValueError(f"{name} must be finite")
+    return p
+
+
 def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:
-    lm = np.asarray(landmarks, dtype=np.float64)
-    if lm.shape != (68, 2):
-        raise ValueError(f"landmarks must have shape [68, 2], got {list(lm.shape)}")
-    if not np.isfinite(lm).all():
-        raise ValueError("landmarks must be finite")
-    return lm
+    return _check_points(landmarks, 68, "landmarks")
 
 
 def _check_quad(quad: np.ndarray) -> np.ndarray:
-    q = np.asarray(quad, dtype=np.float64)
-    if q.shape != (4, 2):
-        raise ValueError(f"quad must have shape [4, 2], got {list(q.shape)}")
-    if not np.isfinite(q).all():
-        raise ValueError("quad must be finite")
-    return q
+    return _check_points(quad, 4, "quad")
 
 
 def _check_image(image: np.ndarray, name: str) -> None:

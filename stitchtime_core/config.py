@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
+def _check_positive(config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be > 0, got {getattr(config, name)!r}")
+
+
 @dataclass(frozen=True)
 class AlignmentConfig:
     """Landmarks, temporal smoothing and the FFHQ-style crop (paper section 3.1)."""
@@ -34,6 +40,9 @@ class EncodingConfig:
 
     batch_size: int = 8
     """Crops encoded per forward pass."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "batch_size")
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,9 @@ class PTIConfig:
     """Truncation of the random w drawn from the original mapping network."""
     seed: int = 0
     """Seeds frame order and the regulariser's random codes."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "lr", "observations_per_frame", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,11 @@ class StitchingConfig:
     early_stop_loss: float = 0.0
     """Stop a frame early once its boundary loss falls below this (0 never stops early)."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("l1", "l2"):
+            raise ValueError(f"stitching.loss must be 'l1' or 'l2', got {self.loss!r}")
+        _check_positive(self, "lr", "steps")
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         """Rebuild a config written by :func:`to_dict`; unknown stages or fields raise ``TypeError``."""
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown stage(s) {', '.join(sorted(unknown))} in a run config")
         parts = {}
         for f in dataclasses.fields(cls):
             stage = dict(data.get(f.name, {}))
@@ -162,8 +182,20 @@ def with_overrides(config: RunConfig, overrides: dict[str, dict[str, Any]]) -> R
             current = data[stage][name]
             if isinstance(current, bool) or not isinstance(current, (int, float, str)):
                 raise ValueError(f"{stage}.{name} cannot be set from the command line")
-            try:
-                data[stage][name] = type(current)(value) if not isinstance(current, float) else float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{stage}.{name} must be a {type(current).__name__}, got {value!r}") from None
+            data[stage][name] = _convert(value, type(current), f"{stage}.{name}")
     return RunConfig.from_dict(data)
+
+
+def _convert(value: Any, kind: type, name: str) -> Any:
+    """``value`` (often a command-line string) as ``kind``, refusing anything that would lose information."""
+    try:
+        if kind is str:
+            return str(value)
+        number = float(value)
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}") from None

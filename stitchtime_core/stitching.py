@@ -51,11 +51,10 @@ def stitch_frames(G: torch.nn.Module, edited_latents: torch.Tensor, crops: torch
         boundaries: [frames, 1, res, res] boundaries b_i in {0, 1}.
         config: stitching settings.
     """
-    frames = edited_latents.shape[0]
-    for name, t in (("crops", crops), ("masks", masks), ("boundaries", boundaries)):
-        if t.shape[0] != frames or t.shape[-1] != G.img_resolution:
-            raise ValueError(f"{name} must be [{frames}, *, {G.img_resolution}, {G.img_resolution}], "
-                             f"got {list(t.shape)}")
+    frames, res = edited_latents.shape[0], G.img_resolution
+    for name, t, channels in (("crops", crops, 3), ("masks", masks, 1), ("boundaries", boundaries, 1)):
+        if tuple(t.shape) != (frames, channels, res, res):
+            raise ValueError(f"{name} must be [{frames}, {channels}, {res}, {res}], got {list(t.shape)}")
     with torch.no_grad():
         edits = G.synthesis(edited_latents, noise_mode="const")
     stitched, steps = [], []

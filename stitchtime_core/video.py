@@ -179,6 +179,8 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         raise InputError(path, "no such file")
     if not os.path.isfile(path):
         raise InputError(path, "not a file")
+    if os.path.getsize(path) == 0:
+        raise InputError(path, "is empty (0 bytes)")
     result = subprocess.run(
         [
             ffprobe_binary(), "-v", "error", "-print_format", "json",

@@ -73,7 +73,7 @@ def profile_defaults(profile: str) -> RunConfig:
         return RunConfig()
     if profile == "tiny":
         return RunConfig(
-            pti=PTIConfig(lr=1e-2, observations_per_frame=40, batch_size=4),
+            pti=PTIConfig(lr=1e-2, observations_per_frame=32, batch_size=4),
             stitching=StitchingConfig(steps=25),
         )
     raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")

@@ -268,11 +268,12 @@ def test_missing_file(tmp_path: Path) -> None:
         next(iter_frames(missing))
 
 
-@pytest.mark.parametrize("content", [b"", b"hello, I am not a video\n" * 20])
-def test_not_a_video(tmp_path: Path, content: bytes) -> None:
+@pytest.mark.parametrize(("content", "problem"), [(b"", "is empty"),
+                                                   (b"hello, I am not a video\n" * 20, "not a readable video: .+")])
+def test_not_a_video(tmp_path: Path, content: bytes, problem: str) -> None:
     path = tmp_path / "fake.mp4"
     path.write_bytes(content)
-    with pytest.raises(InputError, match="not a readable video: .+") as error:
+    with pytest.raises(InputError, match=problem) as error:
         probe(path)
     assert error.value.path == str(path)
     assert str(path) in str(error.value)

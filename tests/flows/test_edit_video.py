@@ -123,12 +123,18 @@ def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cl
 
 def test_a_changed_setting_reruns_only_the_stages_it_affects(first_run: dict, clip: Path, cli_env: dict[str, str],
                                                              workdir: Path) -> None:
-    out = workdir / "out" / "smile.mp4"
-    result = run_cli(["edit", str(clip), "--edit", "smile=2", "--out", str(out), "--store", str(workdir / "data"),
-                      "--json", *FAST], env=cli_env, cwd=workdir)
+    # A direction file ([w_dim] for the tiny generator) instead of a profile name: only the edit and
+    # what follows it run again.
+    direction = workdir / "direction.npy"
+    np.save(direction, np.random.default_rng(0).standard_normal(64).astype(np.float32) * 0.2)
+    out = workdir / "out" / "from-file.mp4"
+    result = run_cli(["edit", str(clip), "--edit", f"{direction}=1.5", "--out", str(out),
+                      "--store", str(workdir / "data"), "--json", *FAST], env=cli_env, cwd=workdir)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["reused_stages"] == ["probe", "landmarks", "align", "encode", "pti"]
+    assert summary["edits"] == [{"direction": str(direction), "strength": 1.5}]
+    assert probe(out).frame_count == 25
 
 
 def test_s3_store_gives_the_same_video_as_file_store(first_run: dict, clip: Path, cli_env: dict[str, str],
@@ -173,7 +179,7 @@ def test_bad_input_ends_with_one_clear_line_and_no_output(case: str, cli_env: di
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, result.stderr
-    expected = {"missing": "no such file", "text": "not a readable video", "empty": "",
+    expected = {"missing": "no such file", "text": "not a readable video", "empty": "is empty",
                 "no-face": "no face found", "bad-edit": "unknown edit direction",
                 "overwrite-source": "overwrite its source"}[case]
     assert expected in errors[0]

@@ -1,0 +1,175 @@
+"""Stage configs: the paper's defaults, immutability, serialisation, hashing and overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stitchtime_core.config import (
+    AlignmentConfig,
+    BlendingConfig,
+    EditingConfig,
+    EncodingConfig,
+    OutputConfig,
+    PTIConfig,
+    RunConfig,
+    StitchingConfig,
+    config_hash,
+    to_dict,
+    with_overrides,
+)
+from stitchtime_core.models.profiles import profile_defaults
+
+STAGE_CONFIGS = (AlignmentConfig, EncodingConfig, PTIConfig, EditingConfig, StitchingConfig, BlendingConfig,
+                 OutputConfig)
+
+# Where profile_defaults("tiny") departs from the paper, as its docstring documents: PTI's learning
+# rate and batching, and fewer stitching steps.
+TINY_DEPARTURES = {("pti", "lr"), ("pti", "observations_per_frame"), ("pti", "batch_size"), ("stitching", "steps")}
+
+
+def _custom_config() -> RunConfig:
+    return RunConfig(
+        alignment=AlignmentConfig(center_sigma=2.5, scale=1.1),
+        pti=PTIConfig(lr=1e-3, batch_size=3, seed=7),
+        editing=EditingConfig(edits=(("age", 2.0), ("sefa:3", -1.5))),
+        stitching=StitchingConfig(loss="l2", steps=7),
+        output=OutputConfig(crf=23),
+    )
+
+
+def test_defaults_are_the_papers():
+    """Section 3.5 of the paper, and the reference code's smoothing sigmas."""
+    pti, stitching, alignment = PTIConfig(), StitchingConfig(), AlignmentConfig()
+    assert pti.lambda_l2 == 10
+    assert pti.lambda_r == 0.1
+    assert pti.lambda_lpips == 1  # eq. 1 weighs LPIPS by 1
+    assert pti.lr == 3e-5
+    assert pti.observations_per_frame == 80
+    assert stitching.lr == 3e-4
+    assert stitching.steps == 100
+    assert stitching.lambda_m == 0.01
+    assert stitching.loss == "l1"  # eqs. 2-3 are L1 distances
+    assert alignment.center_sigma == 1
+    assert alignment.axes_sigma == 3
+    assert EditingConfig().edits == ()
+
+
+@pytest.mark.parametrize("cls", STAGE_CONFIGS + (RunConfig,))
+def test_configs_are_frozen(cls):
+    config = cls()
+    name = dataclasses.fields(cls)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(config, name, getattr(config, name))
+
+
+def test_to_dict_and_from_dict_round_trip_through_json():
+    config = _custom_config()
+    data = json.loads(json.dumps(to_dict(config)))
+    assert data["editing"]["edits"] == [["age", 2.0], ["sefa:3", -1.5]]
+    rebuilt = RunConfig.from_dict(data)
+    assert rebuilt == config
+    assert isinstance(rebuilt.editing.edits, tuple) and isinstance(rebuilt.editing.edits[0], tuple)
+    assert RunConfig.from_dict(to_dict(RunConfig())) == RunConfig()
+    assert RunConfig.from_dict({}) == RunConfig()  # missing stages take their defaults
+
+
+def test_to_dict_of_a_dict_of_configs():
+    assert to_dict({"pti": PTIConfig(lr=0.5)}) == {"pti": to_dict(PTIConfig(lr=0.5))}
+    with pytest.raises(TypeError, match="not a config"):
+        to_dict(3)
+
+
+def test_from_dict_rejects_an_unknown_field():
+    with pytest.raises(TypeError):
+        RunConfig.from_dict({"pti": {"learning_rate": 1.0}})
+
+
+def test_from_dict_rejects_an_unknown_stage():
+    with pytest.raises(TypeError):
+        RunConfig.from_dict({"pti": {}, "stiching": {"steps": 5}})
+
+
+def test_config_hash_is_stable():
+    config = _custom_config()
+    digest = config_hash(config)
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert config_hash(_custom_config()) == digest
+    assert config_hash(RunConfig.from_dict(to_dict(config))) == digest
+    # Key order does not matter.
+    assert config_hash({"b": PTIConfig(), "a": StitchingConfig()}) == config_hash({"a": StitchingConfig(),
+                                                                                  "b": PTIConfig()})
+    # Nor does the process: string hashing is randomised per process, the digest must not be.
+    code = ("from stitchtime_core.config import *; "
+            "print(config_hash(RunConfig(pti=PTIConfig(lr=1e-3, batch_size=3, seed=7))))")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert outputs == {config_hash(RunConfig(pti=PTIConfig(lr=1e-3, batch_size=3, seed=7)))}
+
+
+def test_config_hash_changes_with_every_field():
+    base = RunConfig()
+    digests = {config_hash(base)}
+    changed = 0
+    for stage in dataclasses.fields(RunConfig):
+        part = getattr(base, stage.name)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if f.name == "loss":  # a Literal: the other allowed value
+                new = "l2"
+            elif isinstance(value, str):
+                new = value + "x"
+            elif isinstance(value, tuple):
+                new = (("age", 1.0),)
+            else:
+                new = value + 1
+            changed_part = dataclasses.replace(part, **{f.name: new})
+            digests.add(config_hash(dataclasses.replace(base, **{stage.name: changed_part})))
+            changed += 1
+    assert len(digests) == changed + 1
+
+
+def test_with_overrides_converts_command_line_strings():
+    base = RunConfig()
+    config = with_overrides(base, {"pti": {"lr": "1e-3", "observations_per_frame": "5"},
+                                   "stitching": {"loss": "l2", "lambda_m": "1"}})
+    assert config.pti.lr == 1e-3 and isinstance(config.pti.lr, float)
+    assert config.pti.observations_per_frame == 5 and isinstance(config.pti.observations_per_frame, int)
+    assert config.stitching.loss == "l2"
+    assert config.stitching.lambda_m == 1.0 and isinstance(config.stitching.lambda_m, float)
+    # Everything else is unchanged, and the input config too.
+    assert dataclasses.replace(config, pti=base.pti, stitching=base.stitching) == base
+    assert base == RunConfig()
+    assert with_overrides(base, {}) == base
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"stiching": {"steps": "5"}}, "unknown stage"),
+    ({"pti": {"learning_rate": "1"}}, "unknown setting pti.learning_rate"),
+    ({"pti": {"observations_per_frame": "many"}}, "must be an int"),
+    ({"pti": {"batch_size": "1.5"}}, "must be an int"),
+    ({"stitching": {"lr": "fast"}}, "must be a float"),
+    ({"editing": {"edits": "age"}}, "cannot be set"),
+])
+def test_with_overrides_rejects_bad_input(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        with_overrides(RunConfig(), overrides)
+
+
+def test_with_overrides_rejects_a_fractional_number_for_an_int_setting():
+    with pytest.raises(ValueError):
+        with_overrides(RunConfig(), {"pti": {"batch_size": 2.7}})
+
+
+def test_profile_defaults():
+    assert profile_defaults("ffhq") == RunConfig()
+    tiny, ffhq = to_dict(profile_defaults("tiny")), to_dict(RunConfig())
+    differing = {(stage, name) for stage in ffhq for name in ffhq[stage] if tiny[stage][name] != ffhq[stage][name]}
+    assert differing == TINY_DEPARTURES
+    with pytest.raises(ValueError, match="unknown profile"):
+        profile_defaults("celeba")

@@ -1,0 +1,142 @@
+"""Stitching tuning (paper section 3.4, eqs. 2-4) on real face crops after a short PTI."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from stitchtime_core import masks
+from stitchtime_core.config import StitchingConfig
+from stitchtime_core.editing import edit_latents
+from stitchtime_core.stitching import boundary_error, stitch_frames
+
+FRAMES = 3
+"""Frames stitched per test: each tunes its own copy, so more frames only cost time."""
+
+STITCH_TEST_CONFIG = StitchingConfig(steps=20)
+"""The paper's learning rate and λ_m, a fifth of its steps."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StitchCase:
+    edited_latents: torch.Tensor
+    crops: torch.Tensor
+    masks: torch.Tensor
+    boundaries: torch.Tensor
+    edits: torch.Tensor
+    """G(w + δw; θ_p): the raw edit."""
+
+
+def _mean_inside(diff: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Per-frame mean of |diff| over a [frames, 1, H, W] region."""
+    return (diff.abs() * region).sum(dim=(1, 2, 3)) / (3 * region.sum(dim=(1, 2, 3)))
+
+
+@pytest.fixture(scope="module")
+def case(tiny, face_clip, pivots, pti_run) -> StitchCase:
+    m, b = masks.stitching_masks(face_clip.crop_landmarks[:FRAMES], 64,
+                                 border_px_1024=STITCH_TEST_CONFIG.border_px)
+    latents = edit_latents(pivots[:FRAMES], [(tiny.directions["age"], 2.0)])
+    with torch.no_grad():
+        edits = pti_run.result.generator.synthesis(latents, noise_mode="const")
+    return StitchCase(latents, face_clip.images[:FRAMES], torch.from_numpy(m).unsqueeze(1),
+                      torch.from_numpy(b).unsqueeze(1), edits)
+
+
+@pytest.fixture(scope="module")
+def stitched(case, pti_run):
+    before = {k: v.clone() for k, v in pti_run.result.generator.state_dict().items()}
+    result = stitch_frames(pti_run.result.generator, case.edited_latents, case.crops, case.masks, case.boundaries,
+                           config=STITCH_TEST_CONFIG)
+    return result, before
+
+
+def test_masks_are_a_face_and_a_ring_around_it(case):
+    # 50 px at 1024 is a 3 px ring at 64 px; the face covers about 30% of the crop, the ring 10%.
+    assert ((case.masks * case.boundaries).sum() == 0).item()
+    assert 0.2 < case.masks.mean() < 0.4 and 0.05 < case.boundaries.mean() < 0.15
+
+
+def test_stitching_pulls_the_boundary_to_the_original_and_keeps_the_edit(case, stitched):
+    result, _ = stitched
+    assert result.stitched.shape == (FRAMES, 3, 64, 64)
+    assert torch.equal(result.steps, torch.full([FRAMES], STITCH_TEST_CONFIG.steps))
+    # The reported errors are the mean |image - crop| over the ring.
+    assert torch.allclose(result.boundary_error_before, _mean_inside(case.edits - case.crops, case.boundaries))
+    assert torch.allclose(result.boundary_error_after, _mean_inside(result.stitched - case.crops, case.boundaries))
+    # Measured on these frames: 0.318, 0.293, 0.354 -> 0.184, 0.177, 0.199 (ratios 0.56-0.60).
+    assert (result.boundary_error_after < 0.75 * result.boundary_error_before).all()
+    # Inside the mask the face stays the edit. Measured mean |s - e|: 0.153, 0.120, 0.229 (the edit
+    # itself moved the face by 0.07 there); the stitched face stays nearer the edit than the original
+    # crop: mean |s - x| 0.298, 0.285, 0.348.
+    inside_edit = _mean_inside(result.stitched - case.edits, case.masks)
+    assert (inside_edit < 0.3).all() and inside_edit.mean() < 0.2
+    assert (inside_edit < 0.8 * _mean_inside(result.stitched - case.crops, case.masks)).all()
+
+
+def test_stitching_leaves_the_pti_generator_alone(pti_run, stitched):
+    _, before = stitched
+    G = pti_run.result.generator
+    after = G.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    assert not G.training and not any(p.requires_grad for p in G.parameters())
+
+
+def test_early_stop(case, pti_run):
+    config = dataclasses.replace(STITCH_TEST_CONFIG, early_stop_loss=1e9)
+    result = stitch_frames(pti_run.result.generator, case.edited_latents[:2], case.crops[:2], case.masks[:2],
+                           case.boundaries[:2], config=config)
+    assert result.steps.tolist() == [1, 1]
+    assert not torch.equal(result.stitched, case.edits[:2])  # the one step did tune
+
+
+def test_l2_loss_runs_and_lowers_the_boundary_error(case, pti_run):
+    config = dataclasses.replace(STITCH_TEST_CONFIG, loss="l2", steps=5)
+    result = stitch_frames(pti_run.result.generator, case.edited_latents[:1], case.crops[:1], case.masks[:1],
+                           case.boundaries[:1], config=config)
+    assert result.stitched.shape == (1, 3, 64, 64) and torch.isfinite(result.stitched).all()
+    assert (result.boundary_error_after < result.boundary_error_before).all()
+    with pytest.raises(ValueError, match="'l1' or 'l2'"):
+        stitch_frames(pti_run.result.generator, case.edited_latents[:1], case.crops[:1], case.masks[:1],
+                      case.boundaries[:1], config=dataclasses.replace(config, loss="l3"))
+
+
+def test_boundary_error_counts_only_the_ring():
+    images, crops = torch.zeros([2, 3, 4, 4]), torch.zeros([2, 3, 4, 4])
+    images[0, :, 0, 0] = 0.6  # inside frame 0's ring
+    images[0, :, 3, 3] = 5.0  # outside it
+    ring = torch.zeros([2, 1, 4, 4])
+    ring[0, 0, 0, :2] = 1
+    assert torch.allclose(boundary_error(images, crops, ring), torch.tensor([0.3, 0.0]))
+
+
+@pytest.mark.parametrize("part, shape", [
+    ("crops", [2, 3, 64, 64]),
+    ("masks", [3, 1, 32, 32]),
+    ("boundaries", [4, 1, 64, 64]),
+])
+def test_bad_shapes_raise(case, pti_run, part, shape):
+    inputs = dict(crops=case.crops, masks=case.masks, boundaries=case.boundaries)
+    inputs[part] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=f"{part} must be"):
+        stitch_frames(pti_run.result.generator, case.edited_latents, config=STITCH_TEST_CONFIG, **inputs)
+
+
+def test_a_mask_of_the_wrong_height_raises_value_error(case, pti_run):
+    with pytest.raises(ValueError):
+        stitch_frames(pti_run.result.generator, case.edited_latents[:1], case.crops[:1], torch.ones([1, 1, 32, 64]),
+                      case.boundaries[:1], config=dataclasses.replace(STITCH_TEST_CONFIG, steps=1))
+
+
+def test_crops_without_three_channels_raise(case, pti_run):
+    with pytest.raises(ValueError):
+        stitch_frames(pti_run.result.generator, case.edited_latents[:1], case.crops[:1, :1], case.masks[:1],
+                      case.boundaries[:1], config=dataclasses.replace(STITCH_TEST_CONFIG, steps=1))
+
+
+def test_wrong_latent_shape_raises(case, pti_run):
+    with pytest.raises(ValueError, match="ws must have shape"):
+        stitch_frames(pti_run.result.generator, case.edited_latents[:, :5], case.crops, case.masks, case.boundaries,
+                      config=STITCH_TEST_CONFIG)
