@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,8 +25,8 @@ def resolve_config(profile: str, edits: list[tuple[str, float]],
                    overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     """The profile's defaults, the user's overrides, and the edits."""
     config = with_overrides(profile_defaults(profile), overrides or {})
-    editing = EditingConfig(edits=tuple((str(name), float(strength)) for name, strength in edits))
-    return RunConfig(**{**{name: getattr(config, name) for name in to_dict(config)}, "editing": editing})
+    edits = tuple((str(name), float(strength)) for name, strength in edits)
+    return dataclasses.replace(config, editing=EditingConfig(edits=edits))
 
 
 def sidecar_paths(out: str | os.PathLike) -> tuple[Path, Path]:

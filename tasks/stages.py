@@ -239,14 +239,14 @@ def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
         crop_points = store.get_table(f"{align.key}/quads.parquet")["crop_landmarks"]
         latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"]
         m, b = masks.stitching_masks(crop_points, crops.shape[1], border_px_1024=config.border_px)
+        masks_t, boundaries_t = (torch.from_numpy(a).unsqueeze(1).to(device) for a in (m, b))
         before, after = [], []
         for start in range(0, len(crops), chunk_size):
             chunk_key = f"{key}/chunk-{start:06d}.safetensors"
             if not store.exists(chunk_key):
                 part = slice(start, start + chunk_size)
-                as_tensor = lambda a: torch.from_numpy(a[part]).unsqueeze(1).to(device)  # noqa: E731
-                result = stitch_frames(G, latents[part], images_to_tensor(crops[part], device), as_tensor(m),
-                                       as_tensor(b), config=config)
+                result = stitch_frames(G, latents[part], images_to_tensor(crops[part], device), masks_t[part],
+                                       boundaries_t[part], config=config)
                 store.put_tensors(chunk_key, {
                     "stitched": torch.from_numpy(tensor_to_images(result.stitched)),
                     "paste_masks": torch.from_numpy(m[part] + b[part]).to(torch.uint8),
