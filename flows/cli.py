@@ -103,15 +103,23 @@ def main() -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--models", default=None, type=click.Path(file_okay=False),
               help="Folder with the ffhq model files (default: $STITCHTIME_MODELS or ./models).")
+@click.option("--face", default=None, metavar="largest|N|X,Y",
+              help="Which face to edit when there are several: the largest (default), the N-th largest "
+                   "(0 = largest) or the one at pixel X,Y, in the first frame with faces.")
+@click.option("--detector", type=click.Choice(["hog", "cnn"]), default=None,
+              help="dlib face detector (default hog; cnn is slower and finds more turned faces).")
 @click.option("--set", "settings", multiple=True, metavar="STAGE.SETTING=VALUE",
               help="Override a stage setting, e.g. --set stitching.steps=50 --set pti.lr=1e-3.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines.")
 def edit(source: str, edits: tuple[str, ...], out: str, profile: str, store: str | None, device: str,
-         models: str | None, settings: tuple[str, ...], as_json: bool, verbose: bool) -> None:
+         models: str | None, face: str | None, detector: str | None, settings: tuple[str, ...], as_json: bool,
+         verbose: bool) -> None:
     """Edit the face in SOURCE and write --out with the same frames, frame rate and sound."""
+    parsed = [_parse_setting(s) for s in settings]
+    parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
     _run_edit(source, out, [_parse_edit(e) for e in edits], profile=profile, store=store, device=device,
-              models=models, settings=[_parse_setting(s) for s in settings], as_json=as_json, verbose=verbose)
+              models=models, settings=parsed, as_json=as_json, verbose=verbose)
 
 
 @main.command(epilog=EXAMPLES)

@@ -55,28 +55,96 @@ def quad_from_axes(c: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.stack([c - x - y, c - x + y, c + x + y, c + x - y], axis=-2)
 
 
+def fps_scaled_sigma(sigma_at_25: float, fps: float) -> float:
+    """A temporal sigma given in frames at 25 fps, in frames of a clip at ``fps``.
+
+    The reference code's sigmas (centre 1, axes 3) are frame counts tuned on 25 fps video; the
+    same time constant spans twice as many frames at 50 fps.
+
+    Args:
+        sigma_at_25: sigma in frames at 25 fps, >= 0.
+        fps: the clip's frame rate, > 0.
+
+    Returns:
+        ``sigma_at_25 * fps / 25``.
+
+    Raises:
+        ValueError: a negative sigma or a non-positive frame rate.
+    """
+    if sigma_at_25 < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma_at_25}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    return float(sigma_at_25) * float(fps) / 25.0
+
+
+def plan_gaps(found: np.ndarray, *, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which frames without a tracked face are filled in and which pass through unedited.
+
+    A run of missing frames of at most ``max_gap`` frames is interpolated: between two found
+    frames linearly, at the start or end of the clip held at the nearest found frame. A longer run
+    passes through: those frames are left as they are, and smoothing does not cross them.
+
+    Args:
+        found: bool [N], True where the face was found.
+        max_gap: the longest run of missing frames that is filled in, >= 0.
+
+    Returns:
+        ``(interpolated, passthrough)``, each bool [N]. ``found``, ``interpolated`` and
+        ``passthrough`` partition the frames. With no found frame at all every frame passes
+        through.
+
+    Raises:
+        ValueError: ``found`` is not 1-D or ``max_gap`` is negative.
+    """
+    found = np.asarray(found, dtype=bool)
+    if found.ndim != 1:
+        raise ValueError(f"found must have shape [N], got {list(found.shape)}")
+    if max_gap < 0:
+        raise ValueError(f"max_gap must be >= 0, got {max_gap}")
+    interpolated = np.zeros_like(found)
+    passthrough = np.zeros_like(found)
+    if not found.any():
+        passthrough[:] = True
+        return interpolated, passthrough
+    for start, stop in _runs(~found):
+        (interpolated if stop - start <= max_gap else passthrough)[start:stop] = True
+    return interpolated, passthrough
+
+
 def smooth_quads(
-    landmarks: np.ndarray, *, center_sigma: float, axes_sigma: float, scale: float
+    landmarks: np.ndarray,
+    *,
+    center_sigma: float,
+    axes_sigma: float,
+    scale: float,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-frame FFHQ quads with the crop centre and axes low-passed over time.
 
-    Frames without landmarks (NaN rows) get their centre and axes interpolated linearly from the
-    nearest frames that have them (held constant before the first and after the last), then
-    everything is smoothed with a Gaussian over time, as the reference code does (scipy's
-    ``gaussian_filter1d``, default 'reflect' ends). The down axis is rebuilt from the smoothed
-    right axis, which equals smoothing both (the turn is linear).
+    Each contiguous run of ``valid`` frames (a segment) is handled on its own: frames without
+    landmarks (NaN rows) get their centre and axes interpolated linearly from the nearest frames
+    of the segment that have them (held constant before the first and after the last), then the
+    segment is smoothed with a Gaussian over time, as the reference code does (scipy's
+    ``gaussian_filter1d``, default 'reflect' ends at the segment's ends). Smoothing therefore never
+    crosses frames that are not valid. The down axis is rebuilt from the smoothed right axis,
+    which equals smoothing both (the turn is linear).
 
     Args:
         landmarks: float [N, 68, 2] frame pixels; a frame with any NaN counts as having no face.
         center_sigma: Gaussian sigma over time for the centres, in frames; 0 skips it.
         axes_sigma: Gaussian sigma over time for the axes, in frames; 0 skips it.
         scale: crop size relative to the FFHQ crop, > 0.
+        valid: bool [N], False for frames that pass through unedited (see :func:`plan_gaps`,
+            ``~passthrough``); all frames when None.
 
     Returns:
-        float64 [N, 4, 2] quads (top-left, bottom-left, bottom-right, top-right) in frame pixels.
+        float64 [N, 4, 2] quads (top-left, bottom-left, bottom-right, top-right) in frame pixels;
+        NaN in frames that are not valid.
 
     Raises:
-        ValueError: bad shape, a negative sigma, a non-positive scale, or no frame with landmarks.
+        ValueError: bad shapes, a negative sigma, a non-positive scale, or a segment (with
+            ``valid`` None: the whole clip) without a frame with landmarks.
     """
     lm = np.asarray(landmarks, dtype=np.float64)
     if lm.ndim != 3 or lm.shape[1:] != (68, 2):
@@ -85,48 +153,81 @@ def smooth_quads(
         raise ValueError(f"sigmas must be >= 0, got center {center_sigma}, axes {axes_sigma}")
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}")
+    valid = _check_valid(valid, len(lm))
     has_face = np.isfinite(lm).all(axis=(1, 2))
-    if not has_face.any():
+    if valid.all() and not has_face.any():
         raise ValueError("no frame has landmarks")
 
     n = len(lm)
     centres = np.zeros((n, 2))
     axes = np.zeros((n, 2))
-    for i in np.flatnonzero(has_face):
+    for i in np.flatnonzero(has_face & valid):
         centres[i], axes[i], _ = face_axes(lm[i], scale=scale)
-    centres = interpolate_gaps(centres, has_face)
-    axes = interpolate_gaps(axes, has_face)
-
-    if center_sigma > 0:
-        centres = gaussian_filter1d(centres, sigma=center_sigma, axis=0)
-    if axes_sigma > 0:
-        axes = gaussian_filter1d(axes, sigma=axes_sigma, axis=0)
+    centres = interpolate_gaps(centres, has_face, valid=valid)
+    axes = interpolate_gaps(axes, has_face, valid=valid)
+    for start, stop in _runs(valid):
+        if center_sigma > 0:
+            centres[start:stop] = gaussian_filter1d(centres[start:stop], sigma=center_sigma, axis=0)
+        if axes_sigma > 0:
+            axes[start:stop] = gaussian_filter1d(axes[start:stop], sigma=axes_sigma, axis=0)
     downs = axes[:, ::-1] * [-1.0, 1.0]
     return quad_from_axes(centres, axes, downs)
 
 
-def interpolate_gaps(values: np.ndarray, known: np.ndarray) -> np.ndarray:
+def interpolate_gaps(values: np.ndarray, known: np.ndarray, *, valid: np.ndarray | None = None) -> np.ndarray:
     """Fill the frames where ``known`` is False by linear interpolation over time.
+
+    Each contiguous run of ``valid`` frames is filled from its own known frames only.
 
     Args:
         values: float [N, ...] per-frame values; rows where ``known`` is False are ignored.
-        known: bool [N], at least one True.
+        known: bool [N]; every segment of valid frames needs a True.
+        valid: bool [N], False for frames left out (see :func:`plan_gaps`, ``~passthrough``); all
+            frames when None.
 
     Returns:
-        float64 [N, ...]: known rows as they were, gaps interpolated from the nearest known frames
-        on each side, held constant before the first and after the last known frame.
+        float64 [N, ...]: known valid rows as they were; gaps interpolated from the nearest known
+        frames on each side in their segment, held constant before its first and after its last
+        known frame; NaN in rows that are not valid.
+
+    Raises:
+        ValueError: bad mask shapes, or a segment (with ``valid`` None: the whole clip) without a
+            known frame.
     """
     values = np.asarray(values, dtype=np.float64)
     known = np.asarray(known, dtype=bool)
-    if known.shape != values.shape[:1] or not known.any():
-        raise ValueError(f"known must be a bool [N] mask with a True, got shape {list(known.shape)}")
-    if known.all():
-        return values
+    if known.shape != values.shape[:1]:
+        raise ValueError(f"known must be a bool [N] mask, got shape {list(known.shape)}")
+    valid = _check_valid(valid, len(values))
     flat = values.reshape(len(values), -1).copy()
-    t, idx = np.arange(len(values)), np.flatnonzero(known)
-    for k in range(flat.shape[1]):
-        flat[:, k] = np.interp(t, idx, flat[idx, k])
+    flat[~valid] = np.nan
+    for start, stop in _runs(valid):
+        idx = np.flatnonzero(known[start:stop])
+        if len(idx) == 0:
+            raise ValueError(f"frames {start}..{stop - 1} have no known frame to interpolate from")
+        if len(idx) == stop - start:
+            continue
+        segment = flat[start:stop]
+        t = np.arange(stop - start)
+        for k in range(flat.shape[1]):
+            segment[:, k] = np.interp(t, idx, segment[idx, k])
     return flat.reshape(values.shape)
+
+
+def _check_valid(valid: np.ndarray | None, n: int) -> np.ndarray:
+    if valid is None:
+        return np.ones(n, dtype=bool)
+    valid = np.asarray(valid)
+    if valid.dtype != bool or valid.shape != (n,):
+        raise ValueError(f"valid must be a bool [{n}] mask, got {valid.dtype} {list(valid.shape)}")
+    return valid
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of every run of True in a bool [N] mask, stop exclusive."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
 def crop_transform(quad: np.ndarray, size: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,16 +23,37 @@ def _check_positive(config: Any, *names: str) -> None:
 
 @dataclass(frozen=True)
 class AlignmentConfig:
-    """Landmarks, temporal smoothing and the FFHQ-style crop (paper section 3.1)."""
+    """Face track, landmarks, temporal smoothing and the FFHQ-style crop (paper section 3.1)."""
 
+    detector: Literal["hog", "cnn"] = "hog"
+    """dlib's HOG face detector, or its CNN (MMOD) detector: slower, finds more turned faces."""
+    detector_upsample: int = 1
+    """How many times the detector upsamples a frame before looking for faces (finds smaller faces)."""
+    detect_max_side: int = 960
+    """Faces are detected on a copy of the frame at most this large (0: full size); landmarks always
+    use the full frame."""
+    face: str = "largest"
+    """Which face to follow when there are several: "largest", "N" (N-th largest in the first frame
+    with faces, 0 = largest) or "X,Y" (the face at that pixel of that frame)."""
+    max_gap: int = 5
+    """Runs of at most this many frames without the face get interpolated landmarks and are edited;
+    longer runs pass through unedited."""
     center_sigma: float = 1.0
-    """Gaussian low-pass over time of the crop centre, in frames (reference code: 1)."""
+    """Gaussian low-pass over time of the crop centre, in frames at 25 fps (reference code: 1);
+    scaled with the clip's frame rate."""
     axes_sigma: float = 3.0
-    """Gaussian low-pass over time of the crop's x/y axes, in frames (reference code: 3)."""
+    """Gaussian low-pass over time of the crop's x/y axes, in frames at 25 fps (reference code: 3)."""
     scale: float = 1.0
     """Crop size relative to the FFHQ crop (1.0 is the FFHQ crop)."""
-    detector_upsample: int = 1
-    """How many times dlib's HOG detector upsamples a frame before looking for faces."""
+
+    def __post_init__(self) -> None:
+        if self.detector not in ("hog", "cnn"):
+            raise ValueError(f"alignment.detector must be 'hog' or 'cnn', got {self.detector!r}")
+        if self.detector_upsample < 0 or self.detect_max_side < 0 or self.max_gap < 0:
+            raise ValueError("alignment.detector_upsample, detect_max_side and max_gap must be >= 0")
+        _check_positive(self, "scale")
+        if not re.fullmatch(r"largest|\d+|\d+(\.\d+)?,\d+(\.\d+)?", self.face.replace(" ", "")):
+            raise ValueError(f"alignment.face must be 'largest', an index N or a pixel X,Y; got {self.face!r}")
 
 
 @dataclass(frozen=True)
@@ -154,7 +176,8 @@ class RunConfig:
 def to_dict(config: Any) -> dict[str, Any]:
     """A config (one of the dataclasses here, or a dict of them) as plain JSON-able data."""
     if isinstance(config, dict):
-        return {name: to_dict(part) for name, part in config.items()}
+        return {name: to_dict(part) if isinstance(part, dict) or dataclasses.is_dataclass(part) else part
+                for name, part in config.items()}
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"not a config: {config!r}")
     return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -1,18 +1,21 @@
 """Face detection, 68-point landmarks, and one face track through a video (paper section 3.1).
 
-Detection is dlib's HOG frontal face detector; landmarks are dlib's 68-point shape predictor (the
-iBUG 300-W layout that the FFHQ alignment recipe indexes into). Coordinates are pixel indices of
-the frame: x to the right, y down, (0, 0) the centre of the top-left pixel.
+Detection is dlib's HOG frontal face detector or its CNN (MMOD) face detector; landmarks are dlib's
+68-point shape predictor (the iBUG 300-W layout that the FFHQ alignment recipe indexes into).
+Coordinates are pixel indices of the frame: x to the right, y down, (0, 0) the centre of the
+top-left pixel.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import dlib
 import numpy as np
 
@@ -21,15 +24,32 @@ from stitchtime_core.errors import InputError
 Rect = tuple[int, int, int, int]
 """A face box (x0, y0, x1, y1) in frame pixels, corners included."""
 
+DETECTORS = ("hog", "cnn")
+"""The face detectors :func:`load_landmarker` knows."""
+
 _MODEL_PACKAGE = "face_recognition_models"
-_MODEL_FILE = "models/shape_predictor_68_face_landmarks.dat"
+_LANDMARK_FILE = "models/shape_predictor_68_face_landmarks.dat"
+_CNN_FILE = "models/mmod_human_face_detector.dat"
+
+
+
+MAX_GATE_GROWTH = 2
+"""The track's gate grows with each missed frame up to (1 + this) times its base size."""
+
+def _packaged_model(relative: str, what: str) -> Path:
+    # Located without importing the package: its __init__ imports pkg_resources, which recent
+    # setuptools no longer provides.
+    spec = importlib.util.find_spec(_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(_MODEL_PACKAGE, f"package is not installed; it ships the {what}")
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.is_file():
+        raise InputError(path, f"{what} file is missing")
+    return path
 
 
 def landmark_model_path() -> Path:
     """Where the 68-point landmark model shipped by ``face_recognition_models`` lies.
-
-    The package is located without importing it: its ``__init__`` imports ``pkg_resources``,
-    which recent setuptools no longer provides.
 
     Returns:
         The path of ``shape_predictor_68_face_landmarks.dat``.
@@ -37,13 +57,19 @@ def landmark_model_path() -> Path:
     Raises:
         InputError: the package is not installed or the file is missing from it.
     """
-    spec = importlib.util.find_spec(_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(_MODEL_PACKAGE, "package is not installed; it ships the landmark model")
-    path = Path(spec.submodule_search_locations[0]) / _MODEL_FILE
-    if not path.is_file():
-        raise InputError(path, "landmark model file is missing")
-    return path
+    return _packaged_model(_LANDMARK_FILE, "landmark model")
+
+
+def cnn_detector_model_path() -> Path:
+    """Where dlib's CNN (MMOD) face detector shipped by ``face_recognition_models`` lies.
+
+    Returns:
+        The path of ``mmod_human_face_detector.dat``.
+
+    Raises:
+        InputError: the package is not installed or the file is missing from it.
+    """
+    return _packaged_model(_CNN_FILE, "CNN face detector")
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,15 +77,21 @@ class FaceLandmarker:
     """A face detector and a landmark predictor, loaded; build it with :func:`load_landmarker`.
 
     Attributes:
-        detector: dlib's HOG frontal face detector.
+        detector: dlib's HOG frontal face detector or its CNN face detector.
         predictor: dlib's 68-point shape predictor.
-        upsample: how many times the detector upsamples a frame (finds faces down to ~40 px at 1,
-            ~80 px at 0).
+        upsample: how many times the detector upsamples the image it searches (HOG finds faces
+            down to ~40 px at 1, ~80 px at 0; the CNN about the same), counted in pixels of the
+            downscaled copy (see ``max_side``).
+        max_side: the detector searches a copy of the frame shrunk so its longer side is at most
+            this many pixels (0: never shrink); landmarks are always fitted on the full frame.
+            Shrinking also raises the smallest face found: 960 on a 1080p frame halves it, so at
+            upsample 1 faces need ~80 frame pixels instead of ~40.
     """
 
-    detector: dlib.fhog_object_detector
+    detector: dlib.fhog_object_detector | dlib.cnn_face_detection_model_v1
     predictor: dlib.shape_predictor
     upsample: int = 1
+    max_side: int = 960
 
     def detect(self, frame: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
         """Find faces and their landmarks in one frame.
@@ -69,103 +101,221 @@ class FaceLandmarker:
 
         Returns:
             One (rect, landmarks) pair per face, largest box first (ties: higher detector score
-            first). ``rect`` is (x0, y0, x1, y1); ``landmarks`` is float64 [68, 2] of (x, y)
-            pixel coordinates. Empty when no face is found.
+            first). ``rect`` is (x0, y0, x1, y1) in full-frame pixels; ``landmarks`` is float64
+            [68, 2] of (x, y) full-frame pixel coordinates. Empty when no face is found.
 
         Raises:
             ValueError: the frame is not a uint8 [H, W, 3] array.
         """
         _check_frame(frame)
         image = np.ascontiguousarray(frame)
-        rects, scores, _ = self.detector.run(image, self.upsample)
-        order = sorted(
-            range(len(rects)),
-            key=lambda i: (rects[i].width() * rects[i].height(), scores[i]),
-            reverse=True,
-        )
+        boxes = self._find_boxes(image)
+        boxes.sort(key=lambda box: ((box[0][2] - box[0][0] + 1) * (box[0][3] - box[0][1] + 1), box[1]),
+                   reverse=True)
         faces = []
-        for i in order:
-            r = rects[i]
-            shape = self.predictor(image, r)
+        for rect, _ in boxes:
+            shape = self.predictor(image, dlib.rectangle(*rect))
             points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-            faces.append(((r.left(), r.top(), r.right(), r.bottom()), points))
+            faces.append((rect, points))
         return faces
+
+    def _find_boxes(self, image: np.ndarray) -> list[tuple[Rect, float]]:
+        """(rect, score) of every face, rects in full-frame pixels."""
+        height, width = image.shape[:2]
+        small, sx, sy = image, 1.0, 1.0
+        if 0 < self.max_side < max(height, width):
+            factor = self.max_side / max(height, width)
+            size = (max(round(width * factor), 1), max(round(height * factor), 1))
+            small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            sx, sy = size[0] / width, size[1] / height
+        if isinstance(self.detector, dlib.cnn_face_detection_model_v1):
+            found = [(d.rect, d.confidence) for d in self.detector(small, self.upsample)]
+        else:
+            rects, scores, _ = self.detector.run(small, self.upsample)
+            found = list(zip(rects, scores))
+        boxes = []
+        for r, score in found:
+            # Map pixel edges, not centres: small pixel i spans full pixels i/s .. (i+1)/s - 1.
+            rect = (round(r.left() / sx), round(r.top() / sy),
+                    round((r.right() + 1) / sx) - 1, round((r.bottom() + 1) / sy) - 1)
+            boxes.append((rect, float(score)))
+        return boxes
 
 
 def load_landmarker(
-    *, predictor_path: str | os.PathLike | None = None, upsample: int = 1
+    *,
+    detector: str = "hog",
+    upsample: int = 1,
+    max_side: int = 960,
+    predictor_path: str | os.PathLike | None = None,
+    cnn_path: str | os.PathLike | None = None,
 ) -> FaceLandmarker:
-    """Load dlib's face detector and 68-point landmark predictor.
+    """Load a dlib face detector and the 68-point landmark predictor.
 
     Args:
+        detector: "hog" (dlib's frontal HOG detector: fast, frontal faces) or "cnn" (dlib's MMOD
+            CNN detector: finds turned faces too, ~20x slower on a CPU).
+        upsample: detector upsampling count (``AlignmentConfig.detector_upsample``), >= 0.
+        max_side: detect on a copy whose longer side is at most this many pixels, >= 0; 0 never
+            shrinks. Landmarks are fitted on the full-resolution frame either way.
         predictor_path: a ``shape_predictor_68_face_landmarks.dat`` file; the one shipped by
             ``face_recognition_models`` when None.
-        upsample: detector upsampling count (``AlignmentConfig.detector_upsample``), >= 0.
+        cnn_path: a ``mmod_human_face_detector.dat`` file for ``detector="cnn"``; the one shipped
+            by ``face_recognition_models`` when None.
 
     Returns:
         A ready :class:`FaceLandmarker`.
 
     Raises:
-        InputError: the model file is missing or dlib cannot read it.
-        ValueError: ``upsample`` is negative.
+        InputError: a model file is missing or dlib cannot read it.
+        ValueError: an unknown detector, a negative ``upsample`` or ``max_side``.
     """
+    if detector not in DETECTORS:
+        raise ValueError(f"detector must be one of {DETECTORS}, got {detector!r}")
     if upsample < 0:
         raise ValueError(f"upsample must be >= 0, got {upsample}")
+    if max_side < 0:
+        raise ValueError(f"max_side must be >= 0 (0: never downscale), got {max_side}")
     path = Path(predictor_path) if predictor_path is not None else landmark_model_path()
     if not path.is_file():
         raise InputError(path, "landmark model file not found")
+    if detector == "cnn":
+        detector_path = Path(cnn_path) if cnn_path is not None else cnn_detector_model_path()
+        if not detector_path.is_file():
+            raise InputError(detector_path, "CNN face detector file not found")
+        try:
+            face_detector = dlib.cnn_face_detection_model_v1(str(detector_path))
+        except RuntimeError as e:
+            raise InputError(detector_path, f"not a dlib CNN face detector ({e})") from e
+    else:
+        face_detector = dlib.get_frontal_face_detector()
     try:
         predictor = dlib.shape_predictor(str(path))
     except RuntimeError as e:
         raise InputError(path, f"not a dlib shape predictor ({e})") from e
-    return FaceLandmarker(dlib.get_frontal_face_detector(), predictor, upsample)
+    return FaceLandmarker(face_detector, predictor, upsample, max_side)
+
+
+@dataclass(frozen=True, eq=False)
+class FaceTrack:
+    """One face followed through a video; built by :func:`landmarks_for_video`."""
+
+    landmarks: np.ndarray
+    """float64 [N, 68, 2] (x, y) frame pixels of the tracked face; NaN where not found."""
+    found: np.ndarray
+    """bool [N], True where the tracked face was found."""
+    boxes: np.ndarray
+    """float64 [N, 4] the tracked face's detector box (x0, y0, x1, y1), corners included; NaN where
+    not found."""
+    faces_per_frame: np.ndarray
+    """int64 [N] how many faces the detector saw in each frame (tracked or not)."""
 
 
 def landmarks_for_video(
-    frames: Iterable[np.ndarray], landmarker: FaceLandmarker
-) -> tuple[np.ndarray, np.ndarray]:
+    frames: Iterable[np.ndarray],
+    landmarker: FaceLandmarker,
+    *,
+    choose: str = "largest",
+    max_jump: float = 0.5,
+) -> FaceTrack:
     """Landmarks of one face followed through a video.
 
-    The track starts at the largest face of the first frame that has one; in each later frame it
-    continues with the face whose box centre is closest to the last tracked box centre. A frame
-    without faces leaves the last tracked box as the reference for the next one.
+    The track starts in the first frame that has faces, at the face ``choose`` names. In each
+    later frame it continues with the detected face whose box centre is closest to the tracked
+    face's last box centre, but only when that distance is below ``max_jump`` times the last box
+    size (the mean of its width and height) times (1 + the number of frames missed since, at most
+    :data:`MAX_GATE_GROWTH`, so a long absence never lets the track jump to another person). Else
+    the frame has no face for this track: it never jumps to another person in view.
 
     Args:
         frames: uint8 [H, W, 3] RGB frames, in order.
         landmarker: from :func:`load_landmarker`.
+        choose: which face of that first frame to follow: "largest"; "N", a non-negative integer,
+            the N-th face by box size (0 = the largest); or "X,Y", the face whose box contains
+            frame pixel (X, Y), else the one whose box is nearest to it.
+        max_jump: the gate above, as a fraction of the box size per frame, > 0.
 
     Returns:
-        ``(landmarks, found)``: float64 [N, 68, 2] pixel coordinates, NaN in frames without a
-        face; bool [N], True where a face was found.
+        The :class:`FaceTrack` of the frames (all arrays of length 0 when there are none).
 
     Raises:
-        ValueError: a frame is not a uint8 [H, W, 3] array.
+        ValueError: a bad ``choose`` or ``max_jump``, a frame that is not a uint8 [H, W, 3] array,
+            or "N" when the first frame with faces has N or fewer.
     """
-    all_landmarks: list[np.ndarray] = []
+    pick = _parse_choose(choose)
+    if not max_jump > 0:
+        raise ValueError(f"max_jump must be > 0, got {max_jump}")
+    landmarks: list[np.ndarray] = []
+    boxes: list[np.ndarray] = []
     found: list[bool] = []
-    last_centre: np.ndarray | None = None
-    for frame in frames:
+    counts: list[int] = []
+    last_box: np.ndarray | None = None
+    missed = 0
+    for index, frame in enumerate(frames):
         faces = landmarker.detect(frame)
-        if not faces:
-            all_landmarks.append(np.full((68, 2), np.nan))
+        counts.append(len(faces))
+        chosen = None
+        if last_box is None:
+            if faces:
+                chosen = faces[_start_face(faces, pick, choose, index)]
+        elif faces:
+            distances = [np.linalg.norm(_box_centre(np.array(r)) - _box_centre(last_box)) for r, _ in faces]
+            nearest = int(np.argmin(distances))
+            if distances[nearest] < max_jump * _box_size(last_box) * (1 + min(missed, MAX_GATE_GROWTH)):
+                chosen = faces[nearest]
+        if chosen is None:
+            landmarks.append(np.full((68, 2), np.nan))
+            boxes.append(np.full(4, np.nan))
             found.append(False)
+            missed += 1
             continue
-        if last_centre is None:
-            rect, points = faces[0]
-        else:
-            distances = [np.linalg.norm(_box_centre(r) - last_centre) for r, _ in faces]
-            rect, points = faces[int(np.argmin(distances))]
-        last_centre = _box_centre(rect)
-        all_landmarks.append(points)
+        last_box = np.array(chosen[0], dtype=np.float64)
+        missed = 0
+        landmarks.append(chosen[1])
+        boxes.append(last_box)
         found.append(True)
-    if not all_landmarks:
-        return np.zeros((0, 68, 2)), np.zeros((0,), dtype=bool)
-    return np.stack(all_landmarks), np.array(found, dtype=bool)
+    if not counts:
+        return FaceTrack(np.zeros((0, 68, 2)), np.zeros(0, bool), np.zeros((0, 4)), np.zeros(0, np.int64))
+    return FaceTrack(np.stack(landmarks), np.array(found, dtype=bool), np.stack(boxes),
+                     np.array(counts, dtype=np.int64))
 
 
-def _box_centre(rect: Rect) -> np.ndarray:
-    x0, y0, x1, y1 = rect
-    return np.array([(x0 + x1) / 2.0, (y0 + y1) / 2.0])
+def _parse_choose(choose: str) -> int | np.ndarray:
+    """The face rank (int) or the frame point (float64 [2]) a ``choose`` string names."""
+    text = str(choose).strip()
+    if text == "largest":
+        return 0
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    number = r"\s*(-?\d+(?:\.\d*)?)\s*"
+    match = re.fullmatch(number + "," + number, text)
+    if match:
+        return np.array([float(match[1]), float(match[2])])
+    raise ValueError(f'choose must be "largest", a face rank "N" (0 = largest) or a point "X,Y", got {choose!r}')
+
+
+def _start_face(faces: list[tuple[Rect, np.ndarray]], pick: int | np.ndarray, choose: str, index: int) -> int:
+    """Index into ``faces`` (largest first) of the face ``pick`` names."""
+    if isinstance(pick, int):
+        if pick >= len(faces):
+            raise ValueError(f"choose={choose!r} asks for face {pick} (0 = largest), but frame {index}, "
+                             f"the first with faces, has {len(faces)} face{'s' if len(faces) != 1 else ''}")
+        return pick
+
+    def key(i: int) -> tuple[float, float]:
+        box = np.array(faces[i][0], dtype=np.float64)
+        outside = np.maximum(np.maximum(box[:2] - pick, pick - box[2:]), 0.0)
+        return float(np.hypot(*outside)), float(np.linalg.norm(_box_centre(box) - pick))
+
+    return min(range(len(faces)), key=key)
+
+
+def _box_centre(box: np.ndarray) -> np.ndarray:
+    return (box[:2] + box[2:]) / 2.0
+
+
+def _box_size(box: np.ndarray) -> float:
+    return float((box[2] - box[0] + box[3] - box[1]) / 2.0 + 1.0)
 
 
 def _check_frame(frame: np.ndarray) -> None:

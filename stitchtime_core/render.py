@@ -18,7 +18,9 @@ def render_video(source: str | os.PathLike, out: str | os.PathLike, *, info: Vid
     """Write the edited video: each frame with its stitched crop pasted back.
 
     Args:
-        source: the source video (frames and audio are read from it, never written).
+        source: the source video (frames and audio are read from it, never written). The output keeps
+            its frame count, display size and rotation; a variable-frame-rate source comes out at its
+            average rate (see :mod:`stitchtime_core.video`).
         out: the output path, written atomically.
         info: the source's probe.
         quads: float [N, 4, 2] crop quads in frame pixels.
@@ -32,7 +34,7 @@ def render_video(source: str | os.PathLike, out: str | os.PathLike, *, info: Vid
     """
     written = 0
     with VideoWriter(out, width=info.width, height=info.height, fps=info.fps, config=output,
-                     audio_source=str(source)) as writer:
+                     audio_source=str(source), rotation=info.rotation) as writer:
         for index, frame in enumerate(iter_frames(source, info)):
             item = crops(index) if index < len(quads) else None
             if item is not None:

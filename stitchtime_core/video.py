@@ -4,12 +4,33 @@ The source video is the frame store (DESIGN.md, artifacts): frames are decoded o
 time, from an ffmpeg pipe, never all held in memory. Frames are uint8 [H, W, 3] RGB arrays in
 display orientation (ffmpeg applies the stream's rotation while decoding).
 
+Display rotation (phone clips): a stream stored ("coded") as 1920x1080 with a display rotation of
+90 degrees is probed as 1080x1920 with ``rotation=90`` and decoded as upright 1080x1920 frames.
+:class:`VideoWriter` given that rotation turns each frame back to the coded orientation and tags
+the output with the same display rotation, so the edited video has the source's coded size and
+rotation and plays the same way.
+
+Variable frame rate (VFR): :func:`probe` flags a stream whose r_frame_rate and avg_frame_rate
+differ (``VideoInfo.variable_frame_rate``) and reports the average rate as its ``fps``.
+:func:`iter_frames` decodes with passthrough timing, so every stored frame comes out exactly once
+(no duplicates or drops to reach a constant rate). Written at ``info.fps``, the output is
+constant-rate with the same frame count, so its duration equals the source's (within one frame
+period and the container's timestamp rounding) and the copied audio stays in sync at both ends;
+in between a frame can be early or late by the source's own jitter around the average rate.
+Frame timestamps are not reproduced.
+
+ffmpeg versions: :func:`ffmpeg_version` reads ``ffmpeg -version`` once per program. Options that
+changed between versions are chosen by it: ``-fps_mode`` (5.1 and later; ``-vsync`` before, which
+later versions dropped: 9.0 refuses it) and how a display rotation is written (see
+:class:`VideoWriter`). Checked with Debian's 5.1 and a 9.0 build.
+
 The binaries are found through the environment variables ``STITCHTIME_FFMPEG`` and
 ``STITCHTIME_FFPROBE``, else on ``PATH``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -34,6 +55,12 @@ _VFR_TOLERANCE = 0.005
 variable frame rate (containers with millisecond timestamps put small errors in avg_frame_rate)."""
 
 _COMPONENT_PREFIX = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\] ")
+
+_VERSION = re.compile(r"^ffmpeg version n?(\d+)\.(\d+)")
+
+_ROTATION_CONTAINERS = frozenset({".mp4", ".m4v", ".mov", ".3gp", ".3g2"})
+"""Extensions of the MP4/QuickTime family, whose track header stores a display rotation with
+every ffmpeg version (Matroska only learned it in recent versions)."""
 
 
 def _binary(name: str, env_var: str) -> str:
@@ -61,6 +88,41 @@ def ffmpeg_binary() -> str:
     return _binary("ffmpeg", "STITCHTIME_FFMPEG")
 
 
+def _parse_ffmpeg_version(text: str) -> tuple[int, int] | None:
+    match = _VERSION.match(text.strip())
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@functools.lru_cache(maxsize=None)
+def _version_of(binary: str) -> tuple[int, int] | None:
+    result = subprocess.run(
+        [binary, "-hide_banner", "-version"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )
+    if result.returncode != 0:
+        raise StitchtimeError(f"{binary} -version failed: {result.stderr.strip() or 'no message'}")
+    return _parse_ffmpeg_version(result.stdout)
+
+
+def ffmpeg_version() -> tuple[int, int] | None:
+    """(major, minor) of :func:`ffmpeg_binary`, read from ``ffmpeg -version`` once per program.
+
+    Returns:
+        e.g. ``(5, 1)`` for Debian's ``5.1.9-0+deb12u1`` or ``(7, 1)`` for ``n7.1``; None for a
+        build named after its git revision (``N-113600-g...``), which counts as newer than
+        every release.
+
+    Raises:
+        StitchtimeError: ffmpeg is not installed or does not run.
+    """
+    return _version_of(ffmpeg_binary())
+
+
+def _ffmpeg_at_least(major: int, minor: int = 0) -> bool:
+    version = ffmpeg_version()
+    return version is None or version >= (major, minor)
+
+
 def ffprobe_binary() -> str:
     """The ffprobe program: ``$STITCHTIME_FFPROBE``, else ``ffprobe`` on ``PATH``.
 
@@ -83,20 +145,24 @@ class VideoInfo:
     height: int
     """Display height in pixels (after rotation)."""
     fps: Fraction
-    """Frame rate: r_frame_rate for constant-rate streams, avg_frame_rate for variable-rate ones
-    (so that frame_count / fps keeps the duration and the audio in sync when re-encoded)."""
+    """Frame rate: r_frame_rate for constant-rate streams, avg_frame_rate for variable-rate ones,
+    so that a constant-rate re-encoding of all frame_count frames at fps keeps the duration and
+    the audio in sync (module docstring, variable frame rate)."""
     frame_count: int
     """Exact number of frames: the container's count, else counted packets."""
     duration: float
     """Seconds."""
     rotation: int
-    """Clockwise degrees (0, 90, 180 or 270) that the stored frames are turned to be displayed."""
+    """Clockwise degrees (0, 90, 180 or 270) that the stored frames are turned to be displayed.
+    The coded size is (height, width) for 90 and 270."""
     pix_fmt: str
     codec: str
     has_audio: bool
     audio_codec: str | None
     """Codec of the first audio stream, None without audio."""
     variable_frame_rate: bool
+    """r_frame_rate and avg_frame_rate differ by more than 0.5%: the frames are not evenly spaced.
+    They are still all decoded, once each; fps is then their average rate."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data; ``fps`` is written as a ``"num/den"`` string."""
@@ -241,6 +307,11 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     )
 
 
+def _passthrough_timing() -> list[str]:
+    # -fps_mode replaced -vsync in 5.1; newer versions (9.0) no longer accept -vsync.
+    return ["-fps_mode" if _ffmpeg_at_least(5, 1) else "-vsync", "passthrough"]
+
+
 def _read_exactly(stream: IO[bytes], buffer: memoryview) -> int:
     filled = 0
     while filled < len(buffer):
@@ -254,8 +325,10 @@ def _read_exactly(stream: IO[bytes], buffer: memoryview) -> int:
 def iter_frames(path: str | os.PathLike, info: VideoInfo | None = None) -> Iterator[np.ndarray]:
     """Decode a video's frames one at a time, streamed from an ffmpeg pipe.
 
-    Exactly the stream's frames come out (no frame-rate conversion, duplicates or drops), turned to
-    display orientation. Stopping the iteration early ends the ffmpeg process.
+    Exactly the stream's frames come out, in order (passthrough timing: no frame-rate conversion,
+    duplicates or drops, also for variable-rate streams), turned to display orientation. At most
+    the frame being filled and the one last yielded are held. Stopping the iteration early ends
+    the ffmpeg process.
 
     Args:
         path: a video file.
@@ -273,7 +346,7 @@ def iter_frames(path: str | os.PathLike, info: VideoInfo | None = None) -> Itera
     width, height = info.width, info.height
     command = [
         ffmpeg_binary(), "-v", "error", "-nostdin", "-i", os.fspath(path),
-        "-map", "0:V:0", "-vsync", "passthrough",
+        "-map", "0:V:0", *_passthrough_timing(),
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-",
     ]
     # stderr goes to a file, not a pipe: a pipe nobody reads could fill up and stall ffmpeg.
@@ -333,35 +406,63 @@ class VideoWriter:
     pixel format into a hidden temporary file beside the output (``.<name>.tmp-<uuid><ext>``,
     same extension so ffmpeg picks the same container). :meth:`close` renames it to ``path``;
     any failure, including KeyboardInterrupt inside a ``with`` block, kills ffmpeg and deletes it,
-    so ``path`` only ever holds a complete video.
+    so ``path`` only ever holds a complete video. The output is constant-rate at ``fps``: frame i
+    is shown at i / fps (for variable-rate sources see the module docstring).
 
     Audio: every audio stream of ``audio_source`` is copied bit for bit (``-c:a copy``), not
     re-encoded and not cut to the video's length. The container must accept that codec (AAC in
     MP4 does); if it does not, :meth:`close` raises with ffmpeg's message.
 
+    Display rotation: frames are always given upright, ``width`` x ``height`` being the display
+    size (as :class:`VideoInfo` gives it). With ``rotation`` (clockwise degrees, as
+    ``VideoInfo.rotation``) each frame is turned back to the coded orientation
+    (``np.rot90(frame, rotation // 90)``; width and height swap for 90 and 270) and the output's
+    video stream gets that display rotation, so a phone clip keeps its coded size and rotation.
+    The rotation is written by a second, stream-copy pass over the encoded file (no re-encoding),
+    with the option the running ffmpeg has (:func:`ffmpeg_version`):
+
+    - ffmpeg 6 and later: the input option ``-display_rotation`` (counter-clockwise degrees).
+    - ffmpeg 4 and 5: the stream tag ``-metadata:s:v:0 rotate=N``, which these versions turn into
+      a display matrix only when copying a stream (an encoded stream gets none). ffmpeg 5.1 makes
+      it a rotation of N degrees counter-clockwise, the opposite of the tag's historic meaning.
+
+    Both therefore get 360 - rotation. The written rotation is then read back with ffprobe, and a
+    mismatch raises instead of leaving a sideways video. Only the MP4/QuickTime family (``.mp4``,
+    ``.m4v``, ``.mov``, ``.3gp``, ``.3g2``) stores a rotation with every ffmpeg version; in other
+    containers the frames are encoded upright, untagged (coded size = display size, the picture
+    plays the same), and :attr:`rotation` is 0.
+
     Odd sizes: 4:2:0 (and 4:2:2) chroma needs even widths and heights, so an odd frame gets its
-    last column and/or row repeated once before encoding; the encoded video is then one pixel
-    larger than the frames. Repeating edge pixels, rather than padding with black, leaves no
-    visible seam.
+    last column and/or row (in coded orientation) repeated once before encoding; the encoded video
+    is then one pixel larger than the frames. Repeating edge pixels, rather than padding with
+    black, leaves no visible seam.
 
     Example:
-        >>> with VideoWriter("out.mp4", width=64, height=48, fps=Fraction(25),
-        ...                  config=OutputConfig(), audio_source="in.mp4") as writer:
-        ...     for frame in frames:  # uint8 [48, 64, 3]
+        >>> info = probe("in.mp4")
+        >>> with VideoWriter("out.mp4", width=info.width, height=info.height, fps=info.fps,
+        ...                  rotation=info.rotation, config=OutputConfig(),
+        ...                  audio_source="in.mp4") as writer:
+        ...     for frame in iter_frames("in.mp4", info):  # uint8 [info.height, info.width, 3]
         ...         writer.write(frame)
 
     Args:
         path: the output file; its extension picks the container.
-        width: frame width in pixels.
-        height: frame height in pixels.
+        width: display width of the frames in pixels.
+        height: display height of the frames in pixels.
         fps: frame rate.
-        config: codec settings.
+        config: codec settings: ``codec`` (an ffmpeg encoder name), ``crf``, ``preset`` and
+            ``pix_fmt`` go to ffmpeg as ``-c:v``, ``-crf``, ``-preset`` and ``-pix_fmt``.
         audio_source: a file whose audio streams are copied into the output; None for no audio.
+        rotation: clockwise display rotation of the output, 0, 90, 180 or 270.
+
+    Attributes:
+        rotation: the display rotation the output gets: the argument, or 0 where the container
+            cannot store one.
 
     Raises:
         InputError: the output folder is missing or not writable, the output has no extension,
             the audio source is missing, or the output would overwrite the audio source.
-        ValueError: width, height or fps are not positive.
+        ValueError: width, height or fps are not positive, or rotation is not a quarter turn.
         StitchtimeError: ffmpeg is not installed.
     """
 
@@ -374,12 +475,15 @@ class VideoWriter:
         fps: Fraction,
         config: OutputConfig,
         audio_source: str | os.PathLike | None = None,
+        rotation: int = 0,
     ):
         if width <= 0 or height <= 0:
             raise ValueError(f"frame size must be positive, got {width}x{height}")
         fps = Fraction(fps)
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
+        if rotation not in (0, 90, 180, 270):
+            raise ValueError(f"rotation must be 0, 90, 180 or 270 degrees, got {rotation}")
         self.path = Path(path)
         self.width = width
         self.height = height
@@ -387,9 +491,11 @@ class VideoWriter:
         self.config = config
         self.frames_written = 0
         self._process: subprocess.Popen[bytes] | None = None
+        self._temp_paths: list[Path] = []
 
         if not self.path.suffix:
             raise InputError(self.path, "has no file extension to choose a container")
+        self.rotation = rotation if self.path.suffix.lower() in _ROTATION_CONTAINERS else 0
         folder = self.path.absolute().parent
         if not folder.is_dir():
             raise InputError(folder, "output folder does not exist")
@@ -399,15 +505,13 @@ class VideoWriter:
             if _same_file(self.path, Path(audio_source)):
                 raise InputError(self.path, "output would overwrite its source")
 
-        self._temp_path = folder / f".{self.path.stem}.tmp-{uuid.uuid4().hex}{self.path.suffix}"
-        # Creating the temp file now both reserves its name and is the honest writability test
-        # (os.access says yes to root even on read-only mounts).
-        try:
-            os.close(os.open(self._temp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except OSError as e:
-            raise InputError(folder, f"output folder is not writable ({e.strerror})") from e
+        self._temp_path = self._reserve_temp(folder)
+        self._rotated_path = self._reserve_temp(folder) if self.rotation else None
 
-        self._encoded_width, self._encoded_height = _even_size(width, height, config.pix_fmt)
+        coded_width, coded_height = (height, width) if self.rotation in (90, 270) else (width, height)
+        self._encoded_width, self._encoded_height = _even_size(
+            coded_width, coded_height, config.pix_fmt
+        )
         command = [
             ffmpeg_binary(), "-v", "error", "-y",
             "-f", "rawvideo", "-pix_fmt", "rgb24",
@@ -431,6 +535,18 @@ class VideoWriter:
         except BaseException:
             self._cleanup()
             raise
+
+    def _reserve_temp(self, folder: Path) -> Path:
+        temp = folder / f".{self.path.stem}.tmp-{uuid.uuid4().hex}{self.path.suffix}"
+        # Creating the temp file now both reserves its name and is the honest writability test
+        # (os.access says yes to root even on read-only mounts).
+        try:
+            os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except OSError as e:
+            self._cleanup()
+            raise InputError(folder, f"output folder is not writable ({e.strerror})") from e
+        self._temp_paths.append(temp)
+        return temp
 
     def __del__(self) -> None:
         # A writer dropped without close() must not leave ffmpeg running or a temp file behind.
@@ -469,8 +585,13 @@ class VideoWriter:
                 f"expected a uint8 [{self.height}, {self.width}, 3] frame, "
                 f"got {frame.dtype} {list(frame.shape)}"
             )
+        if self.rotation:
+            frame = np.rot90(frame, k=self.rotation // 90)  # display -> coded: counter-clockwise
         if (self._encoded_height, self._encoded_width) != frame.shape[:2]:
-            pad = ((0, self._encoded_height - self.height), (0, self._encoded_width - self.width))
+            pad = (
+                (0, self._encoded_height - frame.shape[0]),
+                (0, self._encoded_width - frame.shape[1]),
+            )
             frame = np.pad(frame, pad + ((0, 0),), mode="edge")
         assert self._process.stdin is not None
         try:
@@ -486,11 +607,12 @@ class VideoWriter:
         self.frames_written += 1
 
     def close(self) -> None:
-        """Finish encoding and move the video to its path.
+        """Finish encoding, write the display rotation if any, and move the video to its path.
 
         Raises:
-            StitchtimeError: no frame was written or ffmpeg failed (its message included); nothing
-                is left at the output path or in the folder.
+            StitchtimeError: no frame was written, ffmpeg failed (its message included), or the
+                display rotation read back is not :attr:`rotation`; the output path is then left
+                as it was and no temporary file remains.
         """
         if self._process is None:
             return
@@ -512,12 +634,20 @@ class VideoWriter:
             self.abort()
             raise StitchtimeError(f"{self.path}: ffmpeg failed to encode: {message}")
         self._process = None
+        finished = self._temp_path
+        if self._rotated_path is not None:
+            try:
+                self._write_rotation(self._temp_path, self._rotated_path)
+            except BaseException:
+                self._cleanup()
+                raise
+            finished = self._rotated_path
         try:
-            os.replace(self._temp_path, self.path)
+            os.replace(finished, self.path)
         except OSError as e:
             self._cleanup()
             raise InputError(self.path, f"cannot be written ({e.strerror})") from e
-        self._stderr.close()
+        self._cleanup()  # the stderr file, and the encoded file a rotation was written from
 
     def abort(self) -> None:
         """Stop ffmpeg and delete the temporary file; the output path is left untouched."""
@@ -533,8 +663,34 @@ class VideoWriter:
             self._process = None
         self._cleanup()
 
+    def _write_rotation(self, encoded: Path, rotated: Path) -> None:
+        counter_clockwise = str((360 - self.rotation) % 360)
+        new_ffmpeg = _ffmpeg_at_least(6)
+        command = [ffmpeg_binary(), "-v", "error", "-nostdin", "-y"]
+        if new_ffmpeg:
+            command += ["-display_rotation:v:0", counter_clockwise]
+        command += ["-i", os.fspath(encoded), "-map", "0", "-c", "copy"]
+        if not new_ffmpeg:
+            command += ["-metadata:s:v:0", f"rotate={counter_clockwise}"]
+        command.append(os.fspath(rotated))
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise StitchtimeError(
+                f"{self.path}: ffmpeg failed to write the display rotation: "
+                f"{_first_error_line(result.stderr, rotated)}"
+            )
+        written = probe(rotated).rotation
+        if written != self.rotation:
+            version = ffmpeg_version()
+            name = "a git build" if version is None else "%d.%d" % version
+            raise StitchtimeError(
+                f"{self.path}: ffmpeg {name} wrote a display rotation of {written} degrees "
+                f"instead of {self.rotation}"
+            )
+
     def _cleanup(self) -> None:
-        self._temp_path.unlink(missing_ok=True)
+        for temp in getattr(self, "_temp_paths", ()):
+            temp.unlink(missing_ok=True)
         if hasattr(self, "_stderr"):
             self._stderr.close()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from stitchtime_core.artifacts import derive_key, file_hash
 from stitchtime_core.config import (AlignmentConfig, BlendingConfig, EditingConfig, EncodingConfig, OutputConfig,
                                     PTIConfig, StitchingConfig, to_dict)
 from stitchtime_core.editing import edit_latents, resolve_direction
-from stitchtime_core.errors import NoFaceError, StitchtimeError, StoreError
+from stitchtime_core.errors import InputError, NoFaceError, StitchtimeError, StoreError
 from stitchtime_core.losses import build_lpips
 from stitchtime_core.models.e4e import encode
 from stitchtime_core.models.profiles import Models, generator_config, load_models
@@ -110,47 +110,94 @@ def probe_video(store_uri: str, source: str) -> StageRef:
 
 @stage_task(name="landmarks")
 def detect_landmarks(store_uri: str, source: str, probe: StageRef, config: AlignmentConfig) -> StageRef:
-    """dlib 68-point landmarks of the tracked face in every frame (NaN where no face was found)."""
+    """dlib 68-point landmarks of one face track in every frame (NaN where the track has no face)."""
     store = open_store(store_uri)
+    detection = {"detector": config.detector, "upsample": config.detector_upsample,
+                 "max_side": config.detect_max_side, "face": config.face}
 
     def produce(key: str) -> dict[str, Any]:
-        landmarker = faces.load_landmarker(upsample=config.detector_upsample)
+        landmarker = faces.load_landmarker(detector=config.detector, upsample=config.detector_upsample,
+                                           max_side=config.detect_max_side)
         info = video.VideoInfo.from_dict(probe.info["video"])
-        points, found = faces.landmarks_for_video(video.iter_frames(source, info), landmarker)
-        if not found.any():
-            raise NoFaceError(source, f"no face found in any of its {len(found)} frames")
-        store.put_table(f"{key}/landmarks.parquet",
-                        {"frame": np.arange(len(found)), "found": found, "landmarks": points})
-        return {"frames": int(len(found)), "frames_with_face": int(found.sum()),
-                "frames_without_face": np.flatnonzero(~found).tolist()}
+        try:
+            track = faces.landmarks_for_video(video.iter_frames(source, info), landmarker, choose=config.face)
+        except ValueError as exc:  # e.g. --face 2 when the first frame with faces has only two
+            raise InputError(source, str(exc)) from None
+        if not track.found.any():
+            raise NoFaceError(source, f"no face found in any of its {len(track.found)} frames")
+        store.put_table(f"{key}/landmarks.parquet", {
+            "frame": np.arange(len(track.found)), "found": track.found, "landmarks": track.landmarks,
+            "box": track.boxes, "faces": track.faces_per_frame})
+        return {"frames": int(len(track.found)), "frames_with_face": int(track.found.sum())}
 
-    # Only the detector setting changes landmarks; smoothing lives in the align stage.
-    return _run_stage(store, "landmarks", inputs=[probe.key, str(config.detector_upsample)], config=None,
-                      produce=produce)
+    # Only detection settings change landmarks; smoothing and gaps belong to the align stage.
+    return _run_stage(store, "landmarks", inputs=[probe.key], config=detection, produce=produce)
 
 
 @stage_task(name="align")
 def align_faces(store_uri: str, source: str, probe: StageRef, landmarks: StageRef, config: AlignmentConfig,
                 resolution: int) -> StageRef:
-    """Temporally smoothed FFHQ quads and the aligned crops at the model resolution."""
+    """Gap plan, temporally smoothed FFHQ quads, and the aligned crops of the frames to edit.
+
+    Crops are written in chunks of :data:`CROP_CHUNK` frames as the video streams past, so memory
+    does not grow with the clip's length.
+    """
     store = open_store(store_uri)
+    info = video.VideoInfo.from_dict(probe.info["video"])
 
     def produce(key: str) -> dict[str, Any]:
         table = store.get_table(f"{landmarks.key}/landmarks.parquet")
         points, found = table["landmarks"], table["found"]
-        quads = alignment.smooth_quads(points, center_sigma=config.center_sigma, axes_sigma=config.axes_sigma,
-                                       scale=config.scale)
-        filled = alignment.interpolate_gaps(points, found)
-        crop_points = np.stack([alignment.landmarks_to_crop(p, q, resolution) for p, q in zip(filled, quads)])
-        info = video.VideoInfo.from_dict(probe.info["video"])
-        crops = np.stack([alignment.crop(frame, quads[i], resolution)
-                          for i, frame in enumerate(video.iter_frames(source, info)) if i < len(quads)])
-        store.put_table(f"{key}/quads.parquet", {"frame": np.arange(len(quads)), "quad": quads,
-                                                 "crop_landmarks": crop_points})
-        store.put_tensors(f"{key}/crops.safetensors", {"crops": torch.from_numpy(crops)})
-        return {"frames": int(len(quads)), "resolution": resolution}
+        interpolated, passthrough = alignment.plan_gaps(found, max_gap=config.max_gap)
+        edited = ~passthrough
+        fps = float(info.fps)
+        quads = alignment.smooth_quads(points, center_sigma=alignment.fps_scaled_sigma(config.center_sigma, fps),
+                                       axes_sigma=alignment.fps_scaled_sigma(config.axes_sigma, fps),
+                                       scale=config.scale, valid=edited)
+        filled = alignment.interpolate_gaps(points, found, valid=edited)
+        crop_points = np.full_like(points, np.nan)
+        for i in np.flatnonzero(edited):
+            crop_points[i] = alignment.landmarks_to_crop(filled[i], quads[i], resolution)
+        chunks, pending = [], []
+        for i, frame in enumerate(video.iter_frames(source, info)):
+            if i < len(edited) and edited[i]:
+                pending.append(alignment.crop(frame, quads[i], resolution))
+            if len(pending) == CROP_CHUNK:
+                chunks.append(_put_crops(store, key, len(chunks), pending))
+                pending = []
+        if pending:
+            chunks.append(_put_crops(store, key, len(chunks), pending))
+        status = np.where(found, "found", np.where(interpolated, "interpolated", "passthrough"))
+        store.put_table(f"{key}/frames.parquet", {"frame": np.arange(len(found)), "status": status,
+                                                  "quad": quads, "crop_landmarks": crop_points})
+        return {"frames": int(len(found)), "edited_frames": int(edited.sum()), "resolution": resolution,
+                "crop_chunks": chunks, "interpolated": np.flatnonzero(interpolated).tolist(),
+                "passed_through": np.flatnonzero(passthrough).tolist()}
 
     return _run_stage(store, "align", inputs=[landmarks.key, str(resolution)], config=config, produce=produce)
+
+
+CROP_CHUNK = 64
+"""Aligned crops per stored chunk."""
+
+
+def _put_crops(store: ArtifactStore, key: str, index: int, crops: list[np.ndarray]) -> str:
+    chunk_key = f"{key}/crops-{index:05d}.safetensors"
+    store.put_tensors(chunk_key, {"crops": torch.from_numpy(np.stack(crops))})
+    return chunk_key
+
+
+def _iter_crops(store: ArtifactStore, align: StageRef) -> Iterator[np.ndarray]:
+    """The aligned crops of the edited frames, uint8 [n, S, S, 3] one stored chunk at a time."""
+    for chunk_key in align.info["crop_chunks"]:
+        yield store.get_tensors(chunk_key)["crops"].numpy()
+
+
+def _edited_rows(store: ArtifactStore, align: StageRef) -> dict[str, np.ndarray]:
+    """The align stage's per-frame table, restricted to the frames that are edited."""
+    table = store.get_table(f"{align.key}/frames.parquet")
+    keep = table["status"] != "passthrough"
+    return {name: column[keep] for name, column in table.items()}
 
 
 @stage_task(name="encode")
@@ -161,14 +208,14 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profi
     models = _models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
-        crops = store.get_tensors(f"{align.key}/crops.safetensors")["crops"].numpy()
         pivots = []
         with torch.no_grad():
-            for start in range(0, len(crops), config.batch_size):
-                batch = images_to_tensor(crops[start:start + config.batch_size], device)
-                pivots.append(encode(models.encoder, batch, models.latent_avg).cpu())
+            for crops in _iter_crops(store, align):
+                for start in range(0, len(crops), config.batch_size):
+                    batch = images_to_tensor(crops[start:start + config.batch_size], device)
+                    pivots.append(encode(models.encoder, batch, models.latent_avg).cpu())
         store.put_tensors(f"{key}/pivots.safetensors", {"pivots": torch.cat(pivots)})
-        return {"frames": int(len(crops))}
+        return {"frames": sum(len(p) for p in pivots)}
 
     return _run_stage(store, "encode", inputs=[align.key, models.identity], config=config, produce=produce)
 
@@ -181,7 +228,7 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
     models = _models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
-        crops = images_to_tensor(store.get_tensors(f"{align.key}/crops.safetensors")["crops"].numpy(), device)
+        crops = images_to_tensor(np.concatenate(list(_iter_crops(store, align))), device)
         w = store.get_tensors(f"{pivots.key}/pivots.safetensors", device=device)["pivots"]
         result = tune_generator(models.generator, w, crops, config=config, lpips_fn=_lpips(device))
         with torch.no_grad():
@@ -235,8 +282,8 @@ def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
 
     def produce(key: str) -> dict[str, Any]:
         G = _load_generator(store, pti.key, device)
-        crops = store.get_tensors(f"{align.key}/crops.safetensors")["crops"].numpy()
-        crop_points = store.get_table(f"{align.key}/quads.parquet")["crop_landmarks"]
+        crops = np.concatenate(list(_iter_crops(store, align)))
+        crop_points = _edited_rows(store, align)["crop_landmarks"]
         latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"]
         m, b = masks.stitching_masks(crop_points, crops.shape[1], border_px_1024=config.border_px)
         masks_t, boundaries_t = (torch.from_numpy(a).unsqueeze(1).to(device) for a in (m, b))
@@ -272,11 +319,12 @@ def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef,
     suffix = os.path.splitext(out)[1] or ".mp4"
 
     def produce(key: str) -> dict[str, Any]:
-        quads = store.get_table(f"{align.key}/quads.parquet")["quad"]
-        chunks = [store.get_tensors(k) for k in stitch.info["chunks"]]
-        stitched = np.concatenate([c["stitched"].numpy() for c in chunks])
-        paste = np.concatenate([c["paste_masks"].numpy() for c in chunks]).astype(np.float32)
-        frames = render_video(source, out, info=info, quads=quads, crops=lambda i: (stitched[i], paste[i]),
+        table = store.get_table(f"{align.key}/frames.parquet")
+        edited = table["status"] != "passthrough"
+        row = np.cumsum(edited) - 1  # frame index -> row among the edited frames
+        chunks = _StitchedChunks(store, stitch.info["chunks"])
+        frames = render_video(source, out, info=info, quads=table["quad"],
+                              crops=lambda i: chunks.row(row[i]) if edited[i] else None,
                               blending=blending, output=output)
         store.put_file(f"{key}/output{suffix}", out)
         return {"frames": frames, "output": f"{key}/output{suffix}"}
@@ -286,6 +334,25 @@ def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef,
     if ref.reused:
         _deliver(store, ref.info["output"], out)
     return ref
+
+
+class _StitchedChunks:
+    """Stitched crops and paste masks by row, loading one stored chunk at a time (rows come in order)."""
+
+    def __init__(self, store: ArtifactStore, keys: list[str]):
+        self.store, self.keys = store, keys
+        self.start, self.stop, self.chunk = 0, 0, None
+        self.next_index = 0
+
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        while not self.start <= index < self.stop:
+            if self.next_index >= len(self.keys):
+                raise IndexError(f"row {index} is past the stitched chunks")
+            data = self.store.get_tensors(self.keys[self.next_index])
+            self.chunk = (data["stitched"].numpy(), data["paste_masks"].numpy().astype(np.float32))
+            self.start, self.stop = self.stop, self.stop + len(self.chunk[0])
+            self.next_index += 1
+        return self.chunk[0][index - self.start], self.chunk[1][index - self.start]
 
 
 def _deliver(store: ArtifactStore, key: str, out: str) -> None:

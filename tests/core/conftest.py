@@ -16,7 +16,7 @@ import torch
 
 from stitchtime_core import alignment
 from stitchtime_core.config import AlignmentConfig, PTIConfig
-from stitchtime_core.faces import load_landmarker
+from stitchtime_core.faces import FaceLandmarker, load_landmarker
 from stitchtime_core.losses import build_lpips
 from stitchtime_core.models.e4e import encode
 from stitchtime_core.models.profiles import Models, build_tiny
@@ -73,10 +73,27 @@ def lpips_fn() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def face_clip() -> FaceClip:
-    landmarker = load_landmarker()
-    photo = skimage.data.astronaut()
-    frames = [moved_frame(photo, *move) for move in FRAME_MOVES]
+def landmarker() -> FaceLandmarker:
+    """dlib's HOG detector (upsample 1) and the 68-point predictor."""
+    return load_landmarker()
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """uint8 [512, 512, 3] skimage's astronaut photo: one real face (box centre ~(220, 121)) and, at
+    upsample 1, one false face (~(170, 380))."""
+    return skimage.data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def astronaut_landmarks(landmarker: FaceLandmarker, astronaut: np.ndarray) -> np.ndarray:
+    """float64 [68, 2] landmarks of the astronaut's real face."""
+    return landmarker.detect(astronaut)[0][1]
+
+
+@pytest.fixture(scope="session")
+def face_clip(landmarker: FaceLandmarker, astronaut: np.ndarray) -> FaceClip:
+    frames = [moved_frame(astronaut, *move) for move in FRAME_MOVES]
     landmarks = []
     for i, frame in enumerate(frames):
         faces = landmarker.detect(frame)

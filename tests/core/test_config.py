@@ -120,8 +120,9 @@ def test_config_hash_changes_with_every_field():
         part = getattr(base, stage.name)
         for f in dataclasses.fields(part):
             value = getattr(part, f.name)
-            if f.name == "loss":  # a Literal: the other allowed value
-                new = "l2"
+            # Validated strings get another allowed value.
+            if f.name in ("loss", "detector", "face"):
+                new = {"loss": "l2", "detector": "cnn", "face": "1"}[f.name]
             elif isinstance(value, str):
                 new = value + "x"
             elif isinstance(value, tuple):

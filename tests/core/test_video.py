@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import subprocess
+import tracemalloc
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from stitchtime_core.video import (
     VideoInfo,
     VideoWriter,
     ffmpeg_binary,
+    ffmpeg_version,
     ffprobe_binary,
     iter_frames,
     probe,
@@ -194,41 +198,87 @@ def test_count_packets_when_the_container_has_no_frame_count(tmp_path: Path) -> 
     assert probe(out).frame_count == 7
 
 
-def test_rotated_video_is_decoded_upright(tmp_path: Path) -> None:
-    plain = tmp_path / "plain.mp4"
-    frames = gradient_frames(3, 64, 48)
-    write_video(plain, frames, config=NEAR_LOSSLESS)
-    rotated = tmp_path / "rotated.mp4"
+def make_vfr_clip(path: Path) -> None:
+    """40 frames: 20 at 30 fps, then 20 at 15 fps, with a 2 s sine sound track."""
     subprocess.run(
-        [ffmpeg_binary(), "-v", "error", "-i", str(plain), "-c", "copy",
-         "-metadata:s:v:0", "rotate=90", str(rotated)],
+        [ffmpeg_binary(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=30",
+         "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-frames:v", "40",
+         "-vf", "setpts='(N+gt(N,19)*(N-19))/30/TB'", "-fps_mode", "passthrough",
+         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", str(path)],
         check=True, capture_output=True,
     )
-    info = probe(rotated)
-    if info.rotation == 0:
-        pytest.skip("this ffmpeg does not write rotation metadata from the rotate tag")
-    assert info.rotation in (90, 270)
-    assert (info.width, info.height) == (48, 64)
-    decoded = list(iter_frames(rotated, info))
-    assert len(decoded) == 3 and decoded[0].shape == (64, 48, 3)
-    # rotation is clockwise: turning the stored frame by it must give the decoded one
-    upright = np.rot90(frames[0], k=-info.rotation // 90)
-    assert np.abs(decoded[0].astype(np.int16) - upright).mean() < 1.5
 
 
-def test_variable_frame_rate_is_detected(tmp_path: Path) -> None:
-    out = tmp_path / "vfr.mp4"
-    subprocess.run(
-        [ffmpeg_binary(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25",
-         "-frames:v", "20", "-vf", "setpts='(N+gt(N,9)*N)/25/TB'", "-vsync", "passthrough",
-         "-c:v", "libx264", "-preset", "ultrafast", str(out)],
-        check=True, capture_output=True,
+def frame_times(path: Path) -> list[float]:
+    result = subprocess.run(
+        [ffprobe_binary(), "-v", "error", "-select_streams", "v:0", "-show_entries",
+         "packet=pts_time", "-print_format", "json", str(path)],
+        capture_output=True, text=True, check=True,
     )
-    info = probe(out)
+    return sorted(float(p["pts_time"]) for p in json.loads(result.stdout)["packets"])
+
+
+@pytest.fixture(scope="module")
+def vfr_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("vfr") / "vfr.mp4"
+    make_vfr_clip(path)
+    return path
+
+
+def test_variable_frame_rate_is_detected(vfr_clip: Path) -> None:
+    gaps = np.diff(frame_times(vfr_clip))
+    assert gaps.min() == pytest.approx(1 / 30, abs=1e-3) and gaps.max() == pytest.approx(2 / 30, abs=1e-3)
+    info = probe(vfr_clip)
     assert info.variable_frame_rate
-    assert info.frame_count == 20
-    assert info.fps == pytest.approx(20 / info.duration, rel=0.1)  # the average rate
-    assert len(list(iter_frames(out, info))) == 20  # no duplicated or dropped frames
+    assert info.frame_count == 40
+    assert info.fps == pytest.approx(40 / info.duration, rel=0.01)  # the average rate
+    assert len(list(iter_frames(vfr_clip, info))) == 40  # no duplicated or dropped frames
+
+
+def test_variable_frame_rate_becomes_constant_with_the_same_frames_and_duration(
+    tmp_path: Path, vfr_clip: Path
+) -> None:
+    info = probe(vfr_clip)
+    frames = list(iter_frames(vfr_clip, info))
+    out = tmp_path / "out.mp4"
+    write_video(out, frames, fps=info.fps, config=NEAR_LOSSLESS, audio_source=vfr_clip)
+    out_info = probe(out)
+    assert not out_info.variable_frame_rate
+    assert out_info.frame_count == info.frame_count == 40
+    assert out_info.fps == pytest.approx(float(info.fps), rel=1e-3)
+    # Same length: one frame period of slack, plus 10 ms for the containers' timestamp rounding.
+    assert abs(out_info.duration - info.duration) <= 1 / info.fps + 0.010
+    gaps = np.diff(frame_times(out))
+    assert gaps.max() - gaps.min() < 2e-3  # evenly spaced now
+    assert audio_packets(out) == audio_packets(vfr_clip)  # the sound is untouched
+    decoded = list(iter_frames(out, out_info))
+    for written, read in zip(frames, decoded):  # each source frame exactly once, in order
+        assert np.abs(written.astype(np.int16) - read).mean() < 1.5
+
+
+def test_decoding_holds_only_a_couple_of_frames(tmp_path: Path) -> None:
+    clip = tmp_path / "long.mp4"
+    subprocess.run(
+        [ffmpeg_binary(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=640x360:rate=30",
+         "-frames:v", "300", "-c:v", "libx264", "-preset", "ultrafast", str(clip)],
+        check=True, capture_output=True,
+    )
+    info = probe(clip)
+    frame_bytes = 640 * 360 * 3
+    tracemalloc.start()
+    try:
+        count = 0
+        for _ in iter_frames(clip, info):
+            count += 1
+        _, streamed_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        kept = list(itertools.islice(iter_frames(clip, info), 10))
+        _, kept_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 300
+    assert streamed_peak < 5 * frame_bytes
+    assert len(kept) == 10 and kept_peak > 10 * frame_bytes  # tracemalloc does see frame buffers
 
 
 def test_info_dict_round_trip(sample_clip: Path) -> None:
@@ -254,6 +304,84 @@ def test_early_break_ends_ffmpeg(sample_clip: Path, monkeypatch: pytest.MonkeyPa
     next(frames)
     frames.close()
     assert len(started) == 1 and started[0].poll() is not None
+
+
+# ----------------------------------------------------------------------------- codec settings
+
+
+def encoder_settings(path: Path) -> str:
+    """The settings line x264 and x265 write into the stream ("... crf=23.0 ... me=dia ...")."""
+    match = re.search(rb"options: ([ -~]+)", path.read_bytes())
+    assert match, f"no encoder settings in {path}"
+    return match[1].decode()
+
+
+def has_encoder(name: str) -> bool:
+    result = subprocess.run(
+        [ffmpeg_binary(), "-hide_banner", "-encoders"], capture_output=True, text=True, check=True
+    )
+    return any(line.split()[1:2] == [name] for line in result.stdout.splitlines())
+
+
+def test_crf_trades_size_for_quality(tmp_path: Path, sample_clip: Path) -> None:
+    frames = list(itertools.islice(iter_frames(sample_clip), 10))  # a real photo, moving
+    sizes, errors = {}, {}
+    for crf in (10, 35):
+        out = tmp_path / f"crf{crf}.mp4"
+        write_video(out, frames, config=OutputConfig(crf=crf, preset="ultrafast"))
+        assert f" crf={crf}.0 " in f" {encoder_settings(out)} "
+        sizes[crf] = out.stat().st_size
+        decoded = np.stack(list(iter_frames(out))).astype(np.int16)
+        errors[crf] = np.abs(decoded - np.stack(frames)).mean()
+    assert sizes[35] < sizes[10] / 3
+    assert errors[35] > errors[10]
+
+
+@pytest.mark.parametrize(("preset", "motion_search"), [("ultrafast", "me=dia"), ("medium", "me=hex")])
+def test_preset_reaches_the_encoder(tmp_path: Path, preset: str, motion_search: str) -> None:
+    out = tmp_path / "out.mp4"
+    write_video(out, gradient_frames(3, 64, 48), config=OutputConfig(preset=preset))
+    assert motion_search in encoder_settings(out).split()
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
+def test_pixel_format_is_the_configured_one(tmp_path: Path, pix_fmt: str) -> None:
+    out = tmp_path / "out.mp4"
+    write_video(out, gradient_frames(3, 64, 48), config=OutputConfig(preset="ultrafast", pix_fmt=pix_fmt))
+    assert probe(out).pix_fmt == pix_fmt
+
+
+def test_another_codec(tmp_path: Path) -> None:
+    if not has_encoder("libx265"):
+        pytest.skip("this ffmpeg has no libx265 encoder")
+    frames = gradient_frames(5, 64, 48)
+    out = tmp_path / "out.mp4"
+    write_video(out, frames, config=OutputConfig(codec="libx265", crf=20, preset="ultrafast"))
+    info = probe(out)
+    assert info.codec == "hevc" and info.frame_count == 5 and (info.width, info.height) == (64, 48)
+    assert "crf=20.0" in encoder_settings(out).split()
+    for written, read in zip(frames, iter_frames(out, info)):
+        assert np.abs(written.astype(np.int16) - read).mean() < 4
+
+
+# ----------------------------------------------------------------------------- ffmpeg versions
+
+
+@pytest.mark.parametrize(("first_line", "version"), [
+    ("ffmpeg version 5.1.9-0+deb12u1 Copyright (c) 2000-2026 the FFmpeg developers", (5, 1)),
+    ("ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright (c) 2000-2021", (4, 4)),
+    ("ffmpeg version n7.1 Copyright (c) 2000-2024 the FFmpeg developers", (7, 1)),
+    ("ffmpeg version 6.0-static https://johnvansickle.com/ffmpeg/", (6, 0)),
+    ("ffmpeg version N-113607-g2f8c4e1 Copyright (c) 2000-2024", None),  # a git build
+])
+def test_ffmpeg_version_is_read_from_the_banner(first_line: str, version: tuple[int, int] | None) -> None:
+    assert video_module._parse_ffmpeg_version(first_line + "\nbuilt with gcc 12\n") == version
+
+
+def test_installed_ffmpeg_version() -> None:
+    version = ffmpeg_version()
+    assert version is None or version >= (4, 0)
+    assert ffmpeg_version() is version  # read once
 
 
 # ----------------------------------------------------------------------------- errors
