@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install ffmpeg demo test clean
+.PHONY: install ffmpeg demo test bench clean
 
 install: ffmpeg $(STAMP)
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q
+
+# Benchmarks write JSON under benchmarks/results/.
+bench: install
+	$(PYTHON) benchmarks/geometry.py
 
 clean:
 	rm -rf $(VENV) stitchtime-data demo-output *.egg-info
