@@ -144,5 +144,87 @@ def demo(out_dir: str, edit_text: str, device: str, as_json: bool, verbose: bool
     click.echo(f"source clip:  {clip.resolve()}")
 
 
+@main.group()
+def models() -> None:
+    """The model files of the ffhq profile: list, fetch and verify them.
+
+    \b
+    The folder is --models, else $STITCHTIME_MODELS, else ./models.
+    Examples:
+      stitchtime models list
+      stitchtime models fetch --models /data/stitchtime-models
+      stitchtime models verify
+    """
+
+
+_models_dir = click.option("--models", "models_dir", default=None, type=click.Path(file_okay=False),
+                           help="Models folder (default: $STITCHTIME_MODELS or ./models).")
+
+
+def _folder(models_dir: str | None) -> Path:
+    from stitchtime_core.models.registry import default_models_dir
+
+    return Path(models_dir) if models_dir else default_models_dir()
+
+
+@models.command("list")
+@_models_dir
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def models_list(models_dir: str | None, as_json: bool) -> None:
+    """Every file the ffhq profile uses: role, whether it is required, present, and where it comes from."""
+    from stitchtime_core.models.registry import describe
+
+    rows = describe(_folder(models_dir))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "present" if row["present"] else "missing"
+        need = "required" if row["required"] else "optional"
+        click.echo(f"{row['name']:<28} {row['role']:<15} {need:<9} {state:<8} {row['url']}")
+
+
+@models.command("verify")
+@_models_dir
+@click.option("--no-hash", is_flag=True, help="Check presence and size only (hashing big files takes a while).")
+def models_verify(models_dir: str | None, no_hash: bool) -> None:
+    """Check the files against the registry; exit 1 when a required file is missing or wrong."""
+    from stitchtime_core.models.registry import verify
+
+    statuses = verify(_folder(models_dir), check_hashes=not no_hash)
+    for status in statuses:
+        click.echo(f"{status.status:<12} {status.message}")
+    if any(status.blocking for status in statuses):
+        raise click.ClickException("some required model files are missing or wrong (see above)")
+
+
+@models.command("fetch")
+@_models_dir
+@click.option("--optional", "include_optional", is_flag=True, help="Also fetch the optional files.")
+def models_fetch(models_dir: str | None, include_optional: bool) -> None:
+    """Download the files that have a direct URL (resuming partial downloads, checking checksums)."""
+    from stitchtime_core.errors import StitchtimeError
+    from stitchtime_core.models.registry import entries_for, fetch, how_to_get
+
+    folder = _folder(models_dir)
+    failed = []
+    for entry in entries_for("ffhq"):
+        if not (entry.required or include_optional):
+            continue
+        if entry.by_hand:
+            click.echo(f"by hand      {how_to_get(entry, folder)}")
+            if entry.required and not (folder / entry.name).is_file():
+                failed.append(entry.name)
+            continue
+        try:
+            path = fetch(entry, folder)
+            click.echo(f"ok           {path}")
+        except StitchtimeError as exc:
+            click.echo(f"failed       {exc}", err=True)
+            failed.append(entry.name)
+    if failed:
+        raise click.ClickException(f"not fetched: {', '.join(failed)}")
+
+
 if __name__ == "__main__":
     main()

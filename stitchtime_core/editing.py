@@ -3,6 +3,12 @@
 A direction is [num_ws, w_dim]. It comes from a name the model profile provides, from the
 generator's closed-form (SeFa) directions (``sefa:K``), or from a ``.npy``/``.pt`` file holding a
 [w_dim], [1, w_dim] or [num_ws, w_dim] array.
+
+Strength conventions: an InterFaceGAN-style [w_dim] or [1, w_dim] direction, and a per-layer
+[num_ws, w_dim] one, move every pivot by ``strength * direction``. A [num_ws, w_dim] file whose rows
+are all equal is the reference code's layout (STIT's ``editings/w_directions/*.npy``); STIT takes
+its first row and applies ``factor / 2`` of it, and so do we, so ``--edit age=4`` gives the same
+edit as STIT's ``--edit_range 4 4 1``.
 """
 
 from __future__ import annotations
@@ -57,11 +63,15 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int) -> torch.T
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
         raise InputError(path, f"not a readable direction file ({exc.__class__.__name__}: {exc})") from None
+    if not torch.isfinite(array).all():
+        raise InputError(path, "direction holds NaN or infinite values")
     if array.ndim == 1:
         array = array.unsqueeze(0)
     if array.ndim != 2 or array.shape[1] != w_dim or array.shape[0] not in (1, num_ws):
         raise InputError(path, f"direction has shape {list(array.shape)}, expected [{w_dim}], [1, {w_dim}] "
                                f"or [{num_ws}, {w_dim}] for this generator")
+    if array.shape[0] == num_ws > 1 and torch.equal(array, array[:1].expand_as(array)):
+        array = array[:1] / 2  # the reference code's layout and factor/2 convention (module docstring)
     return array.expand(num_ws, w_dim).clone()
 
 

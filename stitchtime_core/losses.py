@@ -9,6 +9,9 @@ import lpips
 import torch
 from torch import nn
 
+from stitchtime_core.errors import InputError
+from stitchtime_core.models.torch_files import read_tensors_file
+
 
 def build_lpips(*, net: str = "alex", backbone_path: str | os.PathLike | None = None) -> nn.Module:
     """LPIPS with the package's own linear weights, never downloading the backbone.
@@ -27,13 +30,17 @@ def build_lpips(*, net: str = "alex", backbone_path: str | os.PathLike | None = 
         torch.manual_seed(0)
         model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
     if backbone_path is not None:
-        state = torch.load(backbone_path, map_location="cpu", weights_only=True)
+        state = read_tensors_file(backbone_path, what=f"torchvision {net} weights")
+        if not isinstance(state, dict) or not any(k.startswith("features.") for k in state):
+            raise InputError(backbone_path, f"is not torchvision {net} weights (no features.* tensors)")
         features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
         # lpips splits torchvision's `features` into slices that share the same submodules.
         layers = dict(model.net.named_modules())
         for key, value in features.items():
             index, param = key.split(".")
-            owner = next(m for name, m in layers.items() if name.endswith(f".{index}") and hasattr(m, param))
+            owner = next((m for name, m in layers.items() if name.endswith(f".{index}") and hasattr(m, param)), None)
+            if owner is None or getattr(owner, param).shape != value.shape:
+                raise InputError(backbone_path, f"features.{key} does not fit LPIPS' {net} backbone")
             getattr(owner, param).data.copy_(value)
     return model.eval().requires_grad_(False)
 

@@ -91,8 +91,8 @@ def _models(profile: str, models_dir: str | None, device: str) -> Models:
 
 
 @functools.lru_cache(maxsize=2)
-def _lpips(device: str) -> torch.nn.Module:
-    return build_lpips().to(device)
+def _lpips(profile: str, models_dir: str | None, device: str) -> torch.nn.Module:
+    return build_lpips(backbone_path=_models(profile, models_dir, device).lpips_backbone).to(device)
 
 
 @stage_task(name="probe")
@@ -230,7 +230,7 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
     def produce(key: str) -> dict[str, Any]:
         crops = images_to_tensor(np.concatenate(list(_iter_crops(store, align))), device)
         w = store.get_tensors(f"{pivots.key}/pivots.safetensors", device=device)["pivots"]
-        result = tune_generator(models.generator, w, crops, config=config, lpips_fn=_lpips(device))
+        result = tune_generator(models.generator, w, crops, config=config, lpips_fn=_lpips(profile, models_dir, device))
         with torch.no_grad():
             mse = float(torch.nn.functional.mse_loss(result.generator.synthesis(w), crops))
         store.put_tensors(f"{key}/generator.safetensors", result.generator.state_dict())

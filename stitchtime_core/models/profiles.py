@@ -7,6 +7,7 @@ official pretrained files from a models folder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,10 +17,13 @@ from typing import Any
 
 import torch
 
-from stitchtime_core.editing import sefa_directions
+from stitchtime_core.editing import load_direction_file, sefa_directions
 from stitchtime_core.config import PTIConfig, RunConfig, StitchingConfig
 from stitchtime_core.errors import InputError
+from stitchtime_core.models import registry
+from stitchtime_core.models.ada_pickle import load_ada_generator
 from stitchtime_core.models.e4e import Encoder4Editing
+from stitchtime_core.models.e4e_checkpoint import load_e4e_checkpoint
 from stitchtime_core.models.stylegan2 import Generator
 
 PROFILES = ("tiny", "ffhq")
@@ -31,12 +35,6 @@ TINY_GENERATOR_KWARGS: dict[str, Any] = dict(
 TINY_ENCODER_KWARGS: dict[str, Any] = dict(stylegan_size=64, input_size=64, widths=(16, 32, 64, 64))
 TINY_SEED = 2022
 TINY_DIRECTION_SCALE = 0.2
-
-FFHQ_FILES = {
-    "generator": ("ffhq.pkl", "the stylegan2-ada-pytorch FFHQ generator (PTI's ffhq.pkl)"),
-    "encoder": ("e4e_ffhq_encode.pt", "the e4e FFHQ encoder (omertov/encoder4editing)"),
-}
-
 
 @dataclass
 class Models:
@@ -56,6 +54,8 @@ class Models:
     latent_avg: torch.Tensor
     identity: str
     directions: dict[str, torch.Tensor] = field(default_factory=dict)
+    lpips_backbone: Path | None = None
+    """torchvision AlexNet weights for LPIPS; None keeps a seeded random backbone (tiny profile)."""
 
     @property
     def resolution(self) -> int:
@@ -105,19 +105,49 @@ def load_models(profile: str, *, models_dir: str | os.PathLike | None = None,
     """Build the networks of a profile and load their weights.
 
     Raises:
-        InputError: a file the profile needs is missing, naming it and how to get it.
+        InputError: a file the profile needs is missing or wrong, naming it and how to get it.
     """
     if profile == "tiny":
         return build_tiny(device)
     if profile == "ffhq":
-        folder = Path(models_dir or os.environ.get("STITCHTIME_MODELS", "models"))
-        for role, (name, what) in FFHQ_FILES.items():
-            if not (folder / name).is_file():
-                raise InputError(folder / name, f"missing {role} weights ({what}); put the official file in "
-                                                f"{folder} or point --models / STITCHTIME_MODELS at the folder")
-        raise InputError(folder, "reading the official ffhq files is not implemented yet (issue 4); "
-                                 "use --profile tiny")
+        return _to_device(load_ffhq(Path(models_dir) if models_dir else registry.default_models_dir()), device)
     raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+
+
+def load_ffhq(folder: Path) -> Models:
+    """The official networks from a models folder (see ``stitchtime models list``).
+
+    Named directions are the ``.npy``/``.pt`` files in ``folder/directions`` (the reference code's
+    ``age.npy``, ``smile.npy``, …), each named by its file stem.
+    """
+    blocking = [status for status in registry.verify(folder, profile="ffhq", check_hashes=False) if status.blocking]
+    if blocking:
+        raise InputError(blocking[0].path, blocking[0].message)
+    files = {entry.role: folder / entry.name for entry in registry.entries_for("ffhq") if entry.required}
+    G = load_ada_generator(files["generator"])
+    checkpoint = load_e4e_checkpoint(files["encoder"])
+    if checkpoint.encoder.style_count != G.num_ws or checkpoint.latent_avg.shape[1] != G.w_dim:
+        raise InputError(files["encoder"], f"encoder gives {checkpoint.encoder.style_count} styles of "
+                                           f"{checkpoint.latent_avg.shape[1]}, the generator takes {G.num_ws} of "
+                                           f"{G.w_dim}: they are not a pair")
+    directions = {}
+    for path in sorted((folder / "directions").glob("*")):
+        if path.suffix in (".npy", ".pt"):
+            directions[path.stem] = load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim)
+    identity = hashlib.sha256("|".join(_file_digest(p) for p in files.values()).encode()).hexdigest()[:16]
+    return Models("ffhq", G, checkpoint.encoder, checkpoint.latent_avg, identity, directions,
+                  lpips_backbone=files["lpips_backbone"])
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    return registry.sha256_file(path)
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a model file, computed once per process for each (path, size, mtime)."""
+    stat = path.stat()
+    return _file_digest_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def generator_config(G: Generator) -> dict[str, Any]:

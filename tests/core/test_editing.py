@@ -175,3 +175,28 @@ def test_resolve_direction_rejects_unknown_names(tiny):
         resolve_direction("gender", G=tiny.generator, named=tiny.directions)
     with pytest.raises(ValueError, match=r"\(none\)"):
         resolve_direction("age", G=tiny.generator, named={})
+
+
+def test_the_reference_layout_uses_its_first_row_at_half_strength(tmp_path):
+    # STIT's w_directions/*.npy: [18, 512] with equal rows, applied as factor / 2 of row 0.
+    row = np.random.default_rng(1).standard_normal(64).astype(np.float32)
+    path = tmp_path / "age.npy"
+    np.save(path, np.tile(row, (10, 1)))
+    direction = load_direction_file(path, num_ws=10, w_dim=64)
+    np.testing.assert_allclose(direction.numpy(), np.tile(row / 2, (10, 1)))
+
+
+def test_per_layer_and_interfacegan_directions_keep_full_strength(tmp_path):
+    rows = np.random.default_rng(2).standard_normal((10, 64)).astype(np.float32)
+    np.save(tmp_path / "layers.npy", rows)
+    np.save(tmp_path / "one.npy", rows[:1])
+    np.testing.assert_array_equal(load_direction_file(tmp_path / "layers.npy", num_ws=10, w_dim=64).numpy(), rows)
+    np.testing.assert_array_equal(load_direction_file(tmp_path / "one.npy", num_ws=10, w_dim=64).numpy(),
+                                  np.tile(rows[:1], (10, 1)))
+
+
+def test_a_direction_with_nan_is_refused(tmp_path):
+    path = tmp_path / "bad.npy"
+    np.save(path, np.full(64, np.nan, np.float32))
+    with pytest.raises(InputError, match="NaN"):
+        load_direction_file(path, num_ws=10, w_dim=64)

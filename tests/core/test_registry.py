@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from stitchtime_core.models import registry
-from stitchtime_core.models.profiles import FFHQ_FILES
 from stitchtime_core.models.registry import (
     REGISTRY, ChecksumError, DownloadByHandError, ModelFetchError, ModelFile, describe, fetch, verify,
 )
@@ -360,9 +359,9 @@ def test_registry_entries_are_consistent() -> None:
         assert e.source_note, e.name
         if e.by_hand:
             assert e.size is None and e.sha256 is None, e.name
-    for role, (name, _) in FFHQ_FILES.items():
-        entry = next(e for e in REGISTRY if e.name == name)
-        assert entry.role == role and entry.required
+    required = {e.role: e.name for e in REGISTRY if e.profile == "ffhq" and e.required}
+    assert required == {"generator": "ffhq.pkl", "encoder": "e4e_ffhq_encode.pt",
+                        "lpips_backbone": "alexnet-owt-7be5be79.pth"}
 
 
 def test_alexnet_entry_matches_torchvision() -> None:
