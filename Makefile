@@ -28,6 +28,7 @@ test: install
 # Benchmarks write JSON under benchmarks/results/.
 bench: install
 	$(PYTHON) benchmarks/geometry.py
+	$(PYTHON) benchmarks/generator.py
 
 clean:
 	rm -rf $(VENV) stitchtime-data demo-output *.egg-info
