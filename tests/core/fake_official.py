@@ -402,3 +402,32 @@ class RunsCommandWhenUnpickled:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def seeded_weights(net: nn.Module, *, seed: int) -> nn.Module:
+    """``net`` with every parameter and buffer drawn from a seeded ``torch.Generator``, in eval mode.
+
+    The values do not depend on the module's own initialisation code (nor on the global RNG), so
+    numbers computed from them and stored in a test change only when the computation changes.
+    Weights are scaled by 1/sqrt(fan_in) to keep activations of order one through deep networks;
+    batch-norm statistics are non-trivial so that a loader that skipped a buffer is caught.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(t.shape, generator=gen)
+
+    with torch.no_grad():
+        for module in net.modules():
+            tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+            for name, t in tensors.items():
+                if not t.is_floating_point():
+                    continue
+                if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    low, high = {"weight": (0.8, 1.2), "running_var": (0.5, 1.5)}.get(name, (-0.1, 0.1))
+                    t.copy_(uniform(t, low, high))
+                elif t.ndim >= 2:
+                    t.copy_(torch.randn(t.shape, generator=gen) / t[0].numel() ** 0.5)
+                else:
+                    t.copy_(uniform(t, -0.1, 0.1))
+    return net.eval()

@@ -70,6 +70,29 @@ def test_loaded_generator_draws_the_same_images(fake_pkl: tuple[Path, dict[str, 
     assert G.init_kwargs == fake_generator_kwargs(16)
 
 
+# What the seed-0 fake computes for the seed-1 latents of ``_images``: a change to what the loader
+# builds, or to how the generator computes, that still loads this file shows here.
+STORED_W = torch.tensor([[0.00107486, 0.00898716, -0.00225926, -0.00278994],
+                         [0.00113387, 0.00886466, -0.00225103, -0.00286072]])
+"""``mapping(z)[:, 0, :4]``; the mapping's lr multiplier of 0.01 keeps w near 1e-3, hence atol 1e-7."""
+STORED_PIXELS = torch.tensor([[-4.00922585, -0.04299069, 1.17249489],
+                              [-4.00955963, -0.04302943, 1.17180491]])
+"""``G(z)[:, :, 8, 8]``: the centre pixel of both images."""
+STORED_SUM = torch.tensor(-1146.254028)
+
+
+def test_loaded_generator_gives_the_stored_numbers(fake_pkl: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    G = load_ada_generator(fake_pkl[0])
+    z = torch.randn([2, G.z_dim], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ws = G.mapping(z)
+    images = _images(G)
+    assert ws.shape == (2, 6, 32) and images.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(ws[:, 0, :4], STORED_W, atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(images[:, :, 8, 8], STORED_PIXELS, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(images.sum(), STORED_SUM, atol=1e-4, rtol=1e-4)
+
+
 def test_the_fake_is_a_working_ada_pickle_for_the_official_loader(
         fake_pkl: tuple[Path, dict[str, torch.Tensor]], marker: Path) -> None:
     # The control: ada's own loading (which executes module_src) gets the same networks back, and

@@ -8,9 +8,12 @@ PyTorch wrote before 1.6 (the published file dates from 2019).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from fake_official import RunsCommandWhenUnpickled, seeded_weights
 from stitchtime_core.errors import InputError
 from stitchtime_core.models.arcface import ArcFace
 from stitchtime_core.models.bisenet import (BACKGROUND_CLASSES, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD,
@@ -30,15 +33,11 @@ class CreatesMarker:
 
 @pytest.fixture(scope="module")
 def bisenet() -> BiSeNet:
-    torch.manual_seed(0)
-    net = BiSeNet().eval()
-    # Non-trivial BatchNorm statistics, so a loader that skipped buffers would be caught.
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.num_batches_tracked.fill_(80000)
+    # Seeded weights and non-trivial BatchNorm statistics, so a loader that skipped buffers would be caught.
+    net = seeded_weights(BiSeNet(), seed=0)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.num_batches_tracked.fill_(80000)
     return net
 
 
@@ -121,6 +120,14 @@ def test_forward_shapes(bisenet):
         bisenet(torch.zeros(1, 1, 64, 64))
 
 
+# The loaded network's logits for the seed-1 crops, recorded once: a change to the loader or to the
+# architecture that still loads the file but computes something else shows here.
+STORED_LOGITS = torch.tensor([[0.29660183, 0.09848931, -0.36811233, 0.53691334],
+                              [0.01080431, -0.11255710, -0.21876037, 0.62228709]])
+"""``net(crops)[:, [0, 1, 10, 17], 64, 64]``: background, skin, nose and hair at the centre pixel."""
+STORED_LOGITS_SUM = torch.tensor(50289.6172)
+
+
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_official_layout_round_trip(bisenet, tmp_path, zip_format):
     path = tmp_path / "79999_iter.pth"
@@ -134,6 +141,10 @@ def test_official_layout_round_trip(bisenet, tmp_path, zip_format):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     crops = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1)) * 2 - 1
     assert torch.equal(parse_faces(loaded, crops), parse_faces(bisenet, crops))
+    with torch.no_grad():
+        logits = loaded(crops)
+    torch.testing.assert_close(logits[:, [0, 1, 10, 17], 64, 64], STORED_LOGITS, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits.sum(), STORED_LOGITS_SUM, atol=1e-4, rtol=1e-4)
 
 
 def test_file_without_batchnorm_counters_loads(bisenet, tmp_path):
@@ -191,13 +202,16 @@ def test_not_a_state_dict(tmp_path, content):
     assert info.value.path == str(path)
 
 
-def test_malicious_pickle_is_refused_unrun(tmp_path):
+@pytest.mark.parametrize("payload, global_name", [(CreatesMarker, "io.open"),
+                                                  (RunsCommandWhenUnpickled, f"{os.system.__module__}.system")])
+def test_malicious_pickle_is_refused_unrun(tmp_path, payload, global_name):
     marker = tmp_path / "marker"
     path = tmp_path / "79999_iter.pth"
-    torch.save({"cp.resnet.conv1.weight": CreatesMarker(marker)}, path)
+    torch.save({"cp.resnet.conv1.weight": payload(marker)}, path)
     with pytest.raises(InputError, match="tensors-only") as info:
         load_bisenet(path)
-    assert "Unsupported global: GLOBAL io.open" in info.value.problem
+    assert info.value.path == str(path)
+    assert f"GLOBAL {global_name}" in info.value.problem
     assert not marker.exists()
     # The file really is malicious: the unsafe reader runs its payload.
     torch.load(path, weights_only=False)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fake_official import RunsCommandWhenUnpickled
 from stitchtime_core.editing import edit_latents, load_direction_file, resolve_direction, sefa_directions
 from stitchtime_core.errors import InputError
 from stitchtime_core.models.stylegan2 import style_affine_weights
@@ -108,28 +109,36 @@ def test_load_direction_rejects_wrong_shapes(tmp_path, shape):
             load_direction_file(tmp_path / name, num_ws=NUM_WS, w_dim=W_DIM)
 
 
-def test_load_direction_never_unpickles_an_npy(tmp_path):
+PAYLOADS = pytest.mark.parametrize("payload", [_CreatesMarker, RunsCommandWhenUnpickled],
+                                   ids=["open", "os.system"])
+
+
+@PAYLOADS
+def test_load_direction_never_unpickles_an_npy(tmp_path, payload):
     marker, control_marker = tmp_path / "pwned", tmp_path / "control"
-    np.save(tmp_path / "evil.npy", np.array([_CreatesMarker(str(marker))], dtype=object), allow_pickle=True)
-    np.save(tmp_path / "control.npy", np.array([_CreatesMarker(str(control_marker))], dtype=object),
+    np.save(tmp_path / "evil.npy", np.array([payload(str(marker))], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "control.npy", np.array([payload(str(control_marker))], dtype=object),
             allow_pickle=True)
     # The payload is live: numpy's pickle-enabled loader runs it.
     np.load(tmp_path / "control.npy", allow_pickle=True)
     assert control_marker.exists()
-    with pytest.raises(InputError, match="not a readable direction file"):
+    with pytest.raises(InputError, match="not a readable direction file") as error:
         load_direction_file(tmp_path / "evil.npy", num_ws=NUM_WS, w_dim=W_DIM)
+    assert error.value.path == str(tmp_path / "evil.npy")
     assert not marker.exists()
 
 
-def test_load_direction_never_unpickles_a_pt(tmp_path):
+@PAYLOADS
+def test_load_direction_never_unpickles_a_pt(tmp_path, payload):
     marker, control_marker = tmp_path / "pwned", tmp_path / "control"
-    torch.save(_CreatesMarker(str(marker)), tmp_path / "evil.pt")
-    torch.save(_CreatesMarker(str(control_marker)), tmp_path / "control.pt")
+    torch.save(payload(str(marker)), tmp_path / "evil.pt")
+    torch.save(payload(str(control_marker)), tmp_path / "control.pt")
     # The payload is live: a full (not weights-only) torch.load runs it.
     torch.load(tmp_path / "control.pt", weights_only=False)
     assert control_marker.exists()
-    with pytest.raises(InputError, match="not a readable direction file"):
+    with pytest.raises(InputError, match="not a readable direction file") as error:
         load_direction_file(tmp_path / "evil.pt", num_ws=NUM_WS, w_dim=W_DIM)
+    assert error.value.path == str(tmp_path / "evil.pt")
     assert not marker.exists()
 
 

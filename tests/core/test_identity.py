@@ -10,6 +10,8 @@ original.
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
+from fake_official import RunsCommandWhenUnpickled, seeded_weights
 from stitchtime_core import alignment
 from stitchtime_core.errors import InputError
 from stitchtime_core.faces import FaceLandmarker, landmark_model_path
@@ -162,14 +165,8 @@ def test_dlib_loader_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def arcface() -> ArcFace:
-    torch.manual_seed(0)
-    net = ArcFace().eval()
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return net
+    # Seeded weights and non-trivial BatchNorm statistics, so a loader that skipped buffers would be caught.
+    return seeded_weights(ArcFace(), seed=0)
 
 
 def test_arcface_parameter_count_matches_the_reference_architecture():
@@ -233,6 +230,15 @@ def test_arcface_input_is_psp_crop():
     assert arcface_input(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 112, 112)
 
 
+# The loaded network's embeddings of the seed-2 crops, recorded once: a change to the loader or to the
+# architecture that still loads the file but computes something else shows here.
+STORED_EMBEDDINGS = torch.tensor([[-0.06309309, -0.00381412, -0.00005638, 0.04490924],
+                                  [-0.01150528, -0.00313474, -0.01364572, 0.05474482]])
+"""``net(x)[:, :4]`` of the two unit-length 512-vectors."""
+STORED_EMBEDDINGS_SUM = torch.tensor(-0.86447883)
+STORED_COSINE = torch.tensor(0.63954169)
+
+
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_arcface_official_layout_round_trip(arcface, tmp_path, zip_format):
     path = tmp_path / "model_ir_se50.pth"
@@ -245,7 +251,11 @@ def test_arcface_official_layout_round_trip(arcface, tmp_path, zip_format):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     x = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
-        assert torch.equal(loaded(x), arcface(x))
+        embeddings = loaded(x)
+        assert torch.equal(embeddings, arcface(x))
+    torch.testing.assert_close(embeddings[:, :4], STORED_EMBEDDINGS, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embeddings.sum(), STORED_EMBEDDINGS_SUM, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embeddings[0] @ embeddings[1], STORED_COSINE, atol=1e-4, rtol=1e-4)
 
 
 def test_arcface_refuses_bisenet_file(tmp_path):
@@ -266,12 +276,15 @@ def test_arcface_refuses_an_e4e_encoder(tmp_path):
     assert info.value.path == str(path)
 
 
-def test_arcface_refuses_malicious_pickle(tmp_path):
+@pytest.mark.parametrize("payload, global_name", [(CreatesMarker, "io.open"),
+                                                  (RunsCommandWhenUnpickled, f"{os.system.__module__}.system")])
+def test_arcface_refuses_malicious_pickle(tmp_path, payload, global_name):
     marker = tmp_path / "marker"
     path = tmp_path / "model_ir_se50.pth"
-    torch.save({"input_layer.0.weight": CreatesMarker(marker)}, path)
-    with pytest.raises(InputError, match="Unsupported global: GLOBAL io.open"):
+    torch.save({"input_layer.0.weight": payload(marker)}, path)
+    with pytest.raises(InputError, match=f"GLOBAL {global_name}") as info:
         load_arcface(path)
+    assert info.value.path == str(path)
     with pytest.raises(InputError, match="tensors-only"):
         load_arcface_identity(path)
     assert not marker.exists()

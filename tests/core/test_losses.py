@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from torchvision.models import alexnet
 
+from fake_official import RunsCommandWhenUnpickled, seeded_weights
 from stitchtime_core.errors import InputError
 from stitchtime_core.losses import build_lpips
 
 
 @pytest.fixture(scope="module")
 def alexnet_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
-    """A file laid out as torchvision's alexnet-owt-7be5be79.pth (a plain state dict), random weights."""
-    torch.manual_seed(3)
-    net = alexnet(weights=None)
+    """A file laid out as torchvision's alexnet-owt-7be5be79.pth (a plain state dict), seeded random weights."""
+    net = seeded_weights(alexnet(weights=None), seed=3)
     path = tmp_path_factory.mktemp("models") / "alexnet-owt-7be5be79.pth"
     torch.save(net.state_dict(), path)
     return path, net
@@ -36,6 +37,25 @@ def test_backbone_weights_are_loaded_into_every_lpips_slice(alexnet_file) -> Non
     assert torch.equal(lpips_net(a, a), torch.zeros_like(lpips_net(a, a)))
 
 
+# LPIPS with the seed-3 backbone file, between two seeded image pairs, recorded once: a change to the
+# backbone loader (a layer into the wrong slice) or to the network that still loads shows here. The
+# distances are of order 1e-2, hence an absolute tolerance of 1e-6.
+STORED_DISTANCES = torch.tensor([0.09236023, 0.08902626])
+STORED_LAYER_DISTANCES = torch.tensor([[0.04774960, 0.02139114, 0.00875863, 0.00891211, 0.00554873],
+                                       [0.04866727, 0.01734011, 0.00762388, 0.00924071, 0.00615430]])
+"""The five AlexNet layers' shares of each distance."""
+
+
+def test_lpips_with_the_backbone_file_gives_the_stored_numbers(alexnet_file) -> None:
+    lpips_net = build_lpips(backbone_path=alexnet_file[0])
+    a, b = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1 for seed in (5, 6))
+    with torch.no_grad():
+        distances, layers = lpips_net(a, b, retPerLayer=True)
+    torch.testing.assert_close(distances.flatten(), STORED_DISTANCES, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([layer.flatten(1) for layer in layers], dim=1), STORED_LAYER_DISTANCES,
+                               atol=1e-6, rtol=1e-4)
+
+
 def test_a_wrong_backbone_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "alexnet-owt-7be5be79.pth"
     torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, path)
@@ -44,3 +64,14 @@ def test_a_wrong_backbone_file_is_refused(tmp_path: Path) -> None:
     torch.save({"cp.resnet.conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(InputError, match="no features"):
         build_lpips(backbone_path=path)
+
+
+def test_a_malicious_backbone_file_is_refused_and_never_runs(tmp_path: Path) -> None:
+    path, marker = tmp_path / "alexnet-owt-7be5be79.pth", tmp_path / "payload_ran"
+    torch.save({"features.0.weight": RunsCommandWhenUnpickled(marker)}, path)
+    with pytest.raises(InputError, match=f"tensors-only .*GLOBAL {os.system.__module__}.system") as error:
+        build_lpips(backbone_path=path)
+    assert error.value.path == str(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the control: the unsafe reader runs the payload
+    assert marker.exists()

@@ -195,6 +195,29 @@ def test_converted_mapping_gives_the_same_w() -> None:
         torch.testing.assert_close(G.mapping(z)[:, 0], rosinality_mapping(state, z), atol=1e-4, rtol=1e-4)
 
 
+# What the converted seed-0 16 px generator computes: the comparisons above hold the conversion to an
+# independent re-implementation; these hold both to numbers recorded once.
+STORED_W = torch.tensor([[1.19212067, -0.09975188, 0.41652441, 1.93172932],
+                         [0.24256402, -0.12457391, -0.23611648, 3.57990432]])
+"""``mapping(z)[:, 0, :4]`` for the seed-2 z."""
+STORED_PIXELS = torch.tensor([[-1.21409559, -2.49392653, -1.24099112],
+                              [-4.87993431, 7.49534607, -3.90826392]])
+"""``synthesis(latent)[:, :, 8, 8]`` for the seed-1 W+."""
+STORED_SUM = torch.tensor(-1967.30615234)
+
+
+def test_converted_generator_gives_the_stored_numbers() -> None:
+    G = converted_generator(rosinality_state(16), 16)
+    latent = torch.randn([2, 6, STYLE_DIM], generator=torch.Generator().manual_seed(1))
+    z = torch.randn([2, STYLE_DIM], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        images = G.synthesis(latent, noise_mode="const")
+        ws = G.mapping(z)
+    torch.testing.assert_close(ws[:, 0, :4], STORED_W, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(images[:, :, 8, 8], STORED_PIXELS, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(images.sum(), STORED_SUM, atol=1e-4, rtol=1e-4)
+
+
 def test_every_rosinality_key_is_mapped_exactly_once() -> None:
     # Tag each source tensor with its own value, then find where every value went.
     source = {name: torch.full(t.shape, float(i + 1)) for i, (name, t) in enumerate(rosinality_state(32).items())}
