@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stitchtime_core.models.torch_files import load_state_dict_file
-from stitchtime_core.models.e4e import IR50_UNITS, BottleneckIRSE
+from stitchtime_core.models.e4e import ir_se50_stem_and_body
 
 INPUT_SIZE = 112
 """The backbone's input resolution; its 7x7 final feature map is fixed by the linear layer."""
@@ -48,15 +48,7 @@ class ArcFace(nn.Module):
 
     def __init__(self, *, drop_ratio: float = 0.6):
         super().__init__()
-        self.input_layer = nn.Sequential(nn.Conv2d(3, WIDTHS[0], 3, 1, 1, bias=False), nn.BatchNorm2d(WIDTHS[0]),
-                                         nn.PReLU(WIDTHS[0]))
-        units = []
-        in_channel = WIDTHS[0]
-        for depth, count in zip(WIDTHS, IR50_UNITS):
-            units.append(BottleneckIRSE(in_channel, depth, 2))
-            units += [BottleneckIRSE(depth, depth, 1) for _ in range(count - 1)]
-            in_channel = depth
-        self.body = nn.Sequential(*units)
+        self.input_layer, self.body = ir_se50_stem_and_body(WIDTHS)
         side = INPUT_SIZE // 2 ** len(WIDTHS)
         self.output_layer = nn.Sequential(nn.BatchNorm2d(WIDTHS[-1]), nn.Dropout(drop_ratio), Flatten(),
                                           nn.Linear(WIDTHS[-1] * side * side, EMBEDDING_DIM),

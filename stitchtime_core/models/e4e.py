@@ -67,6 +67,23 @@ class BottleneckIRSE(nn.Module):
         return self.shortcut_layer(x) + self.res_layer(x)
 
 
+def ir_se50_stem_and_body(widths: tuple[int, int, int, int]) -> tuple[nn.Sequential, nn.Sequential]:
+    """The IR-SE50 input layer and its 24 residual units (e4e's and ArcFace's shared backbone).
+
+    Args:
+        widths: channels of the four stages (official: 64, 128, 256, 512); each stage halves the size.
+    """
+    stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                         nn.PReLU(widths[0]))
+    units = []
+    in_channel = widths[0]
+    for depth, count in zip(widths, IR50_UNITS):
+        units.append(BottleneckIRSE(in_channel, depth, 2))
+        units += [BottleneckIRSE(depth, depth, 1) for _ in range(count - 1)]
+        in_channel = depth
+    return stem, nn.Sequential(*units)
+
+
 class GradualStyleBlock(nn.Module):
     """Strided convs down to 1x1, then an equalised linear layer: one style vector."""
 
@@ -99,15 +116,7 @@ class Encoder4Editing(nn.Module):
                  widths: tuple[int, int, int, int] = (64, 128, 256, 512)):
         super().__init__()
         self.input_size = input_size
-        self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                                         nn.PReLU(widths[0]))
-        units = []
-        in_channel = widths[0]
-        for depth, count in zip(widths, IR50_UNITS):
-            units.append(BottleneckIRSE(in_channel, depth, 2))
-            units += [BottleneckIRSE(depth, depth, 1) for _ in range(count - 1)]
-            in_channel = depth
-        self.body = nn.Sequential(*units)
+        self.input_layer, self.body = ir_se50_stem_and_body(widths)
         # Feature taps c1, c2, c3 after units 6, 20 and 23: the ends of stages 2, 3 and 4 (strides 4, 8, 16).
         self.taps = (IR50_UNITS[0] + IR50_UNITS[1] - 1, sum(IR50_UNITS[:3]) - 1, sum(IR50_UNITS) - 1)
         style_dim = widths[3]
