@@ -1,4 +1,9 @@
-"""Paste a stitched crop back into its frame through a feathered mask (paper section 3.4, last step)."""
+"""Paste a stitched crop back into its frame (paper section 3.4, last step).
+
+:func:`paste_back` is the method's paste through a feathered mask. :func:`paste_mask` (naive paste
+inside the hard segmentation mask) and :func:`paste_poisson` (Poisson blending) are the two
+baselines of the blending ablation (paper section 4.3).
+"""
 
 from __future__ import annotations
 
@@ -69,16 +74,7 @@ def paste_back(
     Raises:
         ValueError: bad shapes or dtypes.
     """
-    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.shape[2:] != (3,):
-        dtype = getattr(frame, "dtype", type(frame))
-        raise ValueError(f"frame must be a uint8 [H, W, 3] array, got {dtype} {list(np.shape(frame))}")
-    image = np.asarray(crop_image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
-        raise ValueError(f"crop_image must have shape [S, S, 3], got {list(image.shape)}")
-    mask = np.asarray(crop_mask, dtype=np.float32)
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"crop_mask must have shape {list(image.shape[:2])}, got {list(mask.shape)}")
-
+    image, mask = _check_paste_inputs(frame, crop_image, crop_mask)
     out = frame.copy()
     x0, y0, x1, y1 = quad_bounds(quad, frame.shape)
     if x1 <= x0 or y1 <= y0:
@@ -92,3 +88,106 @@ def paste_back(
     blended = region * (1.0 - alpha) + warped * alpha
     out[y0:y1, x0:x1] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return out
+
+
+def paste_mask(
+    frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray
+) -> np.ndarray:
+    """Naive paste inside the hard segmentation mask: the first blending baseline (section 4.3).
+
+    :func:`paste_back` with the mask thresholded at 0.5, undilated and unfeathered. The only
+    softening left is the one-pixel bilinear ramp of warping the mask back into the frame.
+
+    Args:
+        frame: uint8 [H, W, 3] the source frame.
+        crop_image: uint8 or float [S, S, 3] in [0, 255], aligned like ``quad``.
+        crop_mask: float [S, S] in {0, 1}, the segmentation mask in crop pixels.
+        quad: float [4, 2] frame-pixel corners the crop was taken from.
+
+    Returns:
+        uint8 [H, W, 3] a new frame.
+
+    Raises:
+        ValueError: bad shapes or dtypes.
+    """
+    _, mask = _check_paste_inputs(frame, crop_image, crop_mask)
+    return paste_back(frame, crop_image, (mask >= 0.5).astype(np.float32), quad)
+
+
+def paste_poisson(
+    frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray
+) -> np.ndarray:
+    """Poisson blending inside the segmentation mask: the second blending baseline (section 4.3).
+
+    The crop and mask are warped back into the frame as in :func:`paste_back`, the warped mask is
+    thresholded at 0.5, and ``cv2.seamlessClone(..., cv2.NORMAL_CLONE)`` solves for the pixels
+    inside it: the crop's gradients with the frame's values on the mask's bounding rectangle.
+    Two details keep OpenCV from moving anything:
+
+    - seamlessClone zeroes the outermost pixel ring of the mask and needs the destination
+      rectangle inside the image, so a mask touching the frame edge would be cut or fail. The
+      frame is therefore mirrored (BORDER_REFLECT_101) by 2 px, the work is done there and the
+      padding cropped off.
+    - OpenCV places the mask's bounding rectangle (x, y, w, h) at ``center - (w // 2, h // 2)``,
+      so ``center = (x + w // 2, y + h // 2)`` puts it back exactly where it was.
+
+    Pixels where the warped mask is 0 keep their frame values exactly (the solver's result is
+    only taken inside the mask).
+
+    Args:
+        frame: uint8 [H, W, 3] the source frame.
+        crop_image: uint8 or float [S, S, 3] in [0, 255], aligned like ``quad``.
+        crop_mask: float [S, S] in {0, 1}, the segmentation mask in crop pixels.
+        quad: float [4, 2] frame-pixel corners the crop was taken from.
+
+    Returns:
+        uint8 [H, W, 3] a new frame; the frame itself when the mask is empty in the frame.
+
+    Raises:
+        ValueError: bad shapes or dtypes.
+    """
+    image, mask = _check_paste_inputs(frame, crop_image, crop_mask)
+    out = frame.copy()
+    x0, y0, x1, y1 = quad_bounds(quad, frame.shape)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    both = np.concatenate([image.astype(np.float32), mask[:, :, None]], axis=2)
+    warped, valid = uncrop(both, quad, frame.shape, box=(x0, y0, x1, y1))
+    inside = warped[:, :, 3] * valid >= 0.5
+    if not inside.any():
+        return out
+
+    pad = _POISSON_PAD
+    # Real frame pixels around the box where there are some, mirrored ones past the frame edge.
+    padded_frame = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
+    dst = np.ascontiguousarray(padded_frame[y0 : y1 + 2 * pad, x0 : x1 + 2 * pad])
+    source = np.clip(np.rint(warped[:, :, :3]), 0, 255).astype(np.uint8)
+    src = cv2.copyMakeBorder(source, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    mask_u8 = np.zeros(dst.shape[:2], np.uint8)
+    mask_u8[pad:-pad, pad:-pad] = inside * np.uint8(255)
+    x, y, w, h = cv2.boundingRect(mask_u8)
+    center = (x + w // 2, y + h // 2)
+    cloned = cv2.seamlessClone(src, dst, mask_u8, center, cv2.NORMAL_CLONE)
+    region = out[y0:y1, x0:x1]
+    region[inside] = cloned[pad:-pad, pad:-pad][inside]
+    return out
+
+
+# Mirrored frame border for seamlessClone: one ring it zeroes in the mask, one to spare.
+_POISSON_PAD = 2
+
+
+def _check_paste_inputs(
+    frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate the paste inputs; return the crop image as an array and the mask as float32."""
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.shape[2:] != (3,):
+        dtype = getattr(frame, "dtype", type(frame))
+        raise ValueError(f"frame must be a uint8 [H, W, 3] array, got {dtype} {list(np.shape(frame))}")
+    image = np.asarray(crop_image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"crop_image must have shape [S, S, 3], got {list(image.shape)}")
+    mask = np.asarray(crop_mask, dtype=np.float32)
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"crop_mask must have shape {list(image.shape[:2])}, got {list(mask.shape)}")
+    return image, mask
