@@ -74,16 +74,12 @@ def paste_back(
     Raises:
         ValueError: bad shapes or dtypes.
     """
-    image, mask = _check_paste_inputs(frame, crop_image, crop_mask)
+    warp = _warp_back(frame, crop_image, crop_mask, quad)
     out = frame.copy()
-    x0, y0, x1, y1 = quad_bounds(quad, frame.shape)
-    if x1 <= x0 or y1 <= y0:
+    if warp is None:
         return out
-    # Image and mask warp together as four channels; outside the quad the mask is cut by `valid`.
-    both = np.concatenate([image.astype(np.float32), mask[:, :, None]], axis=2)
-    warped, valid = uncrop(both, quad, frame.shape, box=(x0, y0, x1, y1))
-    alpha = np.clip(warped[:, :, 3:] * valid[:, :, None], 0.0, 1.0)
-    warped = warped[:, :, :3]
+    (x0, y0, x1, y1), warped, alpha = warp
+    alpha = alpha[:, :, None]
     region = out[y0:y1, x0:x1].astype(np.float32)
     blended = region * (1.0 - alpha) + warped * alpha
     out[y0:y1, x0:x1] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
@@ -146,14 +142,12 @@ def paste_poisson(
     Raises:
         ValueError: bad shapes or dtypes.
     """
-    image, mask = _check_paste_inputs(frame, crop_image, crop_mask)
+    warp = _warp_back(frame, crop_image, crop_mask, quad)
     out = frame.copy()
-    x0, y0, x1, y1 = quad_bounds(quad, frame.shape)
-    if x1 <= x0 or y1 <= y0:
+    if warp is None:
         return out
-    both = np.concatenate([image.astype(np.float32), mask[:, :, None]], axis=2)
-    warped, valid = uncrop(both, quad, frame.shape, box=(x0, y0, x1, y1))
-    inside = warped[:, :, 3] * valid >= 0.5
+    (x0, y0, x1, y1), warped, alpha = warp
+    inside = alpha >= 0.5
     if not inside.any():
         return out
 
@@ -161,7 +155,7 @@ def paste_poisson(
     # Real frame pixels around the box where there are some, mirrored ones past the frame edge.
     padded_frame = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
     dst = np.ascontiguousarray(padded_frame[y0 : y1 + 2 * pad, x0 : x1 + 2 * pad])
-    source = np.clip(np.rint(warped[:, :, :3]), 0, 255).astype(np.uint8)
+    source = np.clip(np.rint(warped), 0, 255).astype(np.uint8)
     src = cv2.copyMakeBorder(source, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     mask_u8 = np.zeros(dst.shape[:2], np.uint8)
     mask_u8[pad:-pad, pad:-pad] = inside * np.uint8(255)
@@ -175,6 +169,24 @@ def paste_poisson(
 
 # Mirrored frame border for seamlessClone: one ring it zeroes in the mask, one to spare.
 _POISSON_PAD = 2
+
+
+def _warp_back(frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray
+               ) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray] | None:
+    """Warp a crop and its mask back onto the quad's frame box (None when the box is empty).
+
+    Returns:
+        (box x0, y0, x1, y1; float32 [h, w, 3] warped crop; float32 [h, w] mask in [0, 1], 0 outside
+        the crop).
+    """
+    image, mask = _check_paste_inputs(frame, crop_image, crop_mask)
+    x0, y0, x1, y1 = quad_bounds(quad, frame.shape)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    # Image and mask warp together as four channels; outside the quad the mask is cut by `valid`.
+    both = np.concatenate([image.astype(np.float32), mask[:, :, None]], axis=2)
+    warped, valid = uncrop(both, quad, frame.shape, box=(x0, y0, x1, y1))
+    return (x0, y0, x1, y1), warped[:, :, :3], np.clip(warped[:, :, 3] * valid, 0.0, 1.0)
 
 
 def _check_paste_inputs(
