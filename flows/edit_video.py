@@ -100,7 +100,7 @@ def edit_video(source: str, out: str, edits: list[tuple[str, float]], profile: s
     pivots = record(stages.encode_pivots(store, align, config.encoding, profile, models_dir, device))
     pti = record(stages.tune_pti(store, align, pivots, config.pti, profile, models_dir, device))
     edit = record(stages.edit_pivots(store, pivots, config.editing, profile, models_dir, device))
-    stitch = record(stages.stitch_tune(store, align, pti, edit, config.stitching, device, chunk_size))
+    stitch = record(stages.stitch_tune(store, align, pti, edit, config.stitching, profile, models_dir, device, chunk_size))
     render = record(stages.render_output(store, source, probe, align, stitch, config.blending, config.output, out))
 
     summary_path, config_path = sidecar_paths(out)

@@ -60,11 +60,22 @@ class AlignmentConfig:
 class EncodingConfig:
     """e4e inversion of the aligned crops into W+ pivots (paper section 3.2)."""
 
+    method: Literal["e4e", "optimization"] = "e4e"
+    """How pivots are found: the e4e encoder (the paper), or per-frame optimisation from the average
+    latent (the PTI/stylegan2-ada projector: the paper's "w/o e4e" ablation)."""
     batch_size: int = 8
-    """Crops encoded per forward pass."""
+    """Crops encoded (or projected) per batch."""
+    projection_steps: int = 450
+    """Optimisation steps per frame when ``method`` is "optimization" (PTI's ``first_inv_steps``)."""
+    projection_lr: float = 5e-3
+    """Peak learning rate of the projector (PTI's ``first_inv_lr``)."""
+    projection_noise_weight: float = 1e5
+    """Weight of the projector's noise regularisation (stylegan2-ada's ``regularize_noise_weight``)."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "batch_size")
+        if self.method not in ("e4e", "optimization"):
+            raise ValueError(f"encoding.method must be 'e4e' or 'optimization', got {self.method!r}")
+        _check_positive(self, "batch_size", "projection_steps", "projection_lr")
 
 
 @dataclass(frozen=True)
@@ -89,8 +100,17 @@ class PTIConfig:
     """Truncation of the random w drawn from the original mapping network."""
     seed: int = 0
     """Seeds frame order and the regulariser's random codes."""
+    checkpoint_every: int = 100
+    """Save the tuned generator and optimiser every this many steps, so a stopped run resumes there
+    (0: never). Not part of the stage's cache key: it does not change the result."""
+    method: Literal["pti", "none"] = "pti"
+    """"pti" tunes the generator (the paper); "none" keeps the original generator (the "w/o PTI" ablation)."""
 
     def __post_init__(self) -> None:
+        if self.method not in ("pti", "none"):
+            raise ValueError(f"pti.method must be 'pti' or 'none', got {self.method!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"pti.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check_positive(self, "lr", "observations_per_frame", "batch_size")
 
 
@@ -119,20 +139,38 @@ class StitchingConfig:
     """Width of the boundary b = m ⊕ dilate(m), in pixels at 1024 px, scaled to the model size."""
     early_stop_loss: float = 0.0
     """Stop a frame early once its boundary loss falls below this (0 never stops early)."""
-    seed: int = 0
+    batch_size: int = 8
+    """Frames tuned at once, each with its own copy of the weights."""
+    method: Literal["tuning", "none"] = "tuning"
+    """"tuning" is the paper's stitching tuning; "none" keeps the raw edit e_i (the "w/o stitching"
+    ablation: pair it with blending.method "mask" or "poisson")."""
 
     def __post_init__(self) -> None:
         if self.loss not in ("l1", "l2"):
             raise ValueError(f"stitching.loss must be 'l1' or 'l2', got {self.loss!r}")
-        _check_positive(self, "lr", "steps")
+        if self.method not in ("tuning", "none"):
+            raise ValueError(f"stitching.method must be 'tuning' or 'none', got {self.method!r}")
+        if self.early_stop_loss < 0:
+            raise ValueError(f"stitching.early_stop_loss must be >= 0, got {self.early_stop_loss}")
+        _check_positive(self, "lr", "steps", "batch_size")
 
 
 @dataclass(frozen=True)
 class BlendingConfig:
-    """Paste the stitched crop back into the frame through the dilated mask."""
+    """Paste the stitched crop back into the frame."""
 
+    method: Literal["feather", "mask", "poisson"] = "feather"
+    """"feather": through the dilated mask m^d with a Gaussian edge (the paper); "mask": a hard paste
+    inside the segmentation mask m; "poisson": Poisson blending (OpenCV seamlessClone) inside m^d.
+    The last two are the paper's blending baselines."""
     feather_px: float = 12.0
     """Gaussian feathering of the mask edge (sigma, pixels at 1024 px, scaled to the crop)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("feather", "mask", "poisson"):
+            raise ValueError(f"blending.method must be 'feather', 'mask' or 'poisson', got {self.method!r}")
+        if self.feather_px < 0:
+            raise ValueError(f"blending.feather_px must be >= 0, got {self.feather_px}")
 
 
 @dataclass(frozen=True)
@@ -222,3 +260,24 @@ def _convert(value: Any, kind: type, name: str) -> Any:
         return number
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}") from None
+
+
+ABLATIONS: dict[str, dict[str, dict[str, str]]] = {
+    "no-e4e": {"encoding": {"method": "optimization"}},
+    "no-pti": {"pti": {"method": "none"}},
+    "no-stitching": {"stitching": {"method": "none"}, "blending": {"method": "mask"}},
+    "poisson": {"stitching": {"method": "none"}, "blending": {"method": "poisson"}},
+}
+"""The paper's ablations (section 4.3), each as the settings it changes: pivots by optimisation
+instead of e4e, no generator tuning, the raw edit pasted inside the segmentation mask instead of
+stitching tuning, and the raw edit Poisson-blended."""
+
+
+def ablations_of(config: RunConfig) -> list[str]:
+    """The names of the :data:`ABLATIONS` a config carries out (empty for the full method)."""
+    found = []
+    for name, settings in ABLATIONS.items():
+        if all(getattr(getattr(config, stage), field_name) == value
+               for stage, fields in settings.items() for field_name, value in fields.items()):
+            found.append(name)
+    return found

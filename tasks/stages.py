@@ -276,7 +276,7 @@ def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, profile
 
 @stage_task(name="stitch")
 def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig,
-                device: str, chunk_size: int = 16) -> StageRef:
+                profile: str, models_dir: str | None, device: str, chunk_size: int = 16) -> StageRef:
     """Stitching tuning of every frame, chunk by chunk; finished chunks are kept if the run stops."""
     store = open_store(store_uri)
 
