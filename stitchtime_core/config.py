@@ -161,7 +161,7 @@ class BlendingConfig:
 
     method: Literal["feather", "mask", "poisson"] = "feather"
     """"feather": through the dilated mask m^d with a Gaussian edge (the paper); "mask": a hard paste
-    inside the segmentation mask m; "poisson": Poisson blending (OpenCV seamlessClone) inside m^d.
+    inside the segmentation mask m; "poisson": Poisson blending (OpenCV seamlessClone) inside m.
     The last two are the paper's blending baselines."""
     feather_px: float = 12.0
     """Gaussian feathering of the mask edge (sigma, pixels at 1024 px, scaled to the crop)."""

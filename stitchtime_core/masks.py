@@ -135,7 +135,36 @@ def stitching_masks(crop_landmarks: np.ndarray, size: int, *, border_px_1024: fl
         (masks m, boundaries b = dilate(m) XOR m), each float32 [N, size, size] in {0, 1}; the
         dilated mask m^d used for pasting is their sum.
     """
-    px = scaled_px(border_px_1024, size)
     masks = np.stack([landmark_face_mask(lm, size) for lm in crop_landmarks]).astype(np.float32)
-    boundaries = np.stack([boundary(m, px) for m in masks]).astype(np.float32)
-    return masks, boundaries
+    return masks, boundaries_of(masks, border_px_1024=border_px_1024)
+
+
+def boundaries_of(masks: np.ndarray, *, border_px_1024: float) -> np.ndarray:
+    """b = m XOR dilate(m) for each mask of float [N, S, S], the width given at 1024 px; float32 [N, S, S]."""
+    px = scaled_px(border_px_1024, masks.shape[-1])
+    return np.stack([boundary(m, px) for m in masks]).astype(np.float32).reshape(masks.shape)
+
+
+def parsed_or_landmark_masks(parsed: np.ndarray, crop_landmarks: np.ndarray, *,
+                             min_fraction: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Face masks from a face-parsing network where it found a face, from the landmarks elsewhere.
+
+    Args:
+        parsed: float [N, S, S] in {0, 1}, the parsing network's face masks (see
+            ``bisenet.face_mask_from_labels``).
+        crop_landmarks: float [N, 68, 2] landmarks in crop pixels.
+        min_fraction: a parsed mask covering less of the crop than this counts as "no face found"
+            (a parsing failure on a badly edited or unusual frame), and that frame uses its landmarks.
+
+    Returns:
+        (float32 [N, S, S] masks, bool [N] True where the mask came from the landmarks).
+    """
+    crop_landmarks = np.asarray(crop_landmarks)
+    parsed = np.asarray(parsed, dtype=np.float32)
+    if parsed.ndim != 3 or parsed.shape[0] != len(crop_landmarks):
+        raise ValueError(f"parsed must be [{len(crop_landmarks)}, S, S], got {list(parsed.shape)}")
+    fallback = parsed.mean(axis=(1, 2)) < min_fraction
+    masks = parsed.copy()
+    for i in np.flatnonzero(fallback):
+        masks[i] = landmark_face_mask(crop_landmarks[i], parsed.shape[-1])
+    return masks, fallback

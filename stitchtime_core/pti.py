@@ -3,6 +3,9 @@
 min_θ 1/N Σ_i [LPIPS(c_i, r_i) + λ_L2·MSE(c_i, r_i)] + λ_R·L_R, with r_i = G(w_i; θ), and L_R PTI's
 locality regulariser: at a code moved α from a pivot towards a random w of the original mapping
 (ψ = 0.5), the tuned generator must still agree with the original one (MSE + LPIPS).
+
+Everything random is drawn from the seed and the step number, so a run resumed from a
+:class:`PTICheckpoint` takes exactly the steps the uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ class PTIResult:
     steps: int
 
 
+@dataclass
+class PTICheckpoint:
+    """Where a tuning run stood after ``step`` steps: enough to go on exactly as if never stopped."""
+
+    step: int
+    synthesis: dict[str, torch.Tensor]
+    """The tuned synthesis network's state dict."""
+    optimizer: dict[str, torch.Tensor]
+    """Adam's per-parameter moments (``exp_avg.K``, ``exp_avg_sq.K``) and step count (``step``)."""
+    losses: list[float]
+
+
 def pti_steps(num_frames: int, config: PTIConfig) -> int:
     """Steps needed for every frame to be seen ``observations_per_frame`` times."""
     return math.ceil(num_frames * config.observations_per_frame / config.batch_size)
@@ -44,47 +59,69 @@ def locality_codes(G: Generator, pivots: torch.Tensor, *, alpha: float, psi: flo
     return pivots + alpha * direction / norm
 
 
+def frame_order(num_frames: int, config: PTIConfig) -> torch.Tensor:
+    """The frame index of every sample of every step: whole shuffled passes over the frames."""
+    rng = torch.Generator().manual_seed(config.seed)
+    total = pti_steps(num_frames, config) * config.batch_size
+    return torch.cat([torch.randperm(num_frames, generator=rng) for _ in range(math.ceil(total / num_frames))])
+
+
 def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, config: PTIConfig,
-                   lpips_fn: nn.Module, progress: Callable[[int, int, float], None] | None = None) -> PTIResult:
+                   lpips_fn: nn.Module, progress: Callable[[int, int, float], None] | None = None,
+                   resume: PTICheckpoint | None = None,
+                   checkpoint: Callable[[PTICheckpoint], None] | None = None) -> PTIResult:
     """Tune a copy of ``G`` so that G(pivots[i]) reproduces crops[i] for every frame.
 
     Args:
         G: the original generator (read only), on the device to train on.
         pivots: [frames, num_ws, w_dim] W+ pivots, on G's device.
-        crops: [frames, 3, res, res] aligned crops in [-1, 1], on G's device.
+        crops: [frames, 3, res, res] aligned crops: float in [-1, 1], or uint8 in [0, 255] (kept as
+            they are, 4x smaller, and converted a batch at a time). Any device; batches move to G's.
         config: PTI settings; ``seed`` fixes the frame order and regulariser codes.
         lpips_fn: LPIPS module on G's device.
         progress: called with (step, total steps, loss) after each step.
+        resume: a checkpoint of an earlier run with the same inputs and config to go on from.
+        checkpoint: called with the run's state every ``config.checkpoint_every`` steps (not after the
+            last step).
 
     Returns:
         the tuned generator (eval mode, no gradients) and the loss of every step.
+
+    Raises:
+        ValueError: shapes that do not fit, or a checkpoint that does not fit this run.
     """
     if pivots.shape[0] != crops.shape[0]:
         raise ValueError(f"{pivots.shape[0]} pivots for {crops.shape[0]} crops")
     res = G.img_resolution
-    if crops.shape[1:] != (3, res, res):
+    if crops.ndim != 4 or crops.shape[1:] != (3, res, res):
         raise ValueError(f"crops must be [frames, 3, {res}, {res}], got {list(crops.shape)}")
+    num_frames, total = pivots.shape[0], pti_steps(pivots.shape[0], config)
     tuned = copy.deepcopy(G).train().requires_grad_(False)
     tuned.synthesis.requires_grad_(True)
-    params = [p for p in tuned.synthesis.parameters() if p.requires_grad]
+    params = list(tuned.synthesis.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    rng = torch.Generator().manual_seed(config.seed)
-    num_frames = pivots.shape[0]
-    total = pti_steps(num_frames, config)
-    order = torch.cat([torch.randperm(num_frames, generator=rng)
-                       for _ in range(math.ceil(total * config.batch_size / num_frames))])
-    losses = []
-    for step in range(total):
-        index = order[step * config.batch_size:(step + 1) * config.batch_size].to(pivots.device)
-        w, target = pivots[index], crops[index]
-        image = tuned.synthesis(w, noise_mode="const")
+    losses: list[float] = []
+    start = 0
+    if resume is not None:
+        if not 0 < resume.step <= total:
+            raise ValueError(f"checkpoint at step {resume.step} does not fit a run of {total} steps")
+        tuned.synthesis.load_state_dict(resume.synthesis)
+        optimizer.load_state_dict(_optimizer_state(optimizer, resume.optimizer))
+        start, losses = resume.step, list(resume.losses)
+    order = frame_order(num_frames, config)
+    for step in range(start, total):
+        index = order[step * config.batch_size:(step + 1) * config.batch_size]
+        w = pivots[index.to(pivots.device)]
+        target = _as_images(crops[index.to(crops.device)], w.device)
+        image = tuned.synthesis(w, noise_mode="const", force_fp32=True)
         loss = (config.lambda_lpips * lpips_fn(image, target).mean()
                 + config.lambda_l2 * F.mse_loss(image, target))
         if config.lambda_r > 0:
+            rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             codes = locality_codes(G, w, alpha=config.locality_alpha, psi=config.locality_psi, generator=rng)
             with torch.no_grad():
-                original = G.synthesis(codes, noise_mode="const")
-            moved = tuned.synthesis(codes, noise_mode="const")
+                original = G.synthesis(codes, noise_mode="const", force_fp32=True)
+            moved = tuned.synthesis(codes, noise_mode="const", force_fp32=True)
             loss = loss + config.lambda_r * (F.mse_loss(moved, original) + lpips_fn(moved, original).mean())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -92,4 +129,41 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, total, losses[-1])
+        if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
+                and step + 1 < total:
+            checkpoint(PTICheckpoint(step + 1, _detached(tuned.synthesis.state_dict()),
+                                     _flat_optimizer_state(optimizer), list(losses)))
     return PTIResult(tuned.eval().requires_grad_(False), losses, total)
+
+
+def _as_images(crops: torch.Tensor, device: torch.device) -> torch.Tensor:
+    crops = crops.to(device)
+    if crops.dtype == torch.uint8:
+        return crops.float().div(127.5).sub(1)
+    return crops
+
+
+def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _flat_optimizer_state(optimizer: torch.optim.Adam) -> dict[str, torch.Tensor]:
+    """Adam's state as flat tensors (safetensors can store it): moments per parameter index, the step."""
+    flat: dict[str, torch.Tensor] = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        flat[f"exp_avg.{index}"] = state["exp_avg"].detach().clone()
+        flat[f"exp_avg_sq.{index}"] = state["exp_avg_sq"].detach().clone()
+        flat["step"] = torch.as_tensor(state["step"]).detach().clone().float()
+    return flat
+
+
+def _optimizer_state(optimizer: torch.optim.Adam, flat: dict[str, torch.Tensor]) -> dict:
+    """The inverse of :func:`_flat_optimizer_state`, as ``optimizer.load_state_dict`` takes it."""
+    state_dict = optimizer.state_dict()
+    indices = state_dict["param_groups"][0]["params"]
+    missing = [i for i in indices if f"exp_avg.{i}" not in flat or f"exp_avg_sq.{i}" not in flat]
+    if missing or "step" not in flat:
+        raise ValueError(f"checkpoint's optimiser state does not fit this generator ({len(missing)} parameters missing)")
+    state_dict["state"] = {i: {"step": flat["step"].clone(), "exp_avg": flat[f"exp_avg.{i}"],
+                               "exp_avg_sq": flat[f"exp_avg_sq.{i}"]} for i in indices}
+    return state_dict

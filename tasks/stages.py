@@ -9,6 +9,7 @@ otherwise it reads its inputs from the store, calls the core, writes its outputs
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -28,18 +29,20 @@ from stitchtime_core.config import (AlignmentConfig, BlendingConfig, EditingConf
 from stitchtime_core.editing import edit_latents, resolve_direction
 from stitchtime_core.errors import InputError, NoFaceError, StitchtimeError, StoreError
 from stitchtime_core.losses import build_lpips
+from stitchtime_core.models.bisenet import face_mask_from_labels, parse_faces
 from stitchtime_core.models.e4e import encode
 from stitchtime_core.models.profiles import Models, generator_config, load_models
 from stitchtime_core.models.stylegan2 import Generator
-from stitchtime_core.pti import tune_generator
-from stitchtime_core.render import render_video
-from stitchtime_core.stitching import stitch_frames
+from stitchtime_core.projector import project_pivots
+from stitchtime_core.pti import PTICheckpoint, tune_generator
+from stitchtime_core.render import CropPaste, render_video
+from stitchtime_core.stitching import render_edits, stitch_frames
 from stitchtime_core.tensors import images_to_tensor, tensor_to_images
 from tasks.store import ArtifactStore, open_store
 
 # Bump a stage's version when its code changes what it writes: its key, and every key downstream, change.
-STAGE_VERSIONS = {"probe": 1, "landmarks": 1, "align": 1, "encode": 1, "pti": 1, "edit": 1, "stitch": 1,
-                  "render": 1}
+STAGE_VERSIONS = {"probe": 1, "landmarks": 1, "align": 1, "encode": 2, "pti": 2, "edit": 1, "stitch": 2,
+                  "render": 2}
 
 
 @dataclass(frozen=True)
@@ -200,22 +203,50 @@ def _edited_rows(store: ArtifactStore, align: StageRef) -> dict[str, np.ndarray]
     return {name: column[keep] for name, column in table.items()}
 
 
+def _crops_chw(store: ArtifactStore, align: StageRef) -> torch.Tensor:
+    """Every edited frame's aligned crop as uint8 [n, 3, S, S] (a quarter of the float size)."""
+    return torch.cat([torch.from_numpy(c).permute(0, 3, 1, 2) for c in _iter_crops(store, align)]).contiguous()
+
+
+class _CropRows:
+    """Aligned crops by row among the edited frames, reading one stored chunk at a time."""
+
+    def __init__(self, store: ArtifactStore, align: StageRef):
+        self.store, self.keys = store, align.info["crop_chunks"]
+        self.index, self.chunk = -1, None
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """uint8 [stop - start, S, S, 3]."""
+        parts = []
+        for row in range(start, stop):
+            index = row // CROP_CHUNK
+            if index != self.index:
+                self.chunk, self.index = self.store.get_tensors(self.keys[index])["crops"].numpy(), index
+            parts.append(self.chunk[row % CROP_CHUNK])
+        return np.stack(parts)
+
+
 @stage_task(name="encode")
 def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profile: str, models_dir: str | None,
                   device: str) -> StageRef:
-    """e4e W+ pivots of every aligned crop."""
+    """W+ pivots of every aligned crop: e4e, or per-frame optimisation (the "w/o e4e" ablation)."""
     store = open_store(store_uri)
     models = _models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
         pivots = []
-        with torch.no_grad():
-            for crops in _iter_crops(store, align):
-                for start in range(0, len(crops), config.batch_size):
+        for crops in _iter_crops(store, align):
+            if config.method == "optimization":  # seeded by the chunk's first row, so every frame has its own noise
+                pivots.append(project_pivots(models.generator, images_to_tensor(crops, device), config=config,
+                                             lpips_fn=_lpips(profile, models_dir, device),
+                                             seed=sum(len(p) for p in pivots)).cpu())
+                continue
+            for start in range(0, len(crops), config.batch_size):
+                with torch.no_grad():
                     batch = images_to_tensor(crops[start:start + config.batch_size], device)
                     pivots.append(encode(models.encoder, batch, models.latent_avg).cpu())
         store.put_tensors(f"{key}/pivots.safetensors", {"pivots": torch.cat(pivots)})
-        return {"frames": sum(len(p) for p in pivots)}
+        return {"frames": sum(len(p) for p in pivots), "method": config.method}
 
     return _run_stage(store, "encode", inputs=[align.key, models.identity], config=config, produce=produce)
 
@@ -223,28 +254,63 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profi
 @stage_task(name="pti")
 def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfig, profile: str,
              models_dir: str | None, device: str) -> StageRef:
-    """One generator tuned around the pivots of all frames (paper eq. 1)."""
+    """One generator tuned around the pivots of all frames (paper eq. 1), checkpointed as it goes.
+
+    A run stopped part way resumes from ``checkpoint.safetensors``; it is deleted once the tuned
+    generator is written. With ``method`` "none" nothing is tuned (the "w/o PTI" ablation) and later
+    stages use the original generator.
+    """
     store = open_store(store_uri)
     models = _models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
-        crops = images_to_tensor(np.concatenate(list(_iter_crops(store, align))), device)
+        if config.method == "none":
+            return {"method": "none", "steps": 0}
+        crops = _crops_chw(store, align)
         w = store.get_tensors(f"{pivots.key}/pivots.safetensors", device=device)["pivots"]
-        result = tune_generator(models.generator, w, crops, config=config, lpips_fn=_lpips(profile, models_dir, device))
+        checkpoint_key = f"{key}/checkpoint.safetensors"
+        resume = _read_pti_checkpoint(store, checkpoint_key) if store.exists(checkpoint_key) else None
+        result = tune_generator(models.generator, w, crops, config=config, lpips_fn=_lpips(profile, models_dir, device),
+                                resume=resume, checkpoint=lambda c: _write_pti_checkpoint(store, checkpoint_key, c))
+        mse = 0.0
         with torch.no_grad():
-            mse = float(torch.nn.functional.mse_loss(result.generator.synthesis(w), crops))
+            for part in range(0, len(w), config.batch_size):
+                images = crops[part:part + config.batch_size].to(device).float().div(127.5).sub(1)
+                mse += float(torch.nn.functional.mse_loss(result.generator.synthesis(w[part:part + config.batch_size]),
+                                                          images, reduction="sum"))
         store.put_tensors(f"{key}/generator.safetensors", result.generator.state_dict())
         store.put_json(f"{key}/generator.json", generator_config(result.generator))
-        return {"steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1],
-                "reconstruction_mse": mse}
+        if store.exists(checkpoint_key):
+            store.delete(checkpoint_key)
+        return {"method": "pti", "steps": result.steps, "resumed_from_step": resume.step if resume else 0,
+                "first_loss": result.losses[0], "last_loss": result.losses[-1],
+                "reconstruction_mse": mse / crops.numel()}
 
-    return _run_stage(store, "pti", inputs=[align.key, pivots.key, models.identity], config=config,
-                      produce=produce)
+    # The checkpoint interval does not change the result, so it is not part of the key.
+    keyed = dataclasses.replace(config, checkpoint_every=0)
+    return _run_stage(store, "pti", inputs=[align.key, pivots.key, models.identity], config=keyed, produce=produce)
 
 
-def _load_generator(store: ArtifactStore, key: str, device: str) -> Generator:
-    G = Generator(**store.get_json(f"{key}/generator.json"))
-    G.load_state_dict(store.get_tensors(f"{key}/generator.safetensors"))
+def _write_pti_checkpoint(store: ArtifactStore, key: str, checkpoint: PTICheckpoint) -> None:
+    tensors = {f"synthesis.{k}": v for k, v in checkpoint.synthesis.items()}
+    tensors.update({f"optimizer.{k}": v for k, v in checkpoint.optimizer.items()})
+    tensors["losses"] = torch.tensor(checkpoint.losses, dtype=torch.float64)
+    tensors["step"] = torch.tensor(checkpoint.step)
+    store.put_tensors(key, tensors)  # one atomic write: a reader never sees half a checkpoint
+
+
+def _read_pti_checkpoint(store: ArtifactStore, key: str) -> PTICheckpoint:
+    tensors = store.get_tensors(key)
+    part = lambda prefix: {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    return PTICheckpoint(int(tensors["step"]), part("synthesis."), part("optimizer."), tensors["losses"].tolist())
+
+
+def _pti_generator(store: ArtifactStore, pti: StageRef, models: Models, device: str) -> Generator:
+    """θ_p: the tuned generator, or the original one when PTI was skipped."""
+    if pti.info.get("method") == "none":
+        return models.generator
+    G = Generator(**store.get_json(f"{pti.key}/generator.json"))
+    G.load_state_dict(store.get_tensors(f"{pti.key}/generator.safetensors"))
     return G.to(device).eval().requires_grad_(False)
 
 
@@ -277,37 +343,62 @@ def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, profile
 @stage_task(name="stitch")
 def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig,
                 profile: str, models_dir: str | None, device: str, chunk_size: int = 16) -> StageRef:
-    """Stitching tuning of every frame, chunk by chunk; finished chunks are kept if the run stops."""
+    """Masks and stitching tuning of every frame, chunk by chunk; finished chunks are kept if the run stops.
+
+    Masks come from BiSeNet run on the edited images, as the reference code does, when the profile
+    has face-parsing weights; from the landmarks otherwise (and for frames where parsing finds no face).
+    """
     store = open_store(store_uri)
+    models = _models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
-        G = _load_generator(store, pti.key, device)
-        crops = np.concatenate(list(_iter_crops(store, align)))
+        G = _pti_generator(store, pti, models, device)
         crop_points = _edited_rows(store, align)["crop_landmarks"]
         latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"]
-        m, b = masks.stitching_masks(crop_points, crops.shape[1], border_px_1024=config.border_px)
-        masks_t, boundaries_t = (torch.from_numpy(a).unsqueeze(1).to(device) for a in (m, b))
-        before, after = [], []
-        for start in range(0, len(crops), chunk_size):
-            chunk_key = f"{key}/chunk-{start:06d}.safetensors"
+        crops = _CropRows(store, align)
+        before, after, landmark_masks = [], [], 0
+        chunk_keys = [f"{key}/chunk-{s:06d}.safetensors" for s in range(0, len(latents), chunk_size)]
+        for start, chunk_key in zip(range(0, len(latents), chunk_size), chunk_keys):
             if not store.exists(chunk_key):
-                part = slice(start, start + chunk_size)
-                result = stitch_frames(G, latents[part], images_to_tensor(crops[part], device), masks_t[part],
-                                       boundaries_t[part], config=config)
-                store.put_tensors(chunk_key, {
-                    "stitched": torch.from_numpy(tensor_to_images(result.stitched)),
-                    "paste_masks": torch.from_numpy(m[part] + b[part]).to(torch.uint8),
-                    "boundary_error_before": result.boundary_error_before.cpu(),
-                    "boundary_error_after": result.boundary_error_after.cpu(),
-                })
+                part = slice(start, min(start + chunk_size, len(latents)))
+                store.put_tensors(chunk_key, _stitch_chunk(G, models.parser, latents[part], crops.rows(part.start, part.stop),
+                                                           crop_points[part], config=config, device=device))
             chunk = store.get_tensors(chunk_key)
             before.append(chunk["boundary_error_before"])
             after.append(chunk["boundary_error_after"])
-        return {"chunks": [f"{key}/chunk-{s:06d}.safetensors" for s in range(0, len(crops), chunk_size)],
+            landmark_masks += int(chunk["landmark_masks"].sum())
+        return {"chunks": chunk_keys, "method": config.method,
+                "masks": "landmarks" if models.parser is None else "bisenet",
+                "landmark_mask_frames": landmark_masks,
                 "boundary_error_before": float(torch.cat(before).mean()),
-                "boundary_error_after": float(torch.cat(after).mean())}
+                "boundary_error_after": float(torch.cat(after).mean()),
+                "steps_per_frame": float(torch.cat([store.get_tensors(k)["steps"] for k in chunk_keys]).float().mean())}
 
-    return _run_stage(store, "stitch", inputs=[align.key, pti.key, edit.key], config=config, produce=produce)
+    return _run_stage(store, "stitch", inputs=[align.key, pti.key, edit.key, models.parser_identity], config=config,
+                      produce=produce)
+
+
+def _stitch_chunk(G: Generator, parser: torch.nn.Module | None, latents: torch.Tensor, crops: np.ndarray,
+                  crop_points: np.ndarray, *, config: StitchingConfig, device: str) -> dict[str, torch.Tensor]:
+    """One chunk's stitched crops, masks m and paste masks m^d, and its numbers, ready to store."""
+    x = images_to_tensor(crops, device)
+    edits = render_edits(G, latents, batch_size=config.batch_size)
+    if parser is None:
+        m = np.stack([masks.landmark_face_mask(p, x.shape[-1]) for p in crop_points])
+        from_landmarks = np.ones(len(m), bool)
+    else:
+        parsed = face_mask_from_labels(parse_faces(parser, edits)).cpu().numpy()
+        m, from_landmarks = masks.parsed_or_landmark_masks(parsed, crop_points)
+    b = masks.boundaries_of(m, border_px_1024=config.border_px)
+    as_tensor = lambda a: torch.from_numpy(a).unsqueeze(1).to(device)  # noqa: E731
+    result = stitch_frames(G, latents, x, as_tensor(m), as_tensor(b), config=config, edits=edits)
+    return {"stitched": torch.from_numpy(tensor_to_images(result.stitched)),
+            "masks": torch.from_numpy(m).to(torch.uint8),
+            "paste_masks": torch.from_numpy(m + b).to(torch.uint8),
+            "landmark_masks": torch.from_numpy(from_landmarks),
+            "steps": result.steps.cpu(),
+            "boundary_error_before": result.boundary_error_before.cpu(),
+            "boundary_error_after": result.boundary_error_after.cpu()}
 
 
 @stage_task(name="render")
@@ -337,22 +428,24 @@ def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef,
 
 
 class _StitchedChunks:
-    """Stitched crops and paste masks by row, loading one stored chunk at a time (rows come in order)."""
+    """Stitched crops and masks by row, loading one stored chunk at a time (rows come in order)."""
 
     def __init__(self, store: ArtifactStore, keys: list[str]):
         self.store, self.keys = store, keys
         self.start, self.stop, self.chunk = 0, 0, None
         self.next_index = 0
 
-    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def row(self, index: int) -> CropPaste:
         while not self.start <= index < self.stop:
             if self.next_index >= len(self.keys):
                 raise IndexError(f"row {index} is past the stitched chunks")
             data = self.store.get_tensors(self.keys[self.next_index])
-            self.chunk = (data["stitched"].numpy(), data["paste_masks"].numpy().astype(np.float32))
+            self.chunk = (data["stitched"].numpy(), data["masks"].numpy().astype(np.float32),
+                          data["paste_masks"].numpy().astype(np.float32))
             self.start, self.stop = self.stop, self.stop + len(self.chunk[0])
             self.next_index += 1
-        return self.chunk[0][index - self.start], self.chunk[1][index - self.start]
+        crop, mask, paste_mask = (part[index - self.start] for part in self.chunk)
+        return CropPaste(crop, mask, paste_mask)
 
 
 def _deliver(store: ArtifactStore, key: str, out: str) -> None:

@@ -22,6 +22,7 @@ from stitchtime_core.config import PTIConfig, RunConfig, StitchingConfig
 from stitchtime_core.errors import InputError
 from stitchtime_core.models import registry
 from stitchtime_core.models.ada_pickle import load_ada_generator
+from stitchtime_core.models.bisenet import BiSeNet, load_bisenet
 from stitchtime_core.models.e4e import Encoder4Editing
 from stitchtime_core.models.e4e_checkpoint import load_e4e_checkpoint
 from stitchtime_core.models.stylegan2 import Generator
@@ -56,6 +57,10 @@ class Models:
     directions: dict[str, torch.Tensor] = field(default_factory=dict)
     lpips_backbone: Path | None = None
     """torchvision AlexNet weights for LPIPS; None keeps a seeded random backbone (tiny profile)."""
+    parser: BiSeNet | None = None
+    """BiSeNet face parsing for the stitching masks; None: masks come from the landmarks."""
+    parser_identity: str = "landmarks"
+    """Changes with the parsing weights (used in the stitch stage's artifact key)."""
 
     @property
     def resolution(self) -> int:
@@ -118,7 +123,8 @@ def load_ffhq(folder: Path) -> Models:
     """The official networks from a models folder (see ``stitchtime models list``).
 
     Named directions are the ``.npy``/``.pt`` files in ``folder/directions`` (the reference code's
-    ``age.npy``, ``smile.npy``, …), each named by its file stem.
+    ``age.npy``, ``smile.npy``, …), each named by its file stem. The face-parsing network is loaded
+    when its file is there; without it stitching masks come from the landmarks.
     """
     blocking = [status for status in registry.verify(folder, profile="ffhq", check_hashes=False) if status.blocking]
     if blocking:
@@ -135,8 +141,13 @@ def load_ffhq(folder: Path) -> Models:
         if path.suffix in (".npy", ".pt"):
             directions[path.stem] = load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim)
     identity = hashlib.sha256("|".join(_file_digest(p) for p in files.values()).encode()).hexdigest()[:16]
-    return Models("ffhq", G, checkpoint.encoder, checkpoint.latent_avg, identity, directions,
-                  lpips_backbone=files["lpips_backbone"])
+    models = Models("ffhq", G, checkpoint.encoder, checkpoint.latent_avg, identity, directions,
+                    lpips_backbone=files["lpips_backbone"])
+    parsing = folder / next(e.name for e in registry.entries_for("ffhq") if e.role == "face_parsing")
+    if parsing.is_file():
+        models.parser = load_bisenet(parsing)
+        models.parser_identity = _file_digest(parsing)[:16]
+    return models
 
 
 @functools.lru_cache(maxsize=16)
@@ -169,4 +180,6 @@ def _to_device(models: Models, device: torch.device | str) -> Models:
     models.encoder = models.encoder.to(device).eval().requires_grad_(False)
     models.latent_avg = models.latent_avg.to(device)
     models.directions = {k: v.to(device) for k, v in models.directions.items()}
+    if models.parser is not None:
+        models.parser = models.parser.to(device).eval().requires_grad_(False)
     return models

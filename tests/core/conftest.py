@@ -42,6 +42,11 @@ class FaceClip:
     images: torch.Tensor
     """float32 [frames, 3, 64, 64] the crops in [-1, 1]."""
 
+    @property
+    def crops_chw(self) -> torch.Tensor:
+        """uint8 [frames, 3, 64, 64] the crops as PTI takes them from the store."""
+        return torch.from_numpy(self.crops).permute(0, 3, 1, 2).contiguous()
+
 
 @dataclass(frozen=True)
 class PTIRun:

@@ -83,3 +83,23 @@ def test_scaled_px_scales_with_resolution():
     assert masks.scaled_px(0, 64) == 0
     with pytest.raises(ValueError):
         masks.scaled_px(-1, 64)
+
+
+def test_parsed_masks_are_kept_and_empty_ones_fall_back_to_the_landmarks(crop_landmarks):
+    parsed = np.zeros((3, SIZE, SIZE), np.float32)
+    parsed[0, 40:200, 60:190] = 1  # a face found by the parser
+    parsed[2, 10:12, 10:12] = 1  # a few stray pixels: no face found
+    chosen, from_landmarks = masks.parsed_or_landmark_masks(parsed, np.stack([crop_landmarks] * 3))
+    assert from_landmarks.tolist() == [False, True, True]
+    assert np.array_equal(chosen[0], parsed[0])
+    landmark_mask = masks.landmark_face_mask(crop_landmarks, SIZE)
+    assert np.array_equal(chosen[1], landmark_mask) and np.array_equal(chosen[2], landmark_mask)
+    with pytest.raises(ValueError, match=r"parsed must be \[2, S, S\]"):
+        masks.parsed_or_landmark_masks(parsed, np.stack([crop_landmarks] * 2))
+
+
+def test_boundaries_of_scales_the_width_from_1024(crop_landmarks):
+    mask = masks.landmark_face_mask(crop_landmarks, SIZE)[None]
+    ring = masks.boundaries_of(mask, border_px_1024=50)  # 12.5 -> 13 px at 256
+    assert ring.shape == mask.shape and (ring * mask).sum() == 0
+    assert np.array_equal(ring[0], masks.boundary(mask[0], 13))

@@ -120,3 +120,48 @@ def test_mismatched_shapes_raise(tiny, pivots, lpips_fn, pivot_slice, crop_shape
 def test_pivots_of_the_wrong_width_raise(tiny, pivots, face_clip, lpips_fn):
     with pytest.raises(ValueError, match="ws must have shape"):
         tune_generator(tiny.generator, pivots[:, :5], face_clip.images, config=SHORT_CONFIG, lpips_fn=lpips_fn)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tiny, face_clip, pivots, lpips_fn):
+    config = dataclasses.replace(SHORT_CONFIG, observations_per_frame=4, checkpoint_every=3)  # 12 steps
+    saved = []
+    whole = tune_generator(tiny.generator, pivots[:6], face_clip.crops_chw, config=config, lpips_fn=lpips_fn,
+                           checkpoint=saved.append)
+    assert [c.step for c in saved] == [3, 6, 9]
+
+    def stop_after_seven(step, total, loss):
+        if step == 7:
+            raise _Stop  # as if the process were killed after step 7
+
+    kept = []
+    with pytest.raises(_Stop):
+        tune_generator(tiny.generator, pivots[:6], face_clip.crops_chw, config=config, lpips_fn=lpips_fn,
+                       checkpoint=kept.append, progress=stop_after_seven)
+    assert [c.step for c in kept] == [3, 6]
+    resumed = tune_generator(tiny.generator, pivots[:6], face_clip.crops_chw, config=config, lpips_fn=lpips_fn,
+                             resume=kept[-1])
+    assert resumed.losses == whole.losses and len(whole.losses) == 12
+    assert _states_equal(resumed.generator.state_dict(), whole.generator.state_dict())
+
+
+def test_uint8_crops_tune_like_float_crops(tiny, face_clip, pivots, lpips_fn):
+    from_float = tune_generator(tiny.generator, pivots[:4], face_clip.images[:4], config=SHORT_CONFIG,
+                                lpips_fn=lpips_fn)
+    from_uint8 = tune_generator(tiny.generator, pivots[:4], face_clip.crops_chw[:4], config=SHORT_CONFIG,
+                                lpips_fn=lpips_fn)
+    assert from_float.losses == pytest.approx(from_uint8.losses, rel=1e-5)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tiny, face_clip, pivots, lpips_fn):
+    saved = []
+    config = dataclasses.replace(SHORT_CONFIG, checkpoint_every=1)
+    tune_generator(tiny.generator, pivots[:4], face_clip.images[:4], config=config, lpips_fn=lpips_fn,
+                   checkpoint=saved.append)
+    longer_than_run = dataclasses.replace(saved[-1], step=99)
+    with pytest.raises(ValueError, match="does not fit a run of 4 steps"):
+        tune_generator(tiny.generator, pivots[:4], face_clip.images[:4], config=config, lpips_fn=lpips_fn,
+                       resume=longer_than_run)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torchvision.models import alexnet
 
+from stitchtime_core.models.bisenet import BiSeNet
 from stitchtime_core.models.e4e import Encoder4Editing
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import probe
@@ -36,6 +37,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "opts": {"encoder_type": "Encoder4Editing", "stylegan_size": 64},
                 "latent_avg": G.mapping.w_avg.repeat(G.num_ws, 1)}, folder / "e4e_ffhq_encode.pt")
     torch.save(alexnet(weights=None).state_dict(), folder / "alexnet-owt-7be5be79.pth")
+    torch.save(fake_official.seeded_weights(BiSeNet(), seed=1).state_dict(), folder / "79999_iter.pth")
     (folder / "directions").mkdir()
     np.save(folder / "directions" / "age.npy", np.tile(np.random.default_rng(0).standard_normal(G.w_dim), (10, 1)))
     return folder
@@ -56,7 +58,8 @@ def test_models_verify_and_list_see_the_folder(models_dir: Path, env: dict[str, 
     assert result.returncode == 0, result.stdout + result.stderr
     listed = json.loads(run_cli(["models", "list", "--json", "--models", str(models_dir)], env, tmp_path).stdout)
     present = {row["name"] for row in listed if row["present"]}
-    assert present == {"ffhq.pkl", "e4e_ffhq_encode.pt", "alexnet-owt-7be5be79.pth", "directions/age.npy"}
+    assert present == {"ffhq.pkl", "e4e_ffhq_encode.pt", "alexnet-owt-7be5be79.pth", "79999_iter.pth",
+                       "directions/age.npy"}
 
 
 def test_ffhq_profile_edits_a_clip_with_the_official_file_layouts(models_dir: Path, env: dict[str, str],
@@ -69,6 +72,8 @@ def test_ffhq_profile_edits_a_clip_with_the_official_file_layouts(models_dir: Pa
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["profile"] == "ffhq" and summary["reused_stages"] == []
+    # With the face-parsing file present, masks come from BiSeNet (landmarks where it finds no face).
+    assert summary["stitching"]["masks"] == "bisenet"
     assert probe(out).frame_count == probe(clip).frame_count == 10
     config = json.loads(out.with_name("edited.config.json").read_text())
     assert config["pti"]["lr"] == 3e-5 and config["stitching"]["lr"] == 3e-4  # the paper's values

@@ -1,0 +1,161 @@
+"""The stage tasks' own behaviour, called as plain functions (``task.fn``) on a short real clip:
+the ablation settings change what they say, PTI resumes from its checkpoint, render blends each way."""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stitchtime_core.config import (BlendingConfig, EditingConfig, OutputConfig, RunConfig, StitchingConfig,
+                                    with_overrides, ABLATIONS)
+from stitchtime_core.models.profiles import profile_defaults
+from stitchtime_core.sample_clip import make_sample_clip
+from stitchtime_core.tensors import tensor_to_images
+from stitchtime_core.video import iter_frames, probe
+from tasks import stages
+from tasks.store import open_store
+
+FAST = {"pti": {"observations_per_frame": "2", "batch_size": "4", "checkpoint_every": "2"},
+        "stitching": {"steps": "3"}, "encoding": {"projection_steps": "5"}}
+EDIT = EditingConfig(edits=(("age", 2.0),))
+
+
+@dataclasses.dataclass
+class Upstream:
+    store_uri: str
+    source: str
+    config: RunConfig
+    probe: stages.StageRef
+    align: stages.StageRef
+    pivots: stages.StageRef
+    pti: stages.StageRef
+    edit: stages.StageRef
+
+
+def _stitch(up: Upstream, config: StitchingConfig, pti: stages.StageRef | None = None) -> stages.StageRef:
+    edit = up.edit if pti is None else stages.edit_pivots.fn(up.store_uri, up.pivots, EDIT, "tiny", None, "cpu")
+    return stages.stitch_tune.fn(up.store_uri, up.align, pti or up.pti, edit, config, "tiny", None, "cpu", chunk_size=4)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
+    folder = tmp_path_factory.mktemp("stages")
+    source = str(folder / "clip.mp4")
+    make_sample_clip(source, seconds=0.4, fps=Fraction(25), size=(192, 192))  # 10 frames
+    config = with_overrides(profile_defaults("tiny"), FAST)
+    store_uri = str(folder / "store")
+    p = stages.probe_video.fn(store_uri, source)
+    landmarks = stages.detect_landmarks.fn(store_uri, source, p, config.alignment)
+    align = stages.align_faces.fn(store_uri, source, p, landmarks, config.alignment, 64)
+    pivots = stages.encode_pivots.fn(store_uri, align, config.encoding, "tiny", None, "cpu")
+    pti = stages.tune_pti.fn(store_uri, align, pivots, config.pti, "tiny", None, "cpu")
+    edit = stages.edit_pivots.fn(store_uri, pivots, EDIT, "tiny", None, "cpu")
+    return Upstream(store_uri, source, config, p, align, pivots, pti, edit)
+
+
+def _chunks(up: Upstream, stitch: stages.StageRef) -> dict[str, torch.Tensor]:
+    store = open_store(up.store_uri)
+    parts = [store.get_tensors(k) for k in stitch.info["chunks"]]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+def test_optimisation_pivots_are_w_codes_unlike_e4e(up: Upstream) -> None:
+    config = with_overrides(up.config, ABLATIONS["no-e4e"]).encoding
+    projected = stages.encode_pivots.fn(up.store_uri, up.align, config, "tiny", None, "cpu")
+    store = open_store(up.store_uri)
+    w = store.get_tensors(f"{projected.key}/pivots.safetensors")["pivots"]
+    e4e = store.get_tensors(f"{up.pivots.key}/pivots.safetensors")["pivots"]
+    assert projected.info["method"] == "optimization" and up.pivots.info["method"] == "e4e"
+    assert w.shape == e4e.shape == (10, 10, 64)
+    assert torch.equal(w, w[:, :1].expand_as(w))  # one w for all layers, as PTI's W projector
+    assert not torch.equal(e4e, e4e[:, :1].expand_as(e4e))
+
+
+def test_no_pti_keeps_the_original_generator(up: Upstream) -> None:
+    no_pti = stages.tune_pti.fn(up.store_uri, up.align, up.pivots, dataclasses.replace(up.config.pti, method="none"),
+                                "tiny", None, "cpu")
+    assert no_pti.info == {"method": "none", "steps": 0}
+    assert not open_store(up.store_uri).exists(f"{no_pti.key}/generator.safetensors")
+    raw = dataclasses.replace(up.config.stitching, method="none")
+    with_original, with_pti = _chunks(up, _stitch(up, raw, no_pti)), _chunks(up, _stitch(up, raw))
+    models = stages._models("tiny", None, "cpu")
+    latents = open_store(up.store_uri).get_tensors(f"{up.edit.key}/latents.safetensors")["latents"]
+    with torch.no_grad():
+        original = models.generator.synthesis(latents, noise_mode="const")
+    expected = torch.from_numpy(tensor_to_images(original))
+    assert (with_original["stitched"].int() - expected.int()).abs().max() <= 1  # rounding only
+    assert (with_pti["stitched"].int() - expected.int()).abs().float().mean() > 5
+
+
+def test_no_stitching_keeps_the_raw_edit_and_tuning_lowers_the_boundary_error(up: Upstream) -> None:
+    raw = _stitch(up, dataclasses.replace(up.config.stitching, method="none"))
+    tuned = _stitch(up, up.config.stitching)
+    raw_chunks, tuned_chunks = _chunks(up, raw), _chunks(up, tuned)
+    assert raw_chunks["steps"].tolist() == [0] * 10 and tuned_chunks["steps"].tolist() == [3] * 10
+    assert raw.info["boundary_error_after"] == pytest.approx(raw.info["boundary_error_before"])
+    assert tuned.info["boundary_error_after"] < raw.info["boundary_error_before"]
+    assert raw.info["masks"] == tuned.info["masks"] == "landmarks"
+    # m inside m^d = m + boundary; both stored for the blending methods.
+    m, md = raw_chunks["masks"], raw_chunks["paste_masks"]
+    assert ((md >= m).all() and (md.sum() > m.sum()) and m.sum() > 0).item()
+
+
+def test_each_blending_method_pastes_its_own_way(up: Upstream, tmp_path: Path) -> None:
+    stitch = _stitch(up, up.config.stitching)
+    frames = {}
+    for method in ("feather", "mask", "poisson"):
+        out = str(tmp_path / f"{method}.mp4")
+        blending = BlendingConfig(method=method)
+        stages.render_output.fn(up.store_uri, up.source, up.probe, up.align, stitch, blending,
+                                OutputConfig(crf=0, preset="ultrafast", pix_fmt="yuv444p"), out)
+        frames[method] = np.stack(list(iter_frames(out, probe(out)))).astype(int)
+    source = np.stack(list(iter_frames(up.source, probe(up.source)))).astype(int)
+    changed = {name: (np.abs(f - source).max(axis=-1) > 3).mean() for name, f in frames.items()}
+    # The hard mask pastes inside m only, the feathered paste reaches out over the boundary ring.
+    assert 0 < changed["mask"] < changed["feather"]
+    assert np.abs(frames["poisson"] - frames["mask"]).mean() > 0.5
+    assert np.abs(frames["feather"] - frames["mask"]).mean() > 0.5
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_pti_stage_resumes_from_its_checkpoint(up: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store_uri = str(tmp_path / "store")
+    store, source_store = open_store(store_uri), open_store(up.store_uri)
+    for ref in (up.align, up.pivots):  # the same inputs in a store of its own
+        for key in source_store.list(ref.key):
+            store.put_bytes(key, source_store.get_bytes(key))
+    real = stages.tune_generator
+
+    def killed_after_first_checkpoint(*args, checkpoint, **kwargs):
+        def save_then_die(state):
+            checkpoint(state)
+            raise _Killed
+
+        return real(*args, checkpoint=save_then_die, **kwargs)
+
+    monkeypatch.setattr(stages, "tune_generator", killed_after_first_checkpoint)
+    with pytest.raises(_Killed):
+        stages.tune_pti.fn(store_uri, up.align, up.pivots, up.config.pti, "tiny", None, "cpu")
+    monkeypatch.setattr(stages, "tune_generator", real)
+    resumed = stages.tune_pti.fn(store_uri, up.align, up.pivots, up.config.pti, "tiny", None, "cpu")
+    assert resumed.key == up.pti.key and not resumed.reused
+    assert resumed.info["resumed_from_step"] == 2 and up.pti.info["resumed_from_step"] == 0
+    assert resumed.info["last_loss"] == up.pti.info["last_loss"]
+    a = store.get_tensors(f"{resumed.key}/generator.safetensors")
+    b = source_store.get_tensors(f"{up.pti.key}/generator.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert not store.exists(f"{resumed.key}/checkpoint.safetensors")  # deleted once the generator is written
+
+
+def test_the_checkpoint_interval_is_not_part_of_the_pti_key(up: Upstream) -> None:
+    again = stages.tune_pti.fn(up.store_uri, up.align, up.pivots,
+                               dataclasses.replace(up.config.pti, checkpoint_every=7), "tiny", None, "cpu")
+    assert again.reused and again.key == up.pti.key
