@@ -29,6 +29,7 @@ test: install
 bench: install
 	$(PYTHON) benchmarks/geometry.py
 	$(PYTHON) benchmarks/generator.py
+	$(PYTHON) benchmarks/method.py
 
 clean:
 	rm -rf $(VENV) stitchtime-data demo-output *.egg-info
