@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import click
 
+from stitchtime_core.config import ABLATIONS
+
 EXAMPLES = """
 \b
 Examples:
   stitchtime edit clip.mp4 --edit age=2 --out clip-older.mp4
-  stitchtime edit clip.mp4 --edit sefa:3=1.5 --edit smile=1 --out out.mp4 --store s3://bucket/stitchtime
+  stitchtime edit clip.mp4 --edit age=-4,-2,2,4 --out clip.mp4     # clip.age-4.mp4 ... clip.age+4.mp4
+  stitchtime edit clip.mp4 --edit age=2+smile=1 --edit sefa:3=1.5 --out out.mp4 --store s3://bucket/stitchtime
+  stitchtime edit clip.mp4 --edit age=2 --ablation no-stitching --out no-stitching.mp4
   stitchtime demo
 """
+
+_ABLATION_HELP = {
+    "no-e4e": "pivots by per-frame optimisation instead of the e4e encoder",
+    "no-pti": "the original generator, not tuned",
+    "no-stitching": "the raw edit pasted inside the face mask, no stitching tuning",
+    "poisson": "the raw edit Poisson-blended, no stitching tuning",
+}
+"""What each of the paper's ablations (section 4.3) does, for --help; the settings come from ABLATIONS."""
+
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_STRENGTHS = rf"{_NUMBER}(?:,{_NUMBER})*"
+# The last NAME=STRENGTHS term of a spec, and what comes before it (itself a spec, joined by "+").
+# The name is everything after that "+": it may hold ":" (sefa:3), "/" and even "+" (a file path).
+_LAST_TERM = re.compile(rf"(?:(?P<rest>.*={_STRENGTHS})\+)?(?P<name>.+)=(?P<strengths>{_STRENGTHS})")
+_EDIT_EXAMPLES = "e.g. age=2, age=-4,-2,2,4 (one output per strength), age=2+smile=1 (one combined output)"
 
 
 def _prepare_environment(store: str | None, verbose: bool) -> None:
@@ -40,14 +61,79 @@ def _prepare_environment(store: str | None, verbose: bool) -> None:
     logger.addHandler(handler)
 
 
-def _parse_edit(text: str) -> tuple[str, float]:
-    name, sep, strength = text.rpartition("=")
-    try:
-        if not sep or not name:
-            raise ValueError
-        return name, float(strength)
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected NAME=STRENGTH, e.g. age=2 or sefa:3=1.5") from None
+def parse_edit_spec(text: str) -> list[list[tuple[str, float]]]:
+    """The edit sets (one per output) one ``--edit`` stands for: ``NAME=S1[,S2,...]`` terms joined by ``+``.
+
+    Each term gives one or more strengths of a direction, and the spec stands for every combination:
+    ``age=-2,2+smile=1`` is ``[[("age", -2.0), ("smile", 1.0)], [("age", 2.0), ("smile", 1.0)]]``.
+    A name may hold ``:`` (``sefa:3``) and be a file path (even one with ``+``), never ``=``.
+
+    Raises:
+        click.BadParameter: the spec does not have that form, or names a direction twice.
+    """
+    terms: list[tuple[str, list[float]]] = []
+    rest: str | None = text
+    while rest is not None:
+        match = _LAST_TERM.fullmatch(rest)
+        name = match["name"] if match else ""
+        if not name.strip() or name.startswith("+") or "=" in name:
+            raise click.BadParameter(f"{text!r}: expected NAME=STRENGTH[,STRENGTH...][+NAME=STRENGTH...], "
+                                     f"{_EDIT_EXAMPLES}")
+        terms.insert(0, (name, [float(s) for s in match["strengths"].split(",")]))
+        rest = match["rest"]
+    names = [name for name, _ in terms]
+    for name in names:
+        if names.count(name) > 1:
+            raise click.BadParameter(f"{text!r}: {name} is given twice; give each direction once, "
+                                     f"with all its strengths: {name}=S1,S2")
+    return [list(edit_set) for edit_set in itertools.product(*[[(name, s) for s in strengths]
+                                                               for name, strengths in terms])]
+
+
+def _parse_edits(ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...]) -> list:
+    """Click callback: every --edit's edit sets, in order; the same output asked for twice is refused."""
+    edit_sets = [edit_set for text in ([value] if isinstance(value, str) else value)
+                 for edit_set in parse_edit_spec(text)]
+    seen = set()
+    for edit_set in edit_sets:
+        if frozenset(edit_set) in seen:  # edits add up, so their order does not matter
+            text = "+".join(f"{name}={strength:g}" for name, strength in edit_set)
+            raise click.BadParameter(f"{text} is asked for twice")
+        seen.add(frozenset(edit_set))
+    return edit_sets
+
+
+def _ablation_help() -> str:
+    described = []
+    for name, stages in ABLATIONS.items():
+        settings = ", ".join(f"{stage}.{field}={value}" for stage, fields in stages.items()
+                             for field, value in fields.items())
+        described.append(f"{name}: {_ABLATION_HELP[name]} ({settings})" if name in _ABLATION_HELP
+                         else f"{name}: {settings}")
+    return ("Run one of the paper's ablations instead of the full method: " + "; ".join(described)
+            + ". Repeatable; a --set of the same setting wins. The summary records which were used.")
+
+
+def _overrides(ablations: tuple[str, ...], settings: list[tuple[str, str, str]]) -> dict[str, dict[str, str]]:
+    """``{stage: {setting: value}}`` from the chosen ablations, then the --set settings, which win.
+
+    Raises:
+        click.UsageError: two ablations disagree on a setting.
+    """
+    overrides: dict[str, dict[str, str]] = {}
+    chosen: dict[str, str] = {}
+    for ablation in ablations:
+        for stage, fields in ABLATIONS[ablation].items():
+            for name, value in fields.items():
+                setting = f"{stage}.{name}"
+                if overrides.get(stage, {}).get(name, value) != value:
+                    raise click.UsageError(f"--ablation {chosen[setting]} and --ablation {ablation} both set "
+                                           f"{setting} ({overrides[stage][name]} and {value}); choose one")
+                overrides.setdefault(stage, {})[name] = value
+                chosen.setdefault(setting, ablation)
+    for stage, name, value in settings:
+        overrides.setdefault(stage, {})[name] = value
+    return overrides
 
 
 def _parse_setting(text: str) -> tuple[str, str, str]:
@@ -58,28 +144,29 @@ def _parse_setting(text: str) -> tuple[str, str, str]:
     return stage, name, value
 
 
-def _run_edit(source: str, out: str, edits: list[tuple[str, float]], *, profile: str, store: str | None,
-              device: str, models: str | None, settings: list[tuple[str, str, str]], as_json: bool,
-              verbose: bool) -> dict:
+def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *, profile: str,
+              store: str | None, device: str, models: str | None, ablations: tuple[str, ...],
+              settings: list[tuple[str, str, str]], as_json: bool, verbose: bool) -> dict:
+    overrides = _overrides(ablations, settings)
     _prepare_environment(store, verbose)
-    from flows.edit_video import check_paths, edit_video, sidecar_paths
+    from flows.edit_video import check_outputs, edit_video, sidecar_paths
     from stitchtime_core.errors import StitchtimeError
 
-    overrides: dict[str, dict[str, str]] = {}
-    for stage, name, value in settings:
-        overrides.setdefault(stage, {})[name] = value
     try:
-        check_paths(source, out)  # before Prefect starts, so a wrong path fails at once
-        summary = edit_video(source, out, edits, profile=profile, store=store, device=device, models_dir=models,
+        check_outputs(source, out, edit_sets)  # before Prefect starts, so a wrong path fails at once
+        summary = edit_video(source, out, edit_sets, profile=profile, store=store, device=device, models_dir=models,
                              overrides=overrides)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
-    except ValueError as exc:  # bad settings or edit names, found before any stage ran
+    except ValueError as exc:  # bad settings, edit names or repeated edits, found before any stage ran
         raise click.UsageError(str(exc)) from None
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
-        click.echo(f"edited video: {summary['output']}")
+        for output in summary["outputs"]:
+            click.echo(f"edited video: {output['output']}")
+        if summary["ablations"]:
+            click.echo(f"ablations:    {', '.join(summary['ablations'])}")
         click.echo(f"summary:      {sidecar_paths(out)[0].resolve()}")
     return summary
 
@@ -92,10 +179,14 @@ def main() -> None:
 
 @main.command(epilog=EXAMPLES)
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--edit", "edits", multiple=True, required=True, metavar="NAME=STRENGTH",
-              help="Direction and strength: a profile direction (tiny: age, smile, pose), sefa:K for the K-th "
-                   "closed-form direction, or a .npy/.pt direction file. Repeat to combine edits.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output video file.")
+@click.option("--edit", "edit_sets", multiple=True, required=True, callback=_parse_edits,
+              metavar="NAME=S1[,S2...][+NAME=S...]",
+              help="One output per --edit and per strength. NAME is a profile direction (tiny: age, smile, pose), "
+                   "sefa:K for the K-th closed-form direction, or a .npy/.pt direction file. age=-4,-2,2,4 makes "
+                   "four outputs; age=2+smile=1 makes one with both edits; age=-2,2+smile=1 makes two.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Output video file. With several outputs each is OUT-STEM.LABEL.EXT beside it "
+                   "(clip.age-4.mp4, clip.age+2_smile+1.mp4); the run summary is OUT-STEM.summary.json.")
 @click.option("--profile", type=click.Choice(["tiny", "ffhq"]), default="tiny", show_default=True,
               help="Models: tiny (built in, CPU) or ffhq (official files from --models).")
 @click.option("--store", default=None, help="Artifact store: a folder, file://PATH or s3://BUCKET/PREFIX "
@@ -108,28 +199,33 @@ def main() -> None:
                    "(0 = largest) or the one at pixel X,Y, in the first frame with faces.")
 @click.option("--detector", type=click.Choice(["hog", "cnn"]), default=None,
               help="dlib face detector (default hog; cnn is slower and finds more turned faces).")
+@click.option("--ablation", "ablations", multiple=True, type=click.Choice(list(ABLATIONS)), help=_ablation_help())
 @click.option("--set", "settings", multiple=True, metavar="STAGE.SETTING=VALUE",
               help="Override a stage setting, e.g. --set stitching.steps=50 --set pti.lr=1e-3.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines.")
-def edit(source: str, edits: tuple[str, ...], out: str, profile: str, store: str | None, device: str,
-         models: str | None, face: str | None, detector: str | None, settings: tuple[str, ...], as_json: bool,
-         verbose: bool) -> None:
-    """Edit the face in SOURCE and write --out with the same frames, frame rate and sound."""
+def edit(source: str, edit_sets: list, out: str, profile: str, store: str | None, device: str, models: str | None,
+         face: str | None, detector: str | None, ablations: tuple[str, ...], settings: tuple[str, ...],
+         as_json: bool, verbose: bool) -> None:
+    """Edit the face in SOURCE and write --out with the same frames, frame rate and sound.
+
+    Several edits and strengths in one run share every stage up to and including PTI.
+    """
     parsed = [_parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
-    _run_edit(source, out, [_parse_edit(e) for e in edits], profile=profile, store=store, device=device,
-              models=models, settings=parsed, as_json=as_json, verbose=verbose)
+    _run_edit(source, out, edit_sets, profile=profile, store=store, device=device, models=models,
+              ablations=ablations, settings=parsed, as_json=as_json, verbose=verbose)
 
 
 @main.command(epilog=EXAMPLES)
 @click.option("--out-dir", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Where the sample clip, the edited video and its summary go.")
-@click.option("--edit", "edit_text", default="age=2", show_default=True, metavar="NAME=STRENGTH")
+@click.option("--edit", "edit_sets", default="age=2", show_default=True, callback=_parse_edits,
+              metavar="NAME=S1[,S2...][+NAME=S...]", help="As for edit; several outputs go beside sample-edited.mp4.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines.")
-def demo(out_dir: str, edit_text: str, device: str, as_json: bool, verbose: bool) -> None:
+def demo(out_dir: str, edit_sets: list, device: str, as_json: bool, verbose: bool) -> None:
     """Build a sample clip from a real face photo and edit it with the tiny profile."""
     from stitchtime_core.sample_clip import make_sample_clip
 
@@ -139,8 +235,8 @@ def demo(out_dir: str, edit_text: str, device: str, as_json: bool, verbose: bool
     if not clip.exists():
         click.echo(f"stitchtime: building the sample clip {clip}", err=True)
         make_sample_clip(clip)
-    _run_edit(str(clip), str(folder / "sample-edited.mp4"), [_parse_edit(edit_text)], profile="tiny",
-              store=None, device=device, models=None, settings=[], as_json=as_json, verbose=verbose)
+    _run_edit(str(clip), str(folder / "sample-edited.mp4"), edit_sets, profile="tiny", store=None, device=device,
+              models=None, ablations=(), settings=[], as_json=as_json, verbose=verbose)
     click.echo(f"source clip:  {clip.resolve()}")
 
 

@@ -1,18 +1,24 @@
-"""The ``edit_video`` flow: one video through every stage, then the summary beside the output."""
+"""The ``edit_video`` flow: one video through every stage, then the summary beside the output.
+
+A run writes one output per edit set: the stages up to PTI run once and are shared; the edit,
+stitching and render stages run once per output.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from stitchtime_core.config import EditingConfig, RunConfig, to_dict, with_overrides
+from stitchtime_core.config import EditingConfig, RunConfig, ablations_of, to_dict, with_overrides
 from stitchtime_core.errors import InputError
 from stitchtime_core.models.profiles import PROFILES, profile_defaults
 from tasks import stages
@@ -20,17 +26,73 @@ from tasks.store import default_store_uri
 
 log = logging.getLogger("stitchtime")
 
+EditSet = list[tuple[str, float]]
+"""The (direction, strength) pairs applied together to make one output."""
 
-def resolve_config(profile: str, edits: list[tuple[str, float]],
-                   overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
-    """The profile's defaults, the user's overrides, and the edits."""
-    config = with_overrides(profile_defaults(profile), overrides or {})
-    edits = tuple((str(name), float(strength)) for name, strength in edits)
-    return dataclasses.replace(config, editing=EditingConfig(edits=edits))
+
+def _direction_label(name: str) -> str:
+    path = Path(name)
+    if path.suffix in (".npy", ".pt") or "/" in name or os.sep in name:
+        name = path.stem
+    name = re.sub(r"\s+", "-", name.strip())
+    return re.sub(r"[^A-Za-z0-9._-]+", "", name).strip(".") or "edit"
+
+
+def _strength_label(strength: float) -> str:
+    strength += 0.0  # -0.0 becomes 0.0
+    short = f"{strength:+g}"
+    return short if float(short) == strength else f"{strength:+}"
+
+
+def output_label(edit_set: EditSet) -> str:
+    """A short, filesystem-safe name of an edit set: ``age+2``, ``age-4``, ``age+2_smile+1``, ``sefa3+1.5``.
+
+    A direction file is named by its file stem.
+    """
+    return "_".join(f"{_direction_label(name)}{_strength_label(strength)}" for name, strength in edit_set)
+
+
+def _same_edit(edit_set: EditSet) -> frozenset[tuple[str, float]]:
+    """Edits added together commute: ``age=2+smile=1`` and ``smile=1+age=2`` give the same output."""
+    return frozenset((name, float(strength)) for name, strength in edit_set)
+
+
+def output_paths(out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple[str, Path]]:
+    """(label, path) of each output: ``out`` itself for one edit set, else ``<stem>.<label><suffix>`` beside it.
+
+    Labels are made unique with ``_v2``, ``_v3``… when two edit sets would get the same one.
+
+    Raises:
+        ValueError: no edit set, an empty one, or the same edit set twice.
+    """
+    if not edit_sets or not all(edit_sets):
+        raise ValueError("give at least one edit (NAME=STRENGTH)")
+    seen: set[frozenset[tuple[str, float]]] = set()
+    for edit_set in edit_sets:
+        if _same_edit(edit_set) in seen:
+            raise ValueError(f"the edit {output_label(edit_set)} is asked for twice")
+        seen.add(_same_edit(edit_set))
+    labels: list[str] = []
+    for edit_set in edit_sets:
+        label = base = output_label(edit_set)
+        for n in itertools.count(2):
+            if label.lower() not in (taken.lower() for taken in labels):  # case-insensitive filesystems
+                break
+            label = f"{base}_v{n}"
+        labels.append(label)
+    out = Path(out)
+    if len(edit_sets) == 1:
+        return [(labels[0], out)]
+    return [(label, out.with_name(f"{out.stem}.{label}{out.suffix}")) for label in labels]
+
+
+def resolve_config(profile: str, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """The profile's defaults and the user's overrides; the edits are set per output."""
+    return with_overrides(profile_defaults(profile), overrides or {})
 
 
 def sidecar_paths(out: str | os.PathLike) -> tuple[Path, Path]:
-    """Where a run writes its summary and its resolved config: beside the output."""
+    """Where a run writes its summary and its resolved config: beside ``--out``."""
     out = Path(out)
     return out.with_name(f"{out.stem}.summary.json"), out.with_name(f"{out.stem}.config.json")
 
@@ -41,7 +103,7 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(temp, path)
 
 
-def check_paths(source: str, out: str) -> None:
+def check_paths(source: str, out: str | os.PathLike) -> None:
     """Fail before any work when the input is missing or the output cannot be written."""
     if not os.path.isfile(source):
         raise InputError(source, "no such file" if not os.path.exists(source) else "not a file")
@@ -56,16 +118,32 @@ def check_paths(source: str, out: str) -> None:
         raise InputError(out, "output needs a file extension (e.g. .mp4)")
 
 
+def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple[str, Path]]:
+    """:func:`check_paths` for every output the edit sets make, before any work; returns :func:`output_paths`.
+
+    With several outputs ``--out`` itself is not written (only its summary), so it may name the source.
+    """
+    if not Path(out).suffix:
+        raise InputError(out, "output needs a file extension (e.g. .mp4)")
+    outputs = output_paths(out, edit_sets)
+    for _, path in outputs:
+        check_paths(source, path)
+    return outputs
+
+
 @flow(name="edit_video")
-def edit_video(source: str, out: str, edits: list[tuple[str, float]], profile: str = "tiny",
+def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], profile: str = "tiny",
                store: str | None = None, device: str = "cpu", models_dir: str | None = None,
                overrides: dict[str, dict[str, Any]] | None = None, chunk_size: int = 16) -> dict[str, Any]:
-    """Edit the face in ``source`` and write ``out`` with the source's frames, rate and audio.
+    """Edit the face in ``source`` once per edit set, each output with the source's frames, rate and audio.
 
     Args:
         source: the input video file.
-        out: the output video file (written atomically; never the source).
-        edits: (direction, strength) pairs: a profile direction name, ``sefa:K`` or a direction file.
+        out: the output video file for one edit set; for several, each output is
+            ``<out stem>.<label><suffix>`` beside it (see :func:`output_paths`). Written atomically;
+            never the source.
+        edits: edit sets, one per output, each a list of (direction, strength) pairs applied together:
+            a profile direction name, ``sefa:K`` or a direction file.
         profile: "tiny" (built-in, CPU) or "ffhq" (official model files from ``models_dir``).
         store: artifact store URI (``file://…`` or ``s3://bucket/prefix``); default ./stitchtime-data.
         device: "cpu" or "cuda".
@@ -78,42 +156,60 @@ def edit_video(source: str, out: str, edits: list[tuple[str, float]], profile: s
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    if not edits:
-        raise ValueError("give at least one edit (NAME=STRENGTH)")
-    check_paths(source, out)
+    edit_sets = [[(str(name), float(strength)) for name, strength in edit_set] for edit_set in edits]
+    outputs = check_outputs(source, out, edit_sets)
     started = time.perf_counter()
-    config = resolve_config(profile, edits, overrides)
+    config = resolve_config(profile, overrides)
     store = store or default_store_uri()
     resolution = stages.model_resolution(profile, models_dir, device)
-    stages.check_edits(profile, models_dir, device, config.editing.edits)
+    stages.check_edits(profile, models_dir, device, tuple(edit for edit_set in edit_sets for edit in edit_set))
 
-    refs: list[stages.StageRef] = []
-
-    def record(ref: stages.StageRef) -> stages.StageRef:
+    def record(refs: list[stages.StageRef], ref: stages.StageRef, label: str | None = None) -> stages.StageRef:
         refs.append(ref)
-        log.info("%-9s %s in %.1f s", ref.stage, "reused" if ref.reused else "done", ref.seconds)
+        name = ref.stage if label is None else f"{ref.stage}[{label}]"
+        log.info("%-9s %s in %.1f s", name, "reused" if ref.reused else "done", ref.seconds)
         return ref
 
-    probe = record(stages.probe_video(store, source))
-    landmarks = record(stages.detect_landmarks(store, source, probe, config.alignment))
-    align = record(stages.align_faces(store, source, probe, landmarks, config.alignment, resolution))
-    pivots = record(stages.encode_pivots(store, align, config.encoding, profile, models_dir, device))
-    pti = record(stages.tune_pti(store, align, pivots, config.pti, profile, models_dir, device))
-    edit = record(stages.edit_pivots(store, pivots, config.editing, profile, models_dir, device))
-    stitch = record(stages.stitch_tune(store, align, pti, edit, config.stitching, profile, models_dir, device, chunk_size))
-    render = record(stages.render_output(store, source, probe, align, stitch, config.blending, config.output, out))
+    shared: list[stages.StageRef] = []
+    probe = record(shared, stages.probe_video(store, source))
+    landmarks = record(shared, stages.detect_landmarks(store, source, probe, config.alignment))
+    align = record(shared, stages.align_faces(store, source, probe, landmarks, config.alignment, resolution))
+    pivots = record(shared, stages.encode_pivots(store, align, config.encoding, profile, models_dir, device))
+    pti = record(shared, stages.tune_pti(store, align, pivots, config.pti, profile, models_dir, device))
+
+    results, editing = [], []
+    for edit_set, (label, path) in zip(edit_sets, outputs):
+        run = dataclasses.replace(config, editing=EditingConfig(edits=tuple(edit_set)))
+        refs: list[stages.StageRef] = []
+        edit = record(refs, stages.edit_pivots(store, pivots, run.editing, profile, models_dir, device), label)
+        stitch = record(refs, stages.stitch_tune(store, align, pti, edit, run.stitching, profile, models_dir, device,
+                                                 chunk_size), label)
+        record(refs, stages.render_output(store, source, probe, align, stitch, run.blending, run.output, str(path)),
+               label)
+        editing.append(to_dict(run.editing))
+        results.append({
+            "edits": [{"direction": name, "strength": strength} for name, strength in edit_set],
+            "label": label,
+            "output": str(path.resolve()),
+            "seconds": {ref.stage: round(ref.seconds, 3) for ref in refs},
+            "reused_stages": [ref.stage for ref in refs if ref.reused],
+            "artifacts": {ref.stage: ref.key for ref in refs},
+            "stitching": {k: v for k, v in stitch.info.items() if k != "chunks"},
+        })
 
     summary_path, config_path = sidecar_paths(out)
-    _write_json(config_path, {"profile": profile, **to_dict(config)})
+    # Every stage's settings; "editing" holds one entry per output, in the order of the summary's outputs.
+    _write_json(config_path, {"profile": profile, **to_dict(config), "editing": editing})
     video = probe.info["video"]
     summary = {
         "input": os.path.abspath(source),
-        "output": os.path.abspath(out),
         "config": str(config_path.resolve()),
-        "edits": [{"direction": name, "strength": strength} for name, strength in config.editing.edits],
         "profile": profile,
         "device": device,
         "store": store,
+        "ablations": ablations_of(config),
+        "methods": {"encoding": config.encoding.method, "pti": config.pti.method,
+                    "stitching": config.stitching.method, "blending": config.blending.method},
         "frames": video["frame_count"],
         "fps": video["fps"],
         "size": [video["width"], video["height"]],
@@ -123,12 +219,15 @@ def edit_video(source: str, out: str, edits: list[tuple[str, float]], profile: s
         "edited_frames": align.info["edited_frames"],
         "interpolated_frames": align.info["interpolated"],
         "passed_through_frames": align.info["passed_through"],
-        "seconds": {ref.stage: round(ref.seconds, 3) for ref in refs},
+        "seconds": {ref.stage: round(ref.seconds, 3) for ref in shared},
         "total_seconds": round(time.perf_counter() - started, 3),
-        "reused_stages": [ref.stage for ref in refs if ref.reused],
-        "artifacts": {ref.stage: ref.key for ref in refs},
+        "reused_stages": [ref.stage for ref in shared if ref.reused]
+                         + [f"{stage}[{result['label']}]" for result in results for stage in result["reused_stages"]],
+        "artifacts": {ref.stage: ref.key for ref in shared},
         "pti": pti.info,
-        "stitching": {k: v for k, v in stitch.info.items() if k != "chunks"},
+        "outputs": results,
     }
+    if len(results) == 1:  # the common case reads as before
+        summary["output"], summary["stitching"] = results[0]["output"], results[0]["stitching"]
     _write_json(summary_path, summary)
     return summary

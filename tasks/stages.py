@@ -248,7 +248,9 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profi
         store.put_tensors(f"{key}/pivots.safetensors", {"pivots": torch.cat(pivots)})
         return {"frames": sum(len(p) for p in pivots), "method": config.method}
 
-    return _run_stage(store, "encode", inputs=[align.key, models.identity], config=config, produce=produce)
+    # The projector's settings do not touch e4e pivots: leave them out of the key when e4e encodes.
+    keyed = config if config.method == "optimization" else EncodingConfig(batch_size=config.batch_size)
+    return _run_stage(store, "encode", inputs=[align.key, models.identity], config=keyed, produce=produce)
 
 
 @stage_task(name="pti")

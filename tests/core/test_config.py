@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from stitchtime_core.config import (
+    ABLATIONS,
     AlignmentConfig,
     BlendingConfig,
     EditingConfig,
@@ -18,6 +19,7 @@ from stitchtime_core.config import (
     OutputConfig,
     PTIConfig,
     RunConfig,
+    ablations_of,
     StitchingConfig,
     config_hash,
     to_dict,
@@ -30,7 +32,8 @@ STAGE_CONFIGS = (AlignmentConfig, EncodingConfig, PTIConfig, EditingConfig, Stit
 
 # Where profile_defaults("tiny") departs from the paper, as its docstring documents: PTI's learning
 # rate and batching, and fewer stitching steps.
-TINY_DEPARTURES = {("pti", "lr"), ("pti", "observations_per_frame"), ("pti", "batch_size"), ("stitching", "steps")}
+TINY_DEPARTURES = {("pti", "lr"), ("pti", "observations_per_frame"), ("pti", "batch_size"), ("stitching", "steps"),
+                   ("encoding", "projection_steps"), ("encoding", "projection_lr")}
 
 
 def _custom_config() -> RunConfig:
@@ -112,6 +115,9 @@ def test_config_hash_is_stable():
     assert outputs == {config_hash(RunConfig(pti=PTIConfig(lr=1e-3, batch_size=3, seed=7)))}
 
 
+_OTHER_METHOD = {"encoding": "optimization", "pti": "none", "stitching": "none", "blending": "poisson"}
+
+
 def test_config_hash_changes_with_every_field():
     base = RunConfig()
     digests = {config_hash(base)}
@@ -121,7 +127,9 @@ def test_config_hash_changes_with_every_field():
         for f in dataclasses.fields(part):
             value = getattr(part, f.name)
             # Validated strings get another allowed value.
-            if f.name in ("loss", "detector", "face"):
+            if f.name == "method":
+                new = _OTHER_METHOD[stage.name]
+            elif f.name in ("loss", "detector", "face"):
                 new = {"loss": "l2", "detector": "cnn", "face": "1"}[f.name]
             elif isinstance(value, str):
                 new = value + "x"
@@ -174,3 +182,14 @@ def test_profile_defaults():
     assert differing == TINY_DEPARTURES
     with pytest.raises(ValueError, match="unknown profile"):
         profile_defaults("celeba")
+
+
+def test_ablations_are_settings_and_are_recognised():
+    assert ablations_of(RunConfig()) == []
+    for name, settings in ABLATIONS.items():
+        config = with_overrides(RunConfig(), settings)
+        assert ablations_of(config) == [name]
+    with pytest.raises(ValueError, match="blending.method must be"):
+        with_overrides(RunConfig(), {"blending": {"method": "paste"}})
+    with pytest.raises(ValueError, match="pti.checkpoint_every must be >= 0"):
+        with_overrides(RunConfig(), {"pti": {"checkpoint_every": "-1"}})

@@ -20,7 +20,9 @@ from stitchtime_core.video import VideoWriter, ffmpeg_binary, iter_frames, probe
 
 # Few steps: the test is about the pipeline's wiring and contracts, not the quality of the edit.
 FAST = ["--set", "pti.observations_per_frame=4", "--set", "stitching.steps=3"]
-STAGES = ["probe", "landmarks", "align", "encode", "pti", "edit", "stitch", "render"]
+SHARED = ["probe", "landmarks", "align", "encode", "pti"]
+"""Stages run once per run, whatever the number of outputs."""
+PER_OUTPUT = ["edit", "stitch", "render"]
 
 
 def run_cli(args: list[str], *, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -91,18 +93,24 @@ def test_summary_and_config_are_written_beside_the_output(first_run: dict, clip:
     summary = json.loads(out.with_name("edited.summary.json").read_text())
     assert summary == first_run["summary"]
     assert summary["input"] == str(clip.resolve())
-    assert summary["edits"] == [{"direction": "age", "strength": 2.0}]
     assert summary["profile"] == "tiny" and summary["frames"] == 25 and summary["fps"] == "25/1"
-    assert set(summary["seconds"]) == set(STAGES) == set(summary["artifacts"])
+    assert summary["ablations"] == []
+    assert summary["methods"] == {"encoding": "e4e", "pti": "pti", "stitching": "tuning", "blending": "feather"}
+    assert set(summary["seconds"]) == set(SHARED) == set(summary["artifacts"])  # JSON keys come sorted
     assert summary["reused_stages"] == []
+    [output] = summary["outputs"]
+    assert output["edits"] == [{"direction": "age", "strength": 2.0}] and output["label"] == "age+2"
+    assert output["output"] == summary["output"] == str(out.resolve())
+    assert set(output["seconds"]) == set(PER_OUTPUT) == set(output["artifacts"]) and output["reused_stages"] == []
+    assert output["stitching"] == summary["stitching"]
     assert summary["stitching"]["boundary_error_after"] < summary["stitching"]["boundary_error_before"]
-    for stage, key in summary["artifacts"].items():
+    for stage, key in [*summary["artifacts"].items(), *output["artifacts"].items()]:
         assert key.startswith(f"{stage}/")
         assert (workdir / "data" / key / "done.json").is_file()
     config = json.loads(out.with_name("edited.config.json").read_text())
     assert config["pti"]["observations_per_frame"] == 4 and config["stitching"]["steps"] == 3
     assert config["stitching"]["lambda_m"] == 0.01 and config["pti"]["lambda_l2"] == 10.0
-    assert config["editing"]["edits"] == [["age", 2.0]]
+    assert config["editing"] == [{"edits": [["age", 2.0]]}]  # one entry per output
 
 
 def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cli_env: dict[str, str],
@@ -114,8 +122,10 @@ def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cl
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["reused_stages"] == STAGES
+    assert summary["reused_stages"] == SHARED + [f"{stage}[age+2]" for stage in PER_OUTPUT]
+    assert summary["outputs"][0]["reused_stages"] == PER_OUTPUT
     assert summary["artifacts"] == first_run["summary"]["artifacts"]
+    assert summary["outputs"][0]["artifacts"] == first_run["summary"]["outputs"][0]["artifacts"]
     assert out.read_bytes() == first_run["out"].read_bytes()
     # Work dropped to nothing: what is left is process start-up and reading small artifacts.
     assert summary["total_seconds"] < 0.2 * first_run["summary"]["total_seconds"]
@@ -133,8 +143,9 @@ def test_a_changed_setting_reruns_only_the_stages_it_affects(first_run: dict, cl
                       "--store", str(workdir / "data"), "--json", *FAST], env=cli_env, cwd=workdir)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["reused_stages"] == ["probe", "landmarks", "align", "encode", "pti"]
-    assert summary["edits"] == [{"direction": str(direction), "strength": 1.5}]
+    assert summary["reused_stages"] == SHARED
+    assert summary["outputs"][0]["edits"] == [{"direction": str(direction), "strength": 1.5}]
+    assert summary["outputs"][0]["label"] == "direction+1.5"
     assert probe(out).frame_count == 25
 
 
@@ -149,7 +160,112 @@ def test_s3_store_gives_the_same_video_as_file_store(first_run: dict, clip: Path
     summary = json.loads(result.stdout)
     assert summary["store"] == store and summary["reused_stages"] == []
     assert summary["artifacts"] == first_run["summary"]["artifacts"]
+    assert summary["outputs"][0]["artifacts"] == first_run["summary"]["outputs"][0]["artifacts"]
     np.testing.assert_array_equal(np.stack(list(iter_frames(out))), np.stack(list(iter_frames(first_run["out"]))))
+
+
+@pytest.fixture(scope="module")
+def strengths_run(clip: Path, cli_env: dict[str, str], workdir: Path) -> dict:
+    """Two strengths of one direction in one run, on a store of their own."""
+    out = workdir / "strengths" / "clip.mp4"
+    out.parent.mkdir()
+    result = run_cli(["edit", str(clip), "--edit", "age=-2,2", "--out", str(out),
+                      "--store", str(workdir / "strengths-data"), "--json", *FAST], env=cli_env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return {"out": out, "summary": json.loads(result.stdout), "stderr": result.stderr}
+
+
+def _face_region(path: Path) -> np.ndarray:
+    frames = np.stack(list(iter_frames(path))).astype(np.float32)  # [N, H, W, 3]
+    h, w = frames.shape[1:3]
+    return frames[:, int(0.35 * h):int(0.65 * h), int(0.35 * w):int(0.65 * w)]
+
+
+def test_several_strengths_share_every_stage_up_to_pti(strengths_run: dict, clip: Path, workdir: Path) -> None:
+    summary, folder = strengths_run["summary"], strengths_run["out"].parent
+    assert [o["label"] for o in summary["outputs"]] == ["age-2", "age+2"]
+    assert [o["edits"] for o in summary["outputs"]] == [[{"direction": "age", "strength": -2.0}],
+                                                        [{"direction": "age", "strength": 2.0}]]
+    paths = [folder / "clip.age-2.mp4", folder / "clip.age+2.mp4"]
+    assert [o["output"] for o in summary["outputs"]] == [str(p.resolve()) for p in paths]
+    assert "output" not in summary and "stitching" not in summary  # only for a single output
+    # --out itself is not written; one summary and one config for the run are.
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["clip.age-2.mp4", "clip.age+2.mp4", "clip.summary.json", "clip.config.json"])
+    assert json.loads((folder / "clip.summary.json").read_text()) == summary
+    config = json.loads((folder / "clip.config.json").read_text())
+    assert config["editing"] == [{"edits": [["age", -2.0]]}, {"edits": [["age", 2.0]]}]
+
+    # The shared stages ran once: one line each on stderr, one artifact each in the store.
+    data = workdir / "strengths-data"
+    for stage in SHARED:
+        assert [p.name for p in (data / stage).iterdir()] == [summary["artifacts"][stage].split("/")[1]]
+        assert sum(line.split()[1:2] == [stage] for line in strengths_run["stderr"].splitlines()) == 1
+    for stage in PER_OUTPUT:
+        assert len({o["artifacts"][stage] for o in summary["outputs"]}) == 2
+        assert len(list((data / stage).iterdir())) == 2
+
+    source, younger, older = _face_region(clip), *(_face_region(p) for p in paths)
+    assert probe(paths[0]).frame_count == probe(paths[1]).frame_count == 25
+    assert np.abs(younger - older).mean() > 2.0, "the two strengths gave the same face"
+    assert np.abs(younger - source).mean() > 2.0 and np.abs(older - source).mean() > 2.0
+
+
+def test_another_strength_reuses_the_outputs_already_made(strengths_run: dict, clip: Path,
+                                                          cli_env: dict[str, str], workdir: Path) -> None:
+    out = strengths_run["out"]
+    result = run_cli(["edit", str(clip), "--edit", "age=-2,2,4", "--out", str(out),
+                      "--store", str(workdir / "strengths-data"), *FAST], env=cli_env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.with_name("clip.summary.json").read_text())
+    assert summary["reused_stages"] == SHARED + [f"{stage}[{label}]" for label in ("age-2", "age+2")
+                                                 for stage in PER_OUTPUT]
+    before = strengths_run["summary"]["outputs"]
+    assert [o["artifacts"] for o in summary["outputs"][:2]] == [o["artifacts"] for o in before]
+    assert [o["reused_stages"] for o in summary["outputs"]] == [PER_OUTPUT, PER_OUTPUT, []]
+    # The text output names every video and the summary.
+    paths = [out.with_name(f"clip.{label}.mp4").resolve() for label in ("age-2", "age+2", "age+4")]
+    assert result.stdout.splitlines() == [*(f"edited video: {p}" for p in paths),
+                                          f"summary:      {out.with_name('clip.summary.json').resolve()}"]
+    assert probe(paths[2]).frame_count == 25
+
+
+@pytest.mark.parametrize("ablation, methods", [
+    ("no-stitching", {"encoding": "e4e", "pti": "pti", "stitching": "none", "blending": "mask"}),
+    ("poisson", {"encoding": "e4e", "pti": "pti", "stitching": "none", "blending": "poisson"}),
+])
+def test_an_ablation_is_recorded_in_the_summary_and_config(ablation: str, methods: dict, first_run: dict, clip: Path,
+                                                           cli_env: dict[str, str], workdir: Path) -> None:
+    out = workdir / "out" / f"{ablation}.mp4"
+    result = run_cli(["edit", str(clip), "--edit", "age=2", "--ablation", ablation, "--out", str(out),
+                      "--store", str(workdir / "data"), *FAST], env=cli_env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"ablations:    {ablation}" in result.stdout.splitlines()
+    summary = json.loads(out.with_name(f"{ablation}.summary.json").read_text())
+    assert summary["ablations"] == [ablation] and summary["methods"] == methods
+    assert summary["reused_stages"][:len(SHARED)] == SHARED  # the ablation changes nothing up to PTI
+    config = json.loads(out.with_name(f"{ablation}.config.json").read_text())
+    assert (config["stitching"]["method"], config["blending"]["method"]) == (methods["stitching"], methods["blending"])
+    assert probe(out).frame_count == 25
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--edit", "age"], "expected NAME=STRENGTH"),
+    (["--edit", "age=2,,4"], "expected NAME=STRENGTH"),
+    (["--edit", "age=1+smile=x"], "expected NAME=STRENGTH"),
+    (["--edit", "age=1+age=2"], "age is given twice"),
+    (["--edit", "age=2", "--edit", "age=-2,2"], "age=2 is asked for twice"),
+    (["--edit", "age=2", "--ablation", "no-gan"], "'no-gan' is not one of"),
+    (["--edit", "age=2", "--ablation", "no-stitching", "--ablation", "poisson"], "both set blending.method"),
+])
+def test_bad_edit_or_ablation_is_refused_before_any_work(args: list[str], message: str, clip: Path,
+                                                         cli_env: dict[str, str], tmp_path: Path) -> None:
+    result = run_cli(["edit", str(clip), *args, "--out", str(tmp_path / "out.mp4"), "--store", str(tmp_path / "data")],
+                     env=cli_env, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def _no_face_clip(path: Path) -> Path:

@@ -1,0 +1,101 @@
+"""The --edit syntax, output names and --ablation settings: fast, no flow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+
+from flows.cli import _overrides, parse_edit_spec
+from flows.edit_video import check_outputs, output_label, output_paths
+from stitchtime_core.config import ABLATIONS
+from stitchtime_core.errors import InputError
+
+
+@pytest.mark.parametrize("text, edit_sets", [
+    ("age=2", [[("age", 2.0)]]),
+    ("age=-4,-2,2,4", [[("age", -4.0)], [("age", -2.0)], [("age", 2.0)], [("age", 4.0)]]),
+    ("age=2+smile=1", [[("age", 2.0), ("smile", 1.0)]]),
+    ("age=-2,2+smile=1", [[("age", -2.0), ("smile", 1.0)], [("age", 2.0), ("smile", 1.0)]]),
+    ("age=1,2+smile=-1,1", [[("age", 1.0), ("smile", -1.0)], [("age", 1.0), ("smile", 1.0)],
+                            [("age", 2.0), ("smile", -1.0)], [("age", 2.0), ("smile", 1.0)]]),
+    ("sefa:3=1.5", [[("sefa:3", 1.5)]]),
+    ("age=+2", [[("age", 2.0)]]),
+    ("age=.5,1e-1,2E+1", [[("age", 0.5)], [("age", 0.1)], [("age", 20.0)]]),
+    ("dirs/age.npy=2", [[("dirs/age.npy", 2.0)]]),
+    ("dirs/a+b.npy=2+sefa:0=-1", [[("dirs/a+b.npy", 2.0), ("sefa:0", -1.0)]]),  # "+" inside a file name
+    ("C:/dirs/age.npy=1", [[("C:/dirs/age.npy", 1.0)]]),
+])
+def test_edit_spec_gives_one_edit_set_per_output(text: str, edit_sets: list) -> None:
+    assert parse_edit_spec(text) == edit_sets
+
+
+@pytest.mark.parametrize("text", ["age", "age=", "=2", "age=x", "age=nan", "age=2,", "age=2,,3", "age=2+",
+                                  "+age=2", "age=2++smile=1", "age==2", "age=2 smile=1", "age=2,smile=1"])
+def test_bad_edit_spec_says_what_is_expected(text: str) -> None:
+    with pytest.raises(click.BadParameter, match=r"expected NAME=STRENGTH.*e\.g\. age=2"):
+        parse_edit_spec(text)
+
+
+def test_a_direction_twice_in_one_spec_is_refused() -> None:
+    with pytest.raises(click.BadParameter, match="age is given twice"):
+        parse_edit_spec("age=1+smile=1+age=2")
+
+
+@pytest.mark.parametrize("edit_set, label", [
+    ([("age", 2.0)], "age+2"),
+    ([("age", -4.0)], "age-4"),
+    ([("age", 0.0)], "age+0"),
+    ([("age", -0.0)], "age+0"),
+    ([("age", 1.5)], "age+1.5"),
+    ([("age", 2.0), ("smile", 1.0)], "age+2_smile+1"),
+    ([("sefa:3", 1.5)], "sefa3+1.5"),
+    ([("/data/dirs/my age.npy", 2.0)], "my-age+2"),
+    ([("dirs/age.pt", -1.0)], "age-1"),
+    ([("a/..", 1.0)], "edit+1"),
+    ([("age", 1234567.0)], "age+1234567.0"),  # %g would round it, and two strengths would share a name
+])
+def test_output_label_is_short_and_filesystem_safe(edit_set: list, label: str) -> None:
+    assert output_label(edit_set) == label
+
+
+def test_one_output_is_out_and_several_go_beside_it() -> None:
+    assert output_paths("out/clip.mp4", [[("age", 2.0)]]) == [("age+2", Path("out/clip.mp4"))]
+    assert output_paths("out/clip.mp4", parse_edit_spec("age=-2,2+smile=1")) == [
+        ("age-2_smile+1", Path("out/clip.age-2_smile+1.mp4")), ("age+2_smile+1", Path("out/clip.age+2_smile+1.mp4"))]
+
+
+def test_labels_that_would_clash_are_made_unique() -> None:
+    edit_sets = [[("age", 2.0)], [("dirs/age.npy", 2.0)], [("AGE", 2.0)]]
+    assert [label for label, _ in output_paths("clip.mp4", edit_sets)] == ["age+2", "age+2_v2", "AGE+2_v3"]
+
+
+def test_the_same_edit_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="asked for twice"):
+        output_paths("clip.mp4", [[("age", 2.0), ("smile", 1.0)], [("smile", 1.0), ("age", 2.0)]])
+    with pytest.raises(ValueError, match="at least one edit"):
+        output_paths("clip.mp4", [])
+
+
+def test_no_output_may_be_the_source(tmp_path: Path) -> None:
+    source = tmp_path / "clip.age+2.mp4"
+    source.write_bytes(b"video")
+    with pytest.raises(InputError, match="overwrite its source"):
+        check_outputs(str(source), tmp_path / "clip.mp4", [[("age", -2.0)], [("age", 2.0)]])
+    # With several outputs --out itself is not written, so it may name the source.
+    outputs = check_outputs(str(source), source, [[("age", -2.0)], [("age", 4.0)]])
+    assert [path.name for _, path in outputs] == ["clip.age+2.age-2.mp4", "clip.age+2.age+4.mp4"]
+    with pytest.raises(InputError, match="overwrite its source"):
+        check_outputs(str(source), source, [[("age", 2.0)]])
+    with pytest.raises(InputError, match="file extension"):
+        check_outputs(str(source), tmp_path / "clip", [[("age", -2.0)], [("age", 2.0)]])
+
+
+def test_ablations_become_settings_and_an_explicit_set_wins() -> None:
+    assert _overrides(("no-e4e", "no-pti"), []) == {"encoding": {"method": "optimization"}, "pti": {"method": "none"}}
+    assert _overrides(("no-stitching",), [("blending", "method", "poisson"), ("stitching", "steps", "5")]) == {
+        "stitching": {"method": "none", "steps": "5"}, "blending": {"method": "poisson"}}
+    assert _overrides(("poisson", "poisson"), []) == ABLATIONS["poisson"]
+    with pytest.raises(click.UsageError, match="no-stitching and --ablation poisson both set blending.method"):
+        _overrides(("no-stitching", "poisson"), [])
