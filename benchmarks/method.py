@@ -2,7 +2,8 @@
 
 For each resolution, random weights, with the FFHQ channel layout (``--channels ffhq``; 1024 px is
 exactly ffhq.pkl's network, the GPU default) or a narrower one (``small``: channel_base 4096, at most
-128 channels, the CPU default; the FFHQ layout takes about 15 s per PTI step at 64 px on 2 cores):
+128 channels, the CPU default; the FFHQ layout takes about 15 s per PTI step at 64 px on 2 cores),
+or the tiny profile's (``tiny``, what the demo and tests run):
 
 - PTI: seconds per optimisation step of :func:`stitchtime_core.pti.tune_generator` (LPIPS + L2 +
   locality regulariser), at batch 1 (the paper's setting) and batch 4, so also per frame seen.
@@ -29,7 +30,9 @@ import time
 from pathlib import Path
 
 
-CHANNELS = {"ffhq": dict(channel_base=32768, channel_max=512), "small": dict(channel_base=4096, channel_max=128)}
+CHANNELS = {"ffhq": dict(channel_base=32768, channel_max=512), "small": dict(channel_base=4096, channel_max=128),
+            "tiny": dict(channel_base=1024, channel_max=64)}
+"""Channel layouts: the official network's, a narrower one for CPUs, and the tiny profile's (64 px only)."""
 
 
 def measure(size: int, *, device: str, channels: str, frames: int, steps: int, batch: int, pti_steps: int) -> dict:
