@@ -21,6 +21,7 @@ Examples:
   stitchtime edit clip.mp4 --edit age=-4,-2,2,4 --out clip.mp4     # clip.age-4.mp4 ... clip.age+4.mp4
   stitchtime edit clip.mp4 --edit age=2+smile=1 --edit sefa:3=1.5 --out out.mp4 --store s3://bucket/stitchtime
   stitchtime edit clip.mp4 --edit age=2 --ablation no-stitching --out no-stitching.mp4
+  stitchtime batch videos/ --edit age=2 --out edited/
   stitchtime demo
 """
 
@@ -177,33 +178,47 @@ def main() -> None:
     """stitchtime: temporally coherent face editing in real videos (Stitch it in Time)."""
 
 
+def _run_options(command):
+    """The options ``edit`` and ``batch`` share: models, store, device, face, ablations, settings, output."""
+    options = [
+        click.option("--profile", type=click.Choice(["tiny", "ffhq"]), default="tiny", show_default=True,
+                     help="Models: tiny (built in, CPU) or ffhq (official files from --models)."),
+        click.option("--store", default=None, help="Artifact store: a folder, file://PATH or s3://BUCKET/PREFIX "
+                                                   "(default: ./stitchtime-data)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--models", default=None, type=click.Path(file_okay=False),
+                     help="Folder with the ffhq model files (default: $STITCHTIME_MODELS or ./models)."),
+        click.option("--face", default=None, metavar="largest|N|X,Y",
+                     help="Which face to edit when there are several: the largest (default), the N-th largest "
+                          "(0 = largest) or the one at pixel X,Y, in the first frame with faces."),
+        click.option("--detector", type=click.Choice(["hog", "cnn"]), default=None,
+                     help="dlib face detector (default hog; cnn is slower and finds more turned faces)."),
+        click.option("--ablation", "ablations", multiple=True, type=click.Choice(list(ABLATIONS)),
+                     help=_ablation_help()),
+        click.option("--set", "settings", multiple=True, metavar="STAGE.SETTING=VALUE",
+                     help="Override a stage setting, e.g. --set stitching.steps=50 --set pti.lr=1e-3."),
+        click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
+        click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+_edit_option = click.option(
+    "--edit", "edit_sets", multiple=True, required=True, callback=_parse_edits, metavar="NAME=S1[,S2...][+NAME=S...]",
+    help="One output per --edit and per strength. NAME is a profile direction (tiny: age, smile, pose), sefa:K for "
+         "the K-th closed-form direction, or a .npy/.pt direction file. age=-4,-2,2,4 makes four outputs; "
+         "age=2+smile=1 makes one with both edits; age=-2,2+smile=1 makes two.")
+
+
 @main.command(epilog=EXAMPLES)
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--edit", "edit_sets", multiple=True, required=True, callback=_parse_edits,
-              metavar="NAME=S1[,S2...][+NAME=S...]",
-              help="One output per --edit and per strength. NAME is a profile direction (tiny: age, smile, pose), "
-                   "sefa:K for the K-th closed-form direction, or a .npy/.pt direction file. age=-4,-2,2,4 makes "
-                   "four outputs; age=2+smile=1 makes one with both edits; age=-2,2+smile=1 makes two.")
+@_edit_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Output video file. With several outputs each is OUT-STEM.LABEL.EXT beside it "
                    "(clip.age-4.mp4, clip.age+2_smile+1.mp4); the run summary is OUT-STEM.summary.json.")
-@click.option("--profile", type=click.Choice(["tiny", "ffhq"]), default="tiny", show_default=True,
-              help="Models: tiny (built in, CPU) or ffhq (official files from --models).")
-@click.option("--store", default=None, help="Artifact store: a folder, file://PATH or s3://BUCKET/PREFIX "
-                                            "(default: ./stitchtime-data).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--models", default=None, type=click.Path(file_okay=False),
-              help="Folder with the ffhq model files (default: $STITCHTIME_MODELS or ./models).")
-@click.option("--face", default=None, metavar="largest|N|X,Y",
-              help="Which face to edit when there are several: the largest (default), the N-th largest "
-                   "(0 = largest) or the one at pixel X,Y, in the first frame with faces.")
-@click.option("--detector", type=click.Choice(["hog", "cnn"]), default=None,
-              help="dlib face detector (default hog; cnn is slower and finds more turned faces).")
-@click.option("--ablation", "ablations", multiple=True, type=click.Choice(list(ABLATIONS)), help=_ablation_help())
-@click.option("--set", "settings", multiple=True, metavar="STAGE.SETTING=VALUE",
-              help="Override a stage setting, e.g. --set stitching.steps=50 --set pti.lr=1e-3.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines.")
+@_run_options
 def edit(source: str, edit_sets: list, out: str, profile: str, store: str | None, device: str, models: str | None,
          face: str | None, detector: str | None, ablations: tuple[str, ...], settings: tuple[str, ...],
          as_json: bool, verbose: bool) -> None:
@@ -215,6 +230,56 @@ def edit(source: str, edit_sets: list, out: str, profile: str, store: str | None
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
     _run_edit(source, out, edit_sets, profile=profile, store=store, device=device, models=models,
               ablations=ablations, settings=parsed, as_json=as_json, verbose=verbose)
+
+
+BATCH_EXAMPLES = """
+\b
+Examples:
+  stitchtime batch videos/ --edit age=2 --out edited/
+  stitchtime batch s3://library/raw --edit age=-2,2 --out s3://library/edited --store s3://library/stitchtime
+"""
+
+
+@main.command(epilog=BATCH_EXAMPLES)
+@click.argument("source")
+@_edit_option
+@click.option("--out", "dest", required=True,
+              help="Destination folder or s3://BUCKET/PREFIX; each video's outputs go under its relative name.")
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Videos edited at once.")
+@_run_options
+def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: str, store: str | None, device: str,
+          models: str | None, face: str | None, detector: str | None, ablations: tuple[str, ...],
+          settings: tuple[str, ...], as_json: bool, verbose: bool) -> None:
+    """Edit every video under SOURCE (a folder or s3:// prefix) into --out, keeping relative names.
+
+    Videos whose summary is already in --out are skipped; a video that fails is reported and the
+    others go on. The batch summary is written to --out as stitchtime-batch.summary.json. Exit
+    status: 0 when every video is done or skipped, 3 when some failed, 1 when all failed.
+    """
+    parsed = [_parse_setting(s) for s in settings]
+    parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
+    overrides = _overrides(ablations, parsed)
+    _prepare_environment(store, verbose)
+    from flows.edit_library import edit_library, exit_status
+    from stitchtime_core.errors import StitchtimeError
+
+    try:
+        summary = edit_library(source, dest, edit_sets, profile=profile, store=store, device=device,
+                               models_dir=models, overrides=overrides, concurrency=concurrency)
+    except StitchtimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        for video in summary["videos"]:
+            detail = video.get("error", ", ".join(video.get("outputs", [])))
+            click.echo(f"{video['status']:<8} {video['source']}" + (f": {detail}" if detail else ""))
+        counts = summary["counts"]
+        click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+    sys.exit(exit_status(summary))
 
 
 @main.command(epilog=EXAMPLES)

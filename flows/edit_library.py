@@ -1,0 +1,109 @@
+"""The ``edit_library`` flow: every video under a folder or ``s3://`` prefix, each as an ``edit_video``
+subflow, under a concurrency limit; one video's failure never stops the others."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.edit_video import edit_video, output_paths, sidecar_paths
+from stitchtime_core.errors import StitchtimeError
+from tasks import library
+from tasks.store import open_store
+
+log = logging.getLogger("stitchtime")
+
+BATCH_SUMMARY = "stitchtime-batch.summary.json"
+"""The batch's summary, written at the root of the destination."""
+
+
+@flow(name="edit_library")
+def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], profile: str = "tiny",
+                 store: str | None = None, device: str = "cpu", models_dir: str | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None, concurrency: int = 2,
+                 chunk_size: int = 16) -> dict[str, Any]:
+    """Edit every video under ``source`` into ``dest`` under the same relative name.
+
+    Args:
+        source: a folder or an ``s3://bucket/prefix`` holding videos (any depth).
+        dest: a folder or an ``s3://bucket/prefix`` for the outputs, their summaries and the batch's.
+        edits: edit sets, one output per set, as :func:`flows.edit_video.edit_video` takes them.
+        profile, store, device, models_dir, overrides, chunk_size: as for ``edit_video``; every video
+            shares the store, so a re-run does only what is missing.
+        concurrency: how many videos run at once.
+
+    Returns:
+        the batch summary (also written to ``dest``/:data:`BATCH_SUMMARY`): every video with its
+        status ("done", "skipped": already in ``dest``, or "failed" with the error), and the counts.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    started = time.perf_counter()
+    names = library.list_videos(source)
+    if not names:
+        raise StitchtimeError(f"{source}: no videos found (looked for {', '.join(library.VIDEO_SUFFIXES)})")
+
+    def one(name: str) -> dict[str, Any]:
+        return _edit_one(name, source=source, dest=dest, edits=edits, profile=profile, store=store, device=device,
+                         models_dir=models_dir, overrides=overrides, chunk_size=chunk_size)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        # Each thread runs its subflow in a copy of this flow's context, so Prefect nests it here.
+        futures = [pool.submit(contextvars.copy_context().run, one, name) for name in names]
+        videos = [future.result() for future in futures]
+    counts = {status: sum(v["status"] == status for v in videos) for status in ("done", "skipped", "failed")}
+    summary = {"source": source, "dest": dest, "edits": [[list(e) for e in s] for s in edits], "profile": profile,
+               "videos": videos, "counts": counts, "total_seconds": round(time.perf_counter() - started, 3)}
+    _write_summary(dest, summary)
+    for video in videos:
+        if video["status"] == "failed":
+            log.error("%s failed: %s", video["source"], video["error"])
+    return summary
+
+
+def _edit_one(name: str, *, source: str, dest: str, edits: list[list[tuple[str, float]]], **options: Any
+              ) -> dict[str, Any]:
+    """One video: skip it when done, else edit it (as a subflow) and deliver its outputs; never raises."""
+    shown = library.display(source, name)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stitchtime-batch-") as staging:
+        out = library.local_output(dest, name, Path(staging))
+        summary_path = sidecar_paths(out)[0]
+        if library.is_done(dest, name, summary_path.name):
+            log.info("%s: already done, skipped", shown)
+            return {"source": shown, "name": name, "status": "skipped"}
+        local = None
+        try:
+            local = library.local_source(source, name, Path(staging))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            edit_video(str(local), str(out), edits, **options)
+            files = [path for _, path in output_paths(out, edits)] + [sidecar_paths(out)[1], summary_path]
+            outputs = library.deliver(dest, name, files, Path(staging))
+        except Exception as exc:  # noqa: BLE001 - one bad video must not stop the batch
+            message = str(exc) if local is None else str(exc).replace(str(local), shown)
+            return {"source": shown, "name": name, "status": "failed", "error": message,
+                    "error_type": type(exc).__name__, "seconds": round(time.perf_counter() - started, 3)}
+    return {"source": shown, "name": name, "status": "done", "outputs": outputs[:-2], "summary": outputs[-1],
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _write_summary(dest: str, summary: dict[str, Any]) -> None:
+    store = open_store(dest)
+    store.put_bytes(BATCH_SUMMARY, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+
+
+def exit_status(summary: dict[str, Any]) -> int:
+    """0: every video done or skipped; 3: some failed (partial failure); 1: all failed."""
+    counts = summary["counts"]
+    if not counts["failed"]:
+        return 0
+    return 1 if counts["failed"] == len(summary["videos"]) else 3
+

@@ -1,0 +1,124 @@
+"""``stitchtime batch`` / the ``edit_library`` flow over a folder and over an S3 prefix, with a real
+Prefect server and a real S3-protocol server: every video edited under its relative name, a corrupt
+one reported without stopping the others, finished ones skipped on the next run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+
+from stitchtime_core.sample_clip import make_sample_clip
+from stitchtime_core.video import iter_frames, probe
+from tasks import library
+
+FAST = ["--set", "pti.observations_per_frame=2", "--set", "stitching.steps=2"]
+
+
+def run_cli(args: list[str], *, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("library")
+    (folder / "src" / "talks" / "2026").mkdir(parents=True)
+    make_sample_clip(folder / "src" / "a.mp4", seconds=0.4, size=(160, 160))
+    make_sample_clip(folder / "src" / "talks" / "2026" / "b.mov", seconds=0.4, size=(160, 160), seed=1)
+    (folder / "src" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"broken" * 100)
+    (folder / "src" / "notes.txt").write_text("not a video, not listed")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cli_env(prefect_server: str, workdir: Path) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": prefect_server,
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "prefect-results")}
+
+
+@pytest.fixture(scope="module")
+def first_batch(workdir: Path, cli_env: dict[str, str]) -> subprocess.CompletedProcess:
+    return run_cli(["batch", str(workdir / "src"), "--edit", "age=2", "--out", str(workdir / "out"),
+                    "--store", str(workdir / "data"), "--json", *FAST], env=cli_env, cwd=workdir)
+
+
+def test_a_library_with_a_corrupt_video_edits_the_others_and_reports_it(workdir: Path,
+                                                                       first_batch: subprocess.CompletedProcess):
+    assert first_batch.returncode == 3, first_batch.stderr  # partial failure
+    assert "Traceback" not in first_batch.stderr
+    summary = json.loads(first_batch.stdout)
+    status = {v["name"]: v["status"] for v in summary["videos"]}
+    assert status == {"a.mp4": "done", "corrupt.mp4": "failed", "talks/2026/b.mov": "done"}
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 1}
+    [failed] = [v for v in summary["videos"] if v["status"] == "failed"]
+    assert failed["source"] == str(workdir / "src" / "corrupt.mp4") and "corrupt.mp4" in failed["error"]
+    assert "not a readable video" in failed["error"]
+    # Outputs under the same relative names, with their run summaries; nothing for the corrupt one.
+    out = workdir / "out"
+    for name in ("a.mp4", "talks/2026/b.mov"):
+        assert probe(out / name).frame_count == probe(workdir / "src" / name).frame_count == 10
+    assert (out / "talks" / "2026" / "b.summary.json").is_file()
+    assert not list(out.glob("corrupt*"))
+    assert json.loads((out / "stitchtime-batch.summary.json").read_text()) == summary
+    # The sources are untouched and the two edits differ from them.
+    a_src = np.stack(list(iter_frames(workdir / "src" / "a.mp4"))).astype(int)
+    a_out = np.stack(list(iter_frames(out / "a.mp4"))).astype(int)
+    assert np.abs(a_src - a_out).mean() > 0.5
+
+
+def test_a_second_batch_skips_the_finished_videos(workdir: Path, cli_env: dict[str, str],
+                                                  first_batch: subprocess.CompletedProcess):
+    before = (workdir / "out" / "a.mp4").stat().st_mtime_ns
+    result = run_cli(["batch", str(workdir / "src"), "--edit", "age=2", "--out", str(workdir / "out"),
+                      "--store", str(workdir / "data"), *FAST], env=cli_env, cwd=workdir)
+    assert result.returncode == 3, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("skipped") and line.endswith("a.mp4") for line in lines)
+    assert any(line.startswith("failed") and "corrupt.mp4" in line for line in lines)
+    assert lines[-1] == "0 done, 2 skipped, 1 failed"
+    assert (workdir / "out" / "a.mp4").stat().st_mtime_ns == before
+
+
+def test_a_batch_from_and_to_s3(workdir: Path, cli_env: dict[str, str], s3_server) -> None:
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url, aws_access_key_id=s3_server.access_key_id,
+                      aws_secret_access_key=s3_server.secret_access_key, region_name=s3_server.region)
+    s3.upload_file(str(workdir / "src" / "a.mp4"), s3_server.bucket, "library/raw/people/a.mp4")
+    env = {**cli_env, **s3_server.env, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    bucket = f"s3://{s3_server.bucket}"
+    result = run_cli(["batch", f"{bucket}/library/raw", "--edit", "age=-2,2", "--out", f"{bucket}/library/edited",
+                      "--store", f"{bucket}/library/stitchtime", "--json", *FAST], env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    [video] = summary["videos"]
+    assert video["status"] == "done" and video["source"] == f"{bucket}/library/raw/people/a.mp4"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket, Prefix="library/edited/")["Contents"]}
+    assert {"library/edited/people/a.age-2.mp4", "library/edited/people/a.age+2.mp4",
+            "library/edited/people/a.summary.json", "library/edited/people/a.config.json",
+            "library/edited/stitchtime-batch.summary.json"} <= keys
+    assert video["outputs"] == [f"{bucket}/library/edited/people/a.age-2.mp4",
+                                f"{bucket}/library/edited/people/a.age+2.mp4"]
+    downloaded = workdir / "from-s3.mp4"
+    s3.download_file(s3_server.bucket, "library/edited/people/a.age+2.mp4", str(downloaded))
+    assert probe(downloaded).frame_count == 10
+    again = run_cli(["batch", f"{bucket}/library/raw", "--edit", "age=-2,2", "--out", f"{bucket}/library/edited",
+                     "--store", f"{bucket}/library/stitchtime", "--json", *FAST], env=env, cwd=workdir)
+    assert again.returncode == 0 and json.loads(again.stdout)["counts"]["skipped"] == 1
+
+
+def test_library_listing_and_names(workdir: Path) -> None:
+    assert library.list_videos(str(workdir / "src")) == ["a.mp4", "corrupt.mp4", "talks/2026/b.mov"]
+    assert library.output_name("x/clip.webm") == "x/clip.mp4" and library.output_name("y/c.MOV") == "y/c.MOV"
+
+
+def test_an_empty_library_is_an_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    (tmp_path / "empty").mkdir()
+    result = run_cli(["batch", str(tmp_path / "empty"), "--edit", "age=2", "--out", str(tmp_path / "out")],
+                     env=cli_env, cwd=tmp_path)
+    assert result.returncode == 1 and "no videos found" in result.stderr and "Traceback" not in result.stderr
