@@ -28,4 +28,21 @@ class NoFaceError(InputError):
 
 
 class StoreError(StitchtimeError):
-    """The artifact store cannot be reached or refused an operation."""
+    """The artifact store cannot be reached or refused an operation.
+
+    Args:
+        message: one line naming the store or object and the problem.
+        transient: whether trying again may help (a connection or a server error may pass; a missing
+            bucket or refused credentials will not).
+    """
+
+    def __init__(self, message: str, *, transient: bool = True):
+        self.transient = transient
+        super().__init__(message)
+
+    def __reduce__(self):  # keep `transient` when the error is pickled (Prefect does)
+        return _store_error, (str(self), self.transient)
+
+
+def _store_error(message: str, transient: bool) -> StoreError:
+    return StoreError(message, transient=transient)

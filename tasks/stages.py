@@ -60,11 +60,12 @@ class StageRef:
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
-    """Retry failures that may pass (storage, network); never a bad input, which fails the same way again."""
+    """Retry failures that may pass (a store that is down, the network); never a bad input, a missing
+    bucket or refused credentials, which fail the same way again."""
     try:
         state.result()
     except StitchtimeError as exc:
-        return isinstance(exc, StoreError)
+        return isinstance(exc, StoreError) and exc.transient
     except Exception:  # noqa: BLE001 - anything else may be transient
         return True
     return False

@@ -389,6 +389,8 @@ _PROBLEMS = {
     "SignatureDoesNotMatch": "the secret access key does not match the access key id",
     "ExpiredToken": "the session token has expired",
 }
+_PERMANENT_CODES = frozenset(_PROBLEMS) | {"InvalidBucketName", "AllAccessDisabled", "NoSuchKey", "404"}
+"""Refusals that come back the same however often the request is made: not worth a retry."""
 
 
 class S3Store(ArtifactStore):
@@ -443,6 +445,7 @@ class S3Store(ArtifactStore):
     def _error(self, exc: Exception, key: str | None) -> StoreError:
         """A one-line StoreError for a boto error, naming the bucket or object and never a credential."""
         target = self.url_for(key) if key is not None else self.uri
+        transient = True
         if isinstance(exc, boto3.exceptions.S3UploadFailedError) and isinstance(
             exc.__context__, botocore.exceptions.ClientError
         ):
@@ -454,13 +457,15 @@ class S3Store(ArtifactStore):
             if code == "NoSuchBucket":
                 problem = f"bucket {self.bucket!r} does not exist"
             message = f"{target}: {problem} ({code})"
+            transient = code not in _PERMANENT_CODES
         elif isinstance(exc, botocore.exceptions.EndpointConnectionError):
             message = f"{target}: cannot connect to {exc.kwargs.get('endpoint_url', 'the S3 endpoint')}"
         elif isinstance(exc, botocore.exceptions.NoCredentialsError):
             message = f"{target}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            transient = False
         else:
             message = f"{target}: {type(exc).__name__}: {exc}"
-        return StoreError(self._scrub(message))
+        return StoreError(self._scrub(message), transient=transient)
 
     def _scrub(self, message: str) -> str:
         """The message on one line, with the credentials in use masked."""
@@ -492,7 +497,7 @@ class S3Store(ArtifactStore):
             except botocore.exceptions.ClientError as exc:
                 if self._is_not_found(exc):
                     message = f"{self.uri}: bucket {self.bucket!r} does not exist (404)"
-                    raise StoreError(message) from None
+                    raise StoreError(message, transient=False) from None
                 raise
 
     def _put_bytes(self, key: str, data: bytes) -> None:

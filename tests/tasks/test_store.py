@@ -368,3 +368,17 @@ def test_s3_unreachable_endpoint_is_a_store_error(s3_env, monkeypatch):
     store = S3Store(s3_env.bucket, max_attempts=1)
     with pytest.raises(StoreError, match=f"cannot connect to http://127.0.0.1:{port}"):
         store.get_bytes("k")
+
+
+def test_refusals_are_permanent_and_outages_transient(s3_env, monkeypatch):
+    import pickle
+
+    with pytest.raises(StoreError) as missing:
+        open_store(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x").put_bytes("k", b"1")
+    assert not missing.value.transient and "does not exist" in str(missing.value)
+    restored = pickle.loads(pickle.dumps(missing.value))
+    assert isinstance(restored, StoreError) and not restored.transient and str(restored) == str(missing.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(StoreError) as down:
+        open_store(f"s3://{s3_env.bucket}/x").put_bytes("k", b"1")
+    assert down.value.transient
