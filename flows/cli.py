@@ -147,7 +147,7 @@ def _parse_setting(text: str) -> tuple[str, str, str]:
 
 def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *, profile: str,
               store: str | None, device: str, models: str | None, ablations: tuple[str, ...],
-              settings: list[tuple[str, str, str]], as_json: bool, verbose: bool) -> dict:
+              settings: list[tuple[str, str, str]], as_json: bool, verbose: bool, fan_out: str | None = None) -> dict:
     overrides = _overrides(ablations, settings)
     _prepare_environment(store, verbose)
     from flows.edit_video import check_outputs, edit_video, sidecar_paths
@@ -156,7 +156,7 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
     try:
         check_outputs(source, out, edit_sets)  # before Prefect starts, so a wrong path fails at once
         summary = edit_video(source, out, edit_sets, profile=profile, store=store, device=device, models_dir=models,
-                             overrides=overrides)
+                             overrides=overrides, fan_out=fan_out)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # bad settings, edit names or repeated edits, found before any stage ran
@@ -197,6 +197,10 @@ def _run_options(command):
                      help=_ablation_help()),
         click.option("--set", "settings", multiple=True, metavar="STAGE.SETTING=VALUE",
                      help="Override a stage setting, e.g. --set stitching.steps=50 --set pti.lr=1e-3."),
+        click.option("--fan-out", "fan_out", default=None, metavar="DEPLOYMENT",
+                     help="Run each stitching chunk as a flow run of this stitch-chunk deployment on GPU workers "
+                          "(e.g. stitch-chunk/gpu; default $STITCHTIME_STITCH_DEPLOYMENT); without it, in this "
+                          "process. Needs a Prefect server and a store the workers share (s3://)."),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
         click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines."),
     ]
@@ -221,7 +225,7 @@ _edit_option = click.option(
 @_run_options
 def edit(source: str, edit_sets: list, out: str, profile: str, store: str | None, device: str, models: str | None,
          face: str | None, detector: str | None, ablations: tuple[str, ...], settings: tuple[str, ...],
-         as_json: bool, verbose: bool) -> None:
+         fan_out: str | None, as_json: bool, verbose: bool) -> None:
     """Edit the face in SOURCE and write --out with the same frames, frame rate and sound.
 
     Several edits and strengths in one run share every stage up to and including PTI.
@@ -229,7 +233,7 @@ def edit(source: str, edit_sets: list, out: str, profile: str, store: str | None
     parsed = [_parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
     _run_edit(source, out, edit_sets, profile=profile, store=store, device=device, models=models,
-              ablations=ablations, settings=parsed, as_json=as_json, verbose=verbose)
+              ablations=ablations, settings=parsed, as_json=as_json, verbose=verbose, fan_out=fan_out)
 
 
 BATCH_EXAMPLES = """
@@ -250,7 +254,7 @@ Examples:
 @_run_options
 def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: str, store: str | None, device: str,
           models: str | None, face: str | None, detector: str | None, ablations: tuple[str, ...],
-          settings: tuple[str, ...], as_json: bool, verbose: bool) -> None:
+          settings: tuple[str, ...], fan_out: str | None, as_json: bool, verbose: bool) -> None:
     """Edit every video under SOURCE (a folder or s3:// prefix) into --out, keeping relative names.
 
     Videos whose summary is already in --out are skipped; a video that fails is reported and the
@@ -266,7 +270,7 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
 
     try:
         summary = edit_library(source, dest, edit_sets, profile=profile, store=store, device=device,
-                               models_dir=models, overrides=overrides, concurrency=concurrency)
+                               models_dir=models, overrides=overrides, concurrency=concurrency, fan_out=fan_out)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:

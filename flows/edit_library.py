@@ -29,15 +29,15 @@ BATCH_SUMMARY = "stitchtime-batch.summary.json"
 def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], profile: str = "tiny",
                  store: str | None = None, device: str = "cpu", models_dir: str | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None, concurrency: int = 2,
-                 chunk_size: int = 16) -> dict[str, Any]:
+                 chunk_size: int = 16, fan_out: str | None = None) -> dict[str, Any]:
     """Edit every video under ``source`` into ``dest`` under the same relative name.
 
     Args:
         source: a folder or an ``s3://bucket/prefix`` holding videos (any depth).
         dest: a folder or an ``s3://bucket/prefix`` for the outputs, their summaries and the batch's.
         edits: edit sets, one output per set, as :func:`flows.edit_video.edit_video` takes them.
-        profile, store, device, models_dir, overrides, chunk_size: as for ``edit_video``; every video
-            shares the store, so a re-run does only what is missing.
+        profile, store, device, models_dir, overrides, chunk_size, fan_out: as for ``edit_video``; every
+            video shares the store, so a re-run does only what is missing.
         concurrency: how many videos run at once.
 
     Returns:
@@ -53,7 +53,7 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
 
     def one(name: str) -> dict[str, Any]:
         return _edit_one(name, source=source, dest=dest, edits=edits, profile=profile, store=store, device=device,
-                         models_dir=models_dir, overrides=overrides, chunk_size=chunk_size)
+                         models_dir=models_dir, overrides=overrides, chunk_size=chunk_size, fan_out=fan_out)
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         # Each thread runs its subflow in a copy of this flow's context, so Prefect nests it here.

@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.stitch_chunk import FAN_OUT_ENV, deployment_runner
 from stitchtime_core.config import EditingConfig, RunConfig, ablations_of, to_dict, with_overrides
 from stitchtime_core.errors import InputError
 from stitchtime_core.models.profiles import PROFILES, profile_defaults
@@ -134,7 +135,8 @@ def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet])
 @flow(name="edit_video")
 def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], profile: str = "tiny",
                store: str | None = None, device: str = "cpu", models_dir: str | None = None,
-               overrides: dict[str, dict[str, Any]] | None = None, chunk_size: int = 16) -> dict[str, Any]:
+               overrides: dict[str, dict[str, Any]] | None = None, chunk_size: int = 16,
+               fan_out: str | None = None) -> dict[str, Any]:
     """Edit the face in ``source`` once per edit set, each output with the source's frames, rate and audio.
 
     Args:
@@ -150,6 +152,8 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
         models_dir: folder of model files for the ffhq profile.
         overrides: ``{stage: {setting: value}}`` on top of the profile's defaults.
         chunk_size: frames per stitch-tuning chunk.
+        fan_out: the stitch-chunk deployment (``stitch-chunk/gpu``) that runs each chunk as a flow run on
+            GPU workers; default ``$STITCHTIME_STITCH_DEPLOYMENT``; unset or empty stitches in this process.
 
     Returns:
         the run summary (also written to ``<out stem>.summary.json``).
@@ -163,6 +167,8 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     store = store or default_store_uri()
     resolution = stages.model_resolution(profile, models_dir, device)
     stages.check_edits(profile, models_dir, device, tuple(edit for edit_set in edit_sets for edit in edit_set))
+    fan_out = fan_out or os.environ.get(FAN_OUT_ENV) or None
+    run_chunks = deployment_runner(fan_out) if fan_out else None  # a wrong name fails now, not after PTI
 
     def record(refs: list[stages.StageRef], ref: stages.StageRef, label: str | None = None) -> stages.StageRef:
         refs.append(ref)
@@ -183,7 +189,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
         refs: list[stages.StageRef] = []
         edit = record(refs, stages.edit_pivots(store, pivots, run.editing, profile, models_dir, device), label)
         stitch = record(refs, stages.stitch_tune(store, align, pti, edit, run.stitching, profile, models_dir, device,
-                                                 chunk_size), label)
+                                                 chunk_size, run_chunks), label)
         record(refs, stages.render_output(store, source, probe, align, stitch, run.blending, run.output, str(path)),
                label)
         editing.append(to_dict(run.editing))

@@ -343,42 +343,168 @@ def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, profile
                       config=config, produce=produce)
 
 
+@dataclass(frozen=True)
+class StitchChunk:
+    """One chunk of the stitch stage: rows ``[start, stop)`` of the edited frames, and where its inputs are.
+
+    Everything a worker on another machine needs to stitch it; :meth:`to_parameters` turns it into
+    plain JSON for a flow run and :meth:`from_parameters` back.
+    """
+
+    store_uri: str
+    key: str
+    """The stitch stage's key: the chunk is stored under it."""
+    start: int
+    stop: int
+    align: StageRef
+    pti: StageRef
+    edit: StageRef
+    config: StitchingConfig
+    profile: str
+    models_dir: str | None
+
+    @property
+    def artifact(self) -> str:
+        """The chunk's stored stitched crops, masks and numbers (stop is in the name: chunk sizes may change)."""
+        return f"{self.key}/chunk-{self.start:06d}-{self.stop:06d}.safetensors"
+
+    def to_parameters(self) -> dict[str, Any]:
+        """The chunk as plain JSON values (stage references and the config as dicts; the store's absolute URI)."""
+        return {"store": open_store(self.store_uri).uri, "key": self.key, "start": self.start, "stop": self.stop,
+                "align": dataclasses.asdict(self.align), "pti": dataclasses.asdict(self.pti),
+                "edit": dataclasses.asdict(self.edit), "stitching": to_dict(self.config), "profile": self.profile,
+                "models_dir": self.models_dir}
+
+    @classmethod
+    def from_parameters(cls, store: str, key: str, start: int, stop: int, align: dict[str, Any],
+                        pti: dict[str, Any], edit: dict[str, Any], stitching: dict[str, Any], profile: str,
+                        models_dir: str | None) -> StitchChunk:
+        """Rebuild a chunk from :meth:`to_parameters`."""
+        return cls(store, key, int(start), int(stop), StageRef(**align), StageRef(**pti), StageRef(**edit),
+                   StitchingConfig(**stitching), profile, models_dir)
+
+
+ChunkRunner = Callable[[list[StitchChunk]], dict[str, Any]]
+"""Stitches chunks somewhere else (e.g. as flow runs of a deployment on GPU workers) and returns once
+each is stored or has failed for good; returns small facts for the stage's info."""
+
+
+def default_device() -> str:
+    """The device a stitch worker uses when told none: its first visible GPU, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _stitch_key(align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig, models: Models) -> str:
+    """The stitch stage's key, as :func:`_run_stage` derives it."""
+    return derive_key("stitch", inputs=[align.key, pti.key, edit.key, models.parser_identity], config=config,
+                      code_version=f"{stitchtime_core.__version__}/{STAGE_VERSIONS['stitch']}")
+
+
 @stage_task(name="stitch")
 def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig,
-                profile: str, models_dir: str | None, device: str, chunk_size: int = 16) -> StageRef:
+                profile: str, models_dir: str | None, device: str, chunk_size: int = 16,
+                run_chunks: ChunkRunner | None = None) -> StageRef:
     """Masks and stitching tuning of every frame, chunk by chunk; finished chunks are kept if the run stops.
 
     Masks come from BiSeNet run on the edited images, as the reference code does, when the profile
     has face-parsing weights; from the landmarks otherwise (and for frames where parsing finds no face).
+
+    Args:
+        chunk_size: frames per chunk, the unit that is stored, skipped when already stored, and fanned out.
+        run_chunks: None stitches the missing chunks here, one after another, with θ_p loaded once;
+            otherwise it is handed the missing chunks (each as a :class:`StitchChunk`) to stitch elsewhere.
+
+    Raises:
+        StitchtimeError: ``run_chunks`` returned with chunks still missing.
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     store = open_store(store_uri)
     models = _models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
-        G = _pti_generator(store, pti, models, device)
-        crop_points = _edited_rows(store, align)["crop_landmarks"]
-        latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"]
-        crops = _CropRows(store, align)
-        before, after, landmark_masks = [], [], 0
-        chunk_keys = [f"{key}/chunk-{s:06d}.safetensors" for s in range(0, len(latents), chunk_size)]
-        for start, chunk_key in zip(range(0, len(latents), chunk_size), chunk_keys):
-            if not store.exists(chunk_key):
-                part = slice(start, min(start + chunk_size, len(latents)))
-                store.put_tensors(chunk_key, _stitch_chunk(G, models.parser, latents[part], crops.rows(part.start, part.stop),
-                                                           crop_points[part], config=config, device=device))
-            chunk = store.get_tensors(chunk_key)
-            before.append(chunk["boundary_error_before"])
-            after.append(chunk["boundary_error_after"])
-            landmark_masks += int(chunk["landmark_masks"].sum())
-        return {"chunks": chunk_keys, "method": config.method,
+        if key != _stitch_key(align, pti, edit, config, models):  # the key workers check their chunks against
+            raise RuntimeError(f"_stitch_key is out of step with _run_stage's key {key}")
+        frames = int(align.info["edited_frames"])
+        chunks = [StitchChunk(store_uri, key, start, min(start + chunk_size, frames), align, pti, edit, config,
+                              profile, models_dir) for start in range(0, frames, chunk_size)]
+        missing = [chunk for chunk in chunks if not store.exists(chunk.artifact)]
+        fan_out = None
+        if missing and run_chunks is None:
+            inputs = _StitchInputs(store, align, pti, edit, models, device)
+            for chunk in missing:
+                store.put_tensors(chunk.artifact, inputs.stitch(chunk.start, chunk.stop, config))
+        elif missing:
+            fan_out = run_chunks(missing)
+            still = [f"{c.start}-{c.stop}" for c in missing if not store.exists(c.artifact)]
+            if still:
+                raise StitchtimeError(f"stitch chunks of rows {', '.join(still)} were not stored by their runs")
+        numbers: dict[str, list[torch.Tensor]] = {name: [] for name in _CHUNK_NUMBERS}
+        for chunk in chunks:  # keep only the per-frame numbers: the crops of a long clip do not fit in memory
+            stored = store.get_tensors(chunk.artifact)
+            for name in _CHUNK_NUMBERS:
+                numbers[name].append(stored[name])
+        cat = lambda name: torch.cat(numbers[name])  # noqa: E731
+        return {"chunks": [chunk.artifact for chunk in chunks], "method": config.method,
                 "masks": "landmarks" if models.parser is None else "bisenet",
-                "landmark_mask_frames": landmark_masks,
-                "boundary_error_before": float(torch.cat(before).mean()),
-                "boundary_error_after": float(torch.cat(after).mean()),
-                "steps_per_frame": float(torch.cat([store.get_tensors(k)["steps"] for k in chunk_keys]).float().mean())}
+                "landmark_mask_frames": int(cat("landmark_masks").sum()),
+                "boundary_error_before": float(cat("boundary_error_before").mean()),
+                "boundary_error_after": float(cat("boundary_error_after").mean()),
+                "steps_per_frame": float(cat("steps").float().mean()),
+                "fan_out": fan_out}
 
     return _run_stage(store, "stitch", inputs=[align.key, pti.key, edit.key, models.parser_identity], config=config,
                       produce=produce)
+
+
+_CHUNK_NUMBERS = ("landmark_masks", "steps", "boundary_error_before", "boundary_error_after")
+"""The per-frame numbers of a stored chunk that the stage's info sums up."""
+
+
+def stitch_chunk(chunk: StitchChunk, *, device: str) -> dict[str, Any]:
+    """Stitch one chunk and store it atomically, unless it is stored already; θ_p is loaded once per call.
+
+    What a stitch worker runs. The chunk's key is derived again from this process's models and code:
+    a worker whose model files or stitchtime version differ from the flow's refuses the chunk rather
+    than store results under a key that does not describe them.
+
+    Returns:
+        ``{"chunk": artifact key, "computed": False when it was already stored, "frames", "seconds"}``.
+
+    Raises:
+        StitchtimeError: the chunk's key does not match this worker's models or code.
+    """
+    started = time.perf_counter()
+    store = open_store(chunk.store_uri)
+    result = {"chunk": chunk.artifact, "computed": False, "frames": chunk.stop - chunk.start}
+    if not store.exists(chunk.artifact):
+        models = _models(chunk.profile, chunk.models_dir, device)
+        key = _stitch_key(chunk.align, chunk.pti, chunk.edit, chunk.config, models)
+        if key != chunk.key:
+            raise StitchtimeError(f"stitch chunk {chunk.artifact}: this worker's models or stitchtime version give "
+                                  f"the key {key}; it must run the same stitchtime and model files as the flow")
+        inputs = _StitchInputs(store, chunk.align, chunk.pti, chunk.edit, models, device)
+        store.put_tensors(chunk.artifact, inputs.stitch(chunk.start, chunk.stop, chunk.config))
+        result["computed"] = True
+    return {**result, "seconds": time.perf_counter() - started}
+
+
+class _StitchInputs:
+    """What every chunk of one stitch stage reads: θ_p, the edited latents, the crops and their landmarks."""
+
+    def __init__(self, store: ArtifactStore, align: StageRef, pti: StageRef, edit: StageRef, models: Models,
+                 device: str):
+        self.G, self.parser, self.device = _pti_generator(store, pti, models, device), models.parser, device
+        self.crop_points = _edited_rows(store, align)["crop_landmarks"]
+        self.latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"]
+        self.crops = _CropRows(store, align)
+
+    def stitch(self, start: int, stop: int, config: StitchingConfig) -> dict[str, torch.Tensor]:
+        """Rows ``[start, stop)`` stitched, ready to store (see :func:`_stitch_chunk`)."""
+        if not 0 <= start < stop <= len(self.latents):
+            raise ValueError(f"rows {start}-{stop} are outside the {len(self.latents)} edited frames")
+        return _stitch_chunk(self.G, self.parser, self.latents[start:stop], self.crops.rows(start, stop),
+                             self.crop_points[start:stop], config=config, device=self.device)
 
 
 def _stitch_chunk(G: Generator, parser: torch.nn.Module | None, latents: torch.Tensor, crops: np.ndarray,
