@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from flows.stitch_chunk import FAN_OUT_ENV, deployment_runner
 from stitchtime_core.config import EditingConfig, RunConfig, ablations_of, to_dict, with_overrides
@@ -173,7 +174,9 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     def record(refs: list[stages.StageRef], ref: stages.StageRef, label: str | None = None) -> stages.StageRef:
         refs.append(ref)
         name = ref.stage if label is None else f"{ref.stage}[{label}]"
-        log.info("%-9s %s in %.1f s", name, "reused" if ref.reused else "done", ref.seconds)
+        # The source's name tells apart the lines of videos that a batch runs at the same time.
+        log.info("%-9s %s in %.1f s  (%s)", name, "reused" if ref.reused else "done", ref.seconds,
+                 os.path.basename(source))
         return ref
 
     shared: list[stages.StageRef] = []
@@ -209,6 +212,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     video = probe.info["video"]
     summary = {
         "input": os.path.abspath(source),
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
         "config": str(config_path.resolve()),
         "profile": profile,
         "device": device,

@@ -130,6 +130,25 @@ def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cl
     # Work dropped to nothing: what is left is process start-up and reading small artifacts.
     assert summary["total_seconds"] < 0.2 * first_run["summary"]["total_seconds"]
     assert seconds < first_run["seconds"]
+    # On the Prefect server: one task run per stage, each completed, none of them doing the work again.
+    runs = _task_runs(cli_env["PREFECT_API_URL"], summary["flow_run_id"])
+    assert sorted(run.name.rsplit("-", 1)[0] for run in runs) == sorted(SHARED + PER_OUTPUT)
+    assert all(run.state.is_completed() for run in runs)
+    assert sum(run.total_run_time.total_seconds() for run in runs) < 0.2 * first_run["summary"]["total_seconds"]
+
+
+def _task_runs(api_url: str, flow_run_id: str) -> list:
+    """The task runs of one flow run, read from the Prefect server."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> list:
+        async with PrefectClient(api_url) as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
 
 
 def test_a_changed_setting_reruns_only_the_stages_it_affects(first_run: dict, clip: Path, cli_env: dict[str, str],
