@@ -123,20 +123,27 @@ def _binary(mask: np.ndarray) -> np.ndarray:
     return (m > 0.5).astype(np.uint8)
 
 
-def stitching_masks(crop_landmarks: np.ndarray, size: int, *, border_px_1024: float) -> tuple[np.ndarray, np.ndarray]:
-    """The masks stitching tuning needs for each frame, from landmarks in crop coordinates.
+def stitching_masks(crop_landmarks: np.ndarray, size: int, *, border_px_1024: float,
+                    parsed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masks stitching tuning needs for each frame: parsed where given and found, else from landmarks.
 
     Args:
         crop_landmarks: float [N, 68, 2] landmarks in crop pixels.
         size: crop size in pixels.
         border_px_1024: boundary width at 1024 px, scaled to ``size``.
+        parsed: float [N, size, size] face masks from a parsing network, or None to use the landmarks
+            for every frame (see :func:`parsed_or_landmark_masks`).
 
     Returns:
-        (masks m, boundaries b = dilate(m) XOR m), each float32 [N, size, size] in {0, 1}; the
-        dilated mask m^d used for pasting is their sum.
+        (masks m, boundaries b = dilate(m) XOR m, each float32 [N, size, size] in {0, 1}; bool [N],
+        True where m came from the landmarks). The dilated mask m^d used for pasting is m + b.
     """
-    masks = np.stack([landmark_face_mask(lm, size) for lm in crop_landmarks]).astype(np.float32)
-    return masks, boundaries_of(masks, border_px_1024=border_px_1024)
+    if parsed is None:
+        masks = np.stack([landmark_face_mask(lm, size) for lm in crop_landmarks]).astype(np.float32)
+        from_landmarks = np.ones(len(masks), bool)
+    else:
+        masks, from_landmarks = parsed_or_landmark_masks(parsed, crop_landmarks)
+    return masks, boundaries_of(masks, border_px_1024=border_px_1024), from_landmarks
 
 
 def boundaries_of(masks: np.ndarray, *, border_px_1024: float) -> np.ndarray:

@@ -512,13 +512,9 @@ def _stitch_chunk(G: Generator, parser: torch.nn.Module | None, latents: torch.T
     """One chunk's stitched crops, masks m and paste masks m^d, and its numbers, ready to store."""
     x = images_to_tensor(crops, device)
     edits = render_edits(G, latents, batch_size=config.batch_size)
-    if parser is None:
-        m = np.stack([masks.landmark_face_mask(p, x.shape[-1]) for p in crop_points])
-        from_landmarks = np.ones(len(m), bool)
-    else:
-        parsed = face_mask_from_labels(parse_faces(parser, edits)).cpu().numpy()
-        m, from_landmarks = masks.parsed_or_landmark_masks(parsed, crop_points)
-    b = masks.boundaries_of(m, border_px_1024=config.border_px)
+    parsed = None if parser is None else face_mask_from_labels(parse_faces(parser, edits)).cpu().numpy()
+    m, b, from_landmarks = masks.stitching_masks(crop_points, x.shape[-1], border_px_1024=config.border_px,
+                                                 parsed=parsed)
     as_tensor = lambda a: torch.from_numpy(a).unsqueeze(1).to(device)  # noqa: E731
     result = stitch_frames(G, latents, x, as_tensor(m), as_tensor(b), config=config, edits=edits)
     return {"stitched": torch.from_numpy(tensor_to_images(result.stitched)),
