@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_child, write_report
 
 
 def measure(size: int, device: str, repeats: int) -> dict:
@@ -73,21 +72,10 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(measure(args.child, args.device, args.repeats)))
         return
-    runs = []
-    for size in args.sizes:
-        result = subprocess.run([sys.executable, __file__, "--child", str(size), "--device", args.device,
-                                 "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
-        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(json.dumps(runs[-1]), file=sys.stderr)
-    out = args.out or Path(__file__).parent / "results" / f"generator-{args.device}.json"
-    report = {"benchmark": "StyleGAN2 synthesis, batch 1, FFHQ channel layout",
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "python": platform.python_version()},
-              "runs": runs}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-
+    runs = [run_child([sys.executable, __file__, "--child", str(size), "--device", args.device,
+                       "--repeats", str(args.repeats)]) for size in args.sizes]
+    write_report(args.out or Path(__file__).parent / "results" / f"generator-{args.device}.json",
+                 "StyleGAN2 synthesis, batch 1, FFHQ channel layout", runs)
 
 if __name__ == "__main__":
     main()

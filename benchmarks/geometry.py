@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
+
+from common import run_child, write_report
 
 RESOLUTION = 1024  # the FFHQ crop size the ffhq profile uses
 SIZE = (1920, 1080)
@@ -70,25 +69,12 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(measure(args.child, args.workdir)))
         return
-    runs = []
     with tempfile.TemporaryDirectory() as workdir:
-        for frames in args.frames:
-            result = subprocess.run([sys.executable, __file__, "--child", str(frames), "--workdir", workdir],
-                                    capture_output=True, text=True, check=True)
-            runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
-            print(json.dumps(runs[-1]), file=sys.stderr)
+        runs = [run_child([sys.executable, __file__, "--child", str(frames), "--workdir", workdir])
+                for frames in args.frames]
     peaks = [r["peak_rss_mb"] for r in runs]
-    report = {
-        "benchmark": "probe + landmarks + alignment + crop, 1080p, crops at 1024 px",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
-        "runs": runs,
-        "peak_rss_ratio_longest_to_shortest": round(peaks[-1] / peaks[0], 3),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-
+    write_report(args.out, "probe + landmarks + alignment + crop, 1080p, crops at 1024 px", runs,
+                 peak_rss_ratio_longest_to_shortest=round(peaks[-1] / peaks[0], 3))
 
 if __name__ == "__main__":
     main()

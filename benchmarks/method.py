@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_child, write_report
 
 
 CHANNELS = {"ffhq": dict(channel_base=32768, channel_max=512), "small": dict(channel_base=4096, channel_max=128),
@@ -131,24 +130,10 @@ def main() -> None:
         print(json.dumps(measure(args.child, **settings)))
         return
     sizes = args.sizes or ([64, 256] if args.device == "cpu" else [256, 1024])
-    runs = []
-    for size in sizes:
-        command = [sys.executable, __file__, "--child", str(size)] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            sys.exit(f"{size} px failed:\n{result.stderr}")
-        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(json.dumps(runs[-1]), file=sys.stderr)
-    out = args.out or Path(__file__).parent / "results" / f"method-{args.device}.json"
-    report = {"benchmark": "PTI step and stitching tuning per frame, ours vs the reference code's per-frame loop",
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "python": platform.python_version()},
-              "runs": runs}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-
+    runs = [run_child([sys.executable, __file__, "--child", str(size)]
+                      + [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]) for size in sizes]
+    write_report(args.out or Path(__file__).parent / "results" / f"method-{args.device}.json",
+                 "PTI step and stitching tuning per frame, ours vs the reference code's per-frame loop", runs)
 
 if __name__ == "__main__":
     main()
