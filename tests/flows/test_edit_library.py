@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -17,13 +16,9 @@ import pytest
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import iter_frames, probe
 from tasks import library
+from cli_runner import run_cli
 
 FAST = ["--set", "pti.observations_per_frame=2", "--set", "stitching.steps=2"]
-
-
-def run_cli(args: list[str], *, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")

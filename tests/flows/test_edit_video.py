@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -17,17 +16,13 @@ import pytest
 from stitchtime_core.config import OutputConfig
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import VideoWriter, ffmpeg_binary, iter_frames, probe
+from cli_runner import run_cli
 
 # Few steps: the test is about the pipeline's wiring and contracts, not the quality of the edit.
 FAST = ["--set", "pti.observations_per_frame=4", "--set", "stitching.steps=3"]
 SHARED = ["probe", "landmarks", "align", "encode", "pti"]
 """Stages run once per run, whatever the number of outputs."""
 PER_OUTPUT = ["edit", "stitch", "render"]
-
-
-def run_cli(args: list[str], *, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
 
 
 def audio_md5(path: Path) -> str:

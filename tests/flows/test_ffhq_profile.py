@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from stitchtime_core.models.bisenet import BiSeNet
 from stitchtime_core.models.e4e import Encoder4Editing
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import probe
+from cli_runner import run_cli
 
 _spec = importlib.util.spec_from_file_location("fake_official", Path(__file__).parents[1] / "core" / "fake_official.py")
 fake_official = importlib.util.module_from_spec(_spec)
@@ -41,11 +40,6 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "directions").mkdir()
     np.save(folder / "directions" / "age.npy", np.tile(np.random.default_rng(0).standard_normal(G.w_dim), (10, 1)))
     return folder
-
-
-def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from stitchtime_core.sample_clip import make_sample_clip
+from cli_runner import run_cli
 
 SETTINGS = ["--set", "pti.observations_per_frame=12", "--set", "pti.batch_size=4", "--set", "pti.checkpoint_every=5",
             "--set", "stitching.steps=12"]
@@ -62,8 +63,7 @@ def test_a_killed_run_resumes_inside_pti_and_inside_stitching(prefect_server: st
     assert not any(store.glob("stitch/*/done.json")) and not (tmp_path / "out.mp4").exists()
 
     # 3. Started a third time: everything up to stitching is reused, the finished chunk is kept.
-    third = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=tmp_path, capture_output=True,
-                           text=True, timeout=600)
+    third = run_cli(args, env, tmp_path)
     assert third.returncode == 0, third.stderr
     summary = json.loads(third.stdout)
     assert summary["reused_stages"] == ["probe", "landmarks", "align", "encode", "pti", "edit[age+2]"]
