@@ -24,6 +24,7 @@ from stitchtime_core.config import EditingConfig, RunConfig, ablations_of, to_di
 from stitchtime_core.errors import InputError
 from stitchtime_core.models.profiles import PROFILES, profile_defaults
 from tasks import stages
+from tasks.caching import save_stage_results
 from tasks.store import default_store_uri
 
 log = logging.getLogger("stitchtime")
@@ -180,22 +181,27 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
         return ref
 
     shared: list[stages.StageRef] = []
-    probe = record(shared, stages.probe_video(store, source))
-    landmarks = record(shared, stages.detect_landmarks(store, source, probe, config.alignment))
-    align = record(shared, stages.align_faces(store, source, probe, landmarks, config.alignment, resolution))
-    pivots = record(shared, stages.encode_pivots(store, align, config.encoding, profile, models_dir, device))
-    pti = record(shared, stages.tune_pti(store, align, pivots, config.pti, profile, models_dir, device))
+    save_stage_results()  # where Prefect keeps the stage tasks' records: in the store, beside the artifacts
+    run = stages.run
+    probe = record(shared, run(stages.probe_video, store, source))
+    landmarks = record(shared, run(stages.detect_landmarks, store, source, probe, config.alignment))
+    align = record(shared, run(stages.align_faces, store, source, probe, landmarks, config.alignment, resolution))
+    pivots = record(shared, run(stages.encode_pivots, store, align, config.encoding, profile, models_dir, device))
+    pti = record(shared, run(stages.tune_pti, store, align, pivots, config.pti, profile, models_dir, device))
 
     results, editing = [], []
     for edit_set, (label, path) in zip(edit_sets, outputs):
-        run = dataclasses.replace(config, editing=EditingConfig(edits=tuple(edit_set)))
+        settings = dataclasses.replace(config, editing=EditingConfig(edits=tuple(edit_set)))
         refs: list[stages.StageRef] = []
-        edit = record(refs, stages.edit_pivots(store, pivots, run.editing, profile, models_dir, device), label)
-        stitch = record(refs, stages.stitch_tune(store, align, pti, edit, run.stitching, profile, models_dir, device,
-                                                 chunk_size, run_chunks), label)
-        record(refs, stages.render_output(store, source, probe, align, stitch, run.blending, run.output, str(path)),
-               label)
-        editing.append(to_dict(run.editing))
+        edit = record(refs, run(stages.edit_pivots, store, pivots, settings.editing, profile, models_dir, device),
+                      label)
+        stitch = record(refs, run(stages.stitch_tune, store, align, pti, edit, settings.stitching, profile, models_dir,
+                                  device, chunk_size, run_chunks), label)
+        render = record(refs, run(stages.render_output, store, source, probe, align, stitch, settings.blending,
+                                  settings.output, str(path)), label)
+        if render.reused:
+            stages.deliver_output(store, render, str(path))
+        editing.append(to_dict(settings.editing))
         results.append({
             "edits": [{"direction": name, "strength": strength} for name, strength in edit_set],
             "label": label,

@@ -5,6 +5,10 @@ and the stage's code version; if the store already holds that stage's output it 
 otherwise it reads its inputs from the store, calls the core, writes its outputs and, last, a
 ``done.json`` marker (so a half-finished stage is never taken as done). Tasks return a
 :class:`StageRef`, a small reference, never tensors.
+
+The same key is the task's Prefect cache key, and Prefect's record of the result lives in the store
+beside the artifacts (:mod:`tasks.caching`): a re-run's task runs end ``Cached`` without running.
+Run stage tasks with :func:`run`, which reports a cache hit as a reused stage.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 import stitchtime_core
 from stitchtime_core import alignment, faces, masks, video
@@ -38,25 +43,12 @@ from stitchtime_core.pti import PTICheckpoint, tune_generator
 from stitchtime_core.render import CropPaste, render_video
 from stitchtime_core.stitching import render_edits, stitch_frames
 from stitchtime_core.tensors import images_to_tensor, tensor_to_images
+from tasks.caching import MARKER, STAGE_RESULTS, StageRef, StageRefSerializer, cache_key_fn
 from tasks.store import ArtifactStore, open_store
 
 # Bump a stage's version when its code changes what it writes: its key, and every key downstream, change.
 STAGE_VERSIONS = {"probe": 1, "landmarks": 1, "align": 1, "encode": 2, "pti": 2, "edit": 1, "stitch": 2,
                   "render": 2}
-
-
-@dataclass(frozen=True)
-class StageRef:
-    """What a stage task returns: where its artifacts are, and how it went."""
-
-    stage: str
-    key: str
-    """Prefix of the stage's artifacts in the store."""
-    reused: bool
-    """True when an earlier run had already written this stage's output."""
-    seconds: float
-    info: dict[str, Any] = field(default_factory=dict)
-    """Small facts the flow reports (frame counts, losses); never tensors."""
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
@@ -71,22 +63,70 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001 - Pr
     return False
 
 
-stage_task = functools.partial(task, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_unless_bad_input,
-                               cache_policy=None, persist_result=False)
+Ingredients = tuple[list[str], Any]
+"""What a stage's key is made of: its inputs' keys or content hashes, in order, and its settings."""
+
+_retrying = functools.partial(task, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_unless_bad_input)
 
 
-def _run_stage(store: ArtifactStore, stage: str, *, inputs: list[str], config: Any,
+def stage_key(stage: str, ingredients: Ingredients) -> str:
+    """The artifact key of a stage with these ingredients in this code version."""
+    inputs, config = ingredients
+    return derive_key(stage, inputs=inputs, config=config, code_version=_code_version(stage))
+
+
+def _code_version(stage: str) -> str:
+    return f"{stitchtime_core.__version__}/{STAGE_VERSIONS[stage]}"
+
+
+def stage_task(stage: str, ingredients: Callable[..., Ingredients]) -> Callable[[Callable], Any]:
+    """The Prefect task of a stage whose key is made of ``ingredients(**parameters)``.
+
+    That key is also its Prefect cache key; the result (a :class:`StageRef`) is recorded as JSON in
+    the store beside the stage's artifacts. Failures are retried unless the input is bad.
+    """
+    return _retrying(name=stage, cache_key_fn=cache_key_fn(lambda **params: stage_key(stage, ingredients(**params))),
+                     result_storage=STAGE_RESULTS, result_serializer=StageRefSerializer(), persist_result=True,
+                     cache_result_in_memory=False)
+
+
+def run(stage: Callable[..., StageRef], *args: Any, **kwargs: Any) -> StageRef:
+    """Run a stage task and return its :class:`StageRef`; a Prefect cache hit comes back as reused.
+
+    Raises:
+        whatever the task raised on its last try.
+    """
+    started = time.perf_counter()
+    state = stage(*args, return_state=True, **kwargs)
+    ref = state.result()
+    if state.name == "Cached":
+        return dataclasses.replace(ref, reused=True, seconds=time.perf_counter() - started)
+    return ref
+
+
+def _run_stage(store: ArtifactStore, stage: str, ingredients: Ingredients,
                produce: Callable[[str], dict[str, Any]]) -> StageRef:
-    code_version = f"{stitchtime_core.__version__}/{STAGE_VERSIONS[stage]}"
-    key = derive_key(stage, inputs=inputs, config=config, code_version=code_version)
-    marker = f"{key}/done.json"
+    key = stage_key(stage, ingredients)
+    marker = f"{key}/{MARKER}"
     start = time.perf_counter()
     if store.exists(marker):
         return StageRef(stage, key, True, time.perf_counter() - start, store.get_json(marker).get("info", {}))
     info = produce(key)
-    store.put_json(marker, {"stage": stage, "inputs": inputs, "code_version": code_version,
+    inputs, config = ingredients
+    store.put_json(marker, {"stage": stage, "inputs": inputs, "code_version": _code_version(stage),
                             "config": None if config is None else to_dict(config), "info": info})
     return StageRef(stage, key, False, time.perf_counter() - start, info)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_hash(path: str, size: int, mtime_ns: int) -> str:
+    return file_hash(path)
+
+
+def _file_hash(path: str) -> str:
+    """A file's content hash, computed once per version of the file (the cache key and the task both need it)."""
+    stat = os.stat(path)
+    return _content_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=2)
@@ -99,7 +139,11 @@ def _lpips(profile: str, models_dir: str | None, device: str) -> torch.nn.Module
     return build_lpips(backbone_path=_models(profile, models_dir, device).lpips_backbone).to(device)
 
 
-@stage_task(name="probe")
+def _probe_ingredients(source: str, **_: Any) -> Ingredients:
+    return [_file_hash(source)], None
+
+
+@stage_task("probe", _probe_ingredients)
 def probe_video(store_uri: str, source: str) -> StageRef:
     """Probe the source video; keyed by the file's content hash."""
     info = video.probe(source)
@@ -109,15 +153,19 @@ def probe_video(store_uri: str, source: str) -> StageRef:
         store.put_json(f"{key}/probe.json", info.to_dict())
         return {"video": info.to_dict()}
 
-    return _run_stage(store, "probe", inputs=[file_hash(source)], config=None, produce=produce)
+    return _run_stage(store, "probe", _probe_ingredients(source), produce)
 
 
-@stage_task(name="landmarks")
+def _landmarks_ingredients(probe: StageRef, config: AlignmentConfig, **_: Any) -> Ingredients:
+    # Only detection settings change landmarks; smoothing and gaps belong to the align stage.
+    return [probe.key], {"detector": config.detector, "upsample": config.detector_upsample,
+                         "max_side": config.detect_max_side, "face": config.face}
+
+
+@stage_task("landmarks", _landmarks_ingredients)
 def detect_landmarks(store_uri: str, source: str, probe: StageRef, config: AlignmentConfig) -> StageRef:
     """dlib 68-point landmarks of one face track in every frame (NaN where the track has no face)."""
     store = open_store(store_uri)
-    detection = {"detector": config.detector, "upsample": config.detector_upsample,
-                 "max_side": config.detect_max_side, "face": config.face}
 
     def produce(key: str) -> dict[str, Any]:
         landmarker = faces.load_landmarker(detector=config.detector, upsample=config.detector_upsample,
@@ -134,11 +182,14 @@ def detect_landmarks(store_uri: str, source: str, probe: StageRef, config: Align
             "box": track.boxes, "faces": track.faces_per_frame})
         return {"frames": int(len(track.found)), "frames_with_face": int(track.found.sum())}
 
-    # Only detection settings change landmarks; smoothing and gaps belong to the align stage.
-    return _run_stage(store, "landmarks", inputs=[probe.key], config=detection, produce=produce)
+    return _run_stage(store, "landmarks", _landmarks_ingredients(probe, config), produce)
 
 
-@stage_task(name="align")
+def _align_ingredients(landmarks: StageRef, config: AlignmentConfig, resolution: int, **_: Any) -> Ingredients:
+    return [landmarks.key, str(resolution)], config
+
+
+@stage_task("align", _align_ingredients)
 def align_faces(store_uri: str, source: str, probe: StageRef, landmarks: StageRef, config: AlignmentConfig,
                 resolution: int) -> StageRef:
     """Gap plan, temporally smoothed FFHQ quads, and the aligned crops of the frames to edit.
@@ -178,7 +229,7 @@ def align_faces(store_uri: str, source: str, probe: StageRef, landmarks: StageRe
                 "crop_chunks": chunks, "interpolated": np.flatnonzero(interpolated).tolist(),
                 "passed_through": np.flatnonzero(passthrough).tolist()}
 
-    return _run_stage(store, "align", inputs=[landmarks.key, str(resolution)], config=config, produce=produce)
+    return _run_stage(store, "align", _align_ingredients(landmarks, config, resolution), produce)
 
 
 CROP_CHUNK = 64
@@ -227,7 +278,14 @@ class _CropRows:
         return np.stack(parts)
 
 
-@stage_task(name="encode")
+def _encode_ingredients(align: StageRef, config: EncodingConfig, profile: str, models_dir: str | None, device: str,
+                        **_: Any) -> Ingredients:
+    # The projector's settings do not touch e4e pivots: leave them out of the key when e4e encodes.
+    keyed = config if config.method == "optimization" else EncodingConfig(batch_size=config.batch_size)
+    return [align.key, _models(profile, models_dir, device).identity], keyed
+
+
+@stage_task("encode", _encode_ingredients)
 def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profile: str, models_dir: str | None,
                   device: str) -> StageRef:
     """W+ pivots of every aligned crop: e4e, or per-frame optimisation (the "w/o e4e" ablation)."""
@@ -249,12 +307,17 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profi
         store.put_tensors(f"{key}/pivots.safetensors", {"pivots": torch.cat(pivots)})
         return {"frames": sum(len(p) for p in pivots), "method": config.method}
 
-    # The projector's settings do not touch e4e pivots: leave them out of the key when e4e encodes.
-    keyed = config if config.method == "optimization" else EncodingConfig(batch_size=config.batch_size)
-    return _run_stage(store, "encode", inputs=[align.key, models.identity], config=keyed, produce=produce)
+    return _run_stage(store, "encode", _encode_ingredients(align, config, profile, models_dir, device), produce)
 
 
-@stage_task(name="pti")
+def _pti_ingredients(align: StageRef, pivots: StageRef, config: PTIConfig, profile: str, models_dir: str | None,
+                     device: str, **_: Any) -> Ingredients:
+    # The checkpoint interval does not change the result, so it is not part of the key.
+    return ([align.key, pivots.key, _models(profile, models_dir, device).identity],
+            dataclasses.replace(config, checkpoint_every=0))
+
+
+@stage_task("pti", _pti_ingredients)
 def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfig, profile: str,
              models_dir: str | None, device: str) -> StageRef:
     """One generator tuned around the pivots of all frames (paper eq. 1), checkpointed as it goes.
@@ -289,9 +352,7 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
                 "first_loss": result.losses[0], "last_loss": result.losses[-1],
                 "reconstruction_mse": mse / crops.numel()}
 
-    # The checkpoint interval does not change the result, so it is not part of the key.
-    keyed = dataclasses.replace(config, checkpoint_every=0)
-    return _run_stage(store, "pti", inputs=[align.key, pivots.key, models.identity], config=keyed, produce=produce)
+    return _run_stage(store, "pti", _pti_ingredients(align, pivots, config, profile, models_dir, device), produce)
 
 
 def _write_pti_checkpoint(store: ArtifactStore, key: str, checkpoint: PTICheckpoint) -> None:
@@ -317,12 +378,14 @@ def _pti_generator(store: ArtifactStore, pti: StageRef, models: Models, device: 
     return G.to(device).eval().requires_grad_(False)
 
 
-def _direction_inputs(config: EditingConfig) -> list[str]:
-    """Content hashes of direction files, so an edited file gives a new key."""
-    return [file_hash(name) for name, _ in config.edits if os.path.isfile(name)]
+def _edit_ingredients(pivots: StageRef, config: EditingConfig, profile: str, models_dir: str | None, device: str,
+                      **_: Any) -> Ingredients:
+    # Direction files enter by their content, so an edited file gives a new key.
+    files = [_file_hash(name) for name, _ in config.edits if os.path.isfile(name)]
+    return [pivots.key, _models(profile, models_dir, device).identity, *files], config
 
 
-@stage_task(name="edit")
+@stage_task("edit", _edit_ingredients)
 def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, profile: str, models_dir: str | None,
                 device: str) -> StageRef:
     """Edited latents w_i + δw (paper section 3.3)."""
@@ -339,8 +402,7 @@ def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, profile
         store.put_tensors(f"{key}/latents.safetensors", {"latents": edit_latents(w, directions).cpu()})
         return {"edits": [list(e) for e in config.edits]}
 
-    return _run_stage(store, "edit", inputs=[pivots.key, models.identity, *_direction_inputs(config)],
-                      config=config, produce=produce)
+    return _run_stage(store, "edit", _edit_ingredients(pivots, config, profile, models_dir, device), produce)
 
 
 @dataclass(frozen=True)
@@ -394,13 +456,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _stitch_key(align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig, models: Models) -> str:
-    """The stitch stage's key, as :func:`_run_stage` derives it."""
-    return derive_key("stitch", inputs=[align.key, pti.key, edit.key, models.parser_identity], config=config,
-                      code_version=f"{stitchtime_core.__version__}/{STAGE_VERSIONS['stitch']}")
+def _stitch_ingredients(align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig, profile: str,
+                        models_dir: str | None, device: str, **_: Any) -> Ingredients:
+    return [align.key, pti.key, edit.key, _models(profile, models_dir, device).parser_identity], config
 
 
-@stage_task(name="stitch")
+@stage_task("stitch", _stitch_ingredients)
 def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig,
                 profile: str, models_dir: str | None, device: str, chunk_size: int = 16,
                 run_chunks: ChunkRunner | None = None) -> StageRef:
@@ -423,8 +484,6 @@ def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
     models = _models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
-        if key != _stitch_key(align, pti, edit, config, models):  # the key workers check their chunks against
-            raise RuntimeError(f"_stitch_key is out of step with _run_stage's key {key}")
         frames = int(align.info["edited_frames"])
         chunks = [StitchChunk(store_uri, key, start, min(start + chunk_size, frames), align, pti, edit, config,
                               profile, models_dir) for start in range(0, frames, chunk_size)]
@@ -453,8 +512,8 @@ def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
                 "steps_per_frame": float(cat("steps").float().mean()),
                 "fan_out": fan_out}
 
-    return _run_stage(store, "stitch", inputs=[align.key, pti.key, edit.key, models.parser_identity], config=config,
-                      produce=produce)
+    return _run_stage(store, "stitch", _stitch_ingredients(align, pti, edit, config, profile, models_dir, device),
+                      produce)
 
 
 _CHUNK_NUMBERS = ("landmark_masks", "steps", "boundary_error_before", "boundary_error_after")
@@ -479,7 +538,8 @@ def stitch_chunk(chunk: StitchChunk, *, device: str) -> dict[str, Any]:
     result = {"chunk": chunk.artifact, "computed": False, "frames": chunk.stop - chunk.start}
     if not store.exists(chunk.artifact):
         models = _models(chunk.profile, chunk.models_dir, device)
-        key = _stitch_key(chunk.align, chunk.pti, chunk.edit, chunk.config, models)
+        key = stage_key("stitch", _stitch_ingredients(chunk.align, chunk.pti, chunk.edit, chunk.config, chunk.profile,
+                                                      chunk.models_dir, device))
         if key != chunk.key:
             raise StitchtimeError(f"stitch chunk {chunk.artifact}: this worker's models or stitchtime version give "
                                   f"the key {key}; it must run the same stitchtime and model files as the flow")
@@ -526,13 +586,26 @@ def _stitch_chunk(G: Generator, parser: torch.nn.Module | None, latents: torch.T
             "boundary_error_after": result.boundary_error_after.cpu()}
 
 
-@stage_task(name="render")
+def _render_ingredients(probe: StageRef, align: StageRef, stitch: StageRef, blending: BlendingConfig,
+                        output: OutputConfig, out: str, **_: Any) -> Ingredients:
+    # Where the output goes is not part of the key; its container (the suffix) is.
+    return [probe.key, align.key, stitch.key, _suffix(out)], {"blending": blending, "output": output}
+
+
+def _suffix(out: str) -> str:
+    return os.path.splitext(out)[1] or ".mp4"
+
+
+@stage_task("render", _render_ingredients)
 def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef, stitch: StageRef,
                   blending: BlendingConfig, output: OutputConfig, out: str) -> StageRef:
-    """Paste the stitched crops back, encode with the source's audio, and deliver to ``out`` atomically."""
+    """Paste the stitched crops back, encode with the source's audio to ``out`` (atomically), and store a copy.
+
+    When the stage is reused nothing is written to ``out``: :func:`deliver_output` copies the stored one.
+    """
     store = open_store(store_uri)
     info = video.VideoInfo.from_dict(probe.info["video"])
-    suffix = os.path.splitext(out)[1] or ".mp4"
+    suffix = _suffix(out)
 
     def produce(key: str) -> dict[str, Any]:
         table = store.get_table(f"{align.key}/frames.parquet")
@@ -545,11 +618,7 @@ def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef,
         store.put_file(f"{key}/output{suffix}", out)
         return {"frames": frames, "output": f"{key}/output{suffix}"}
 
-    ref = _run_stage(store, "render", inputs=[probe.key, align.key, stitch.key, suffix],
-                     config={"blending": blending, "output": output}, produce=produce)
-    if ref.reused:
-        _deliver(store, ref.info["output"], out)
-    return ref
+    return _run_stage(store, "render", _render_ingredients(probe, align, stitch, blending, output, out), produce)
 
 
 class _StitchedChunks:
@@ -573,12 +642,14 @@ class _StitchedChunks:
         return CropPaste(crop, mask, paste_mask)
 
 
-def _deliver(store: ArtifactStore, key: str, out: str) -> None:
-    """Copy a stored output to ``out`` through a temporary name, so ``out`` is never half-written."""
+@_retrying(name="deliver", cache_policy=NO_CACHE, persist_result=False)
+def deliver_output(store_uri: str, render: StageRef, out: str) -> None:
+    """Copy a reused render stage's stored output to ``out`` through a temporary name, so ``out`` is never
+    half-written."""
     folder, name = os.path.split(os.path.abspath(out))
     temp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
     try:
-        store.get_file(key, temp)
+        open_store(store_uri).get_file(render.info["output"], temp)
         os.replace(temp, out)
     finally:
         if os.path.exists(temp):

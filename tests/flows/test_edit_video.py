@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from fractions import Fraction
@@ -125,11 +126,40 @@ def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cl
     # Work dropped to nothing: what is left is process start-up and reading small artifacts.
     assert summary["total_seconds"] < 0.2 * first_run["summary"]["total_seconds"]
     assert seconds < first_run["seconds"]
-    # On the Prefect server: one task run per stage, each completed, none of them doing the work again.
+    # On the Prefect server: one task run per stage, each taken from Prefect's cache without running,
+    # and the delivery of the stored output.
     runs = _task_runs(cli_env["PREFECT_API_URL"], summary["flow_run_id"])
-    assert sorted(run.name.rsplit("-", 1)[0] for run in runs) == sorted(SHARED + PER_OUTPUT)
-    assert all(run.state.is_completed() for run in runs)
-    assert sum(run.total_run_time.total_seconds() for run in runs) < 0.2 * first_run["summary"]["total_seconds"]
+    assert sorted(_task_name(run) for run in runs) == sorted(SHARED + PER_OUTPUT + ["deliver"])
+    assert {_task_name(run): run.state.name for run in runs} == {**{stage: "Cached" for stage in SHARED + PER_OUTPUT},
+                                                                  "deliver": "Completed"}
+    records = [workdir / "data" / key / "prefect-result.json"
+               for key in [*summary["artifacts"].values(), *summary["outputs"][0]["artifacts"].values()]]
+    assert all(json.loads(record.read_text())["metadata"]["serializer"]["type"] == "stitchtime-stage-ref"
+               for record in records)
+
+
+def test_a_stage_whose_artifacts_were_deleted_is_made_again(first_run: dict, clip: Path, cli_env: dict[str, str],
+                                                            workdir: Path) -> None:
+    # Prefect's record of the PTI stage goes with its folder; a record left without its done.json
+    # (artifacts removed one by one, e.g. by an expiry rule) is not a cache hit either.
+    pti = workdir / "data" / first_run["summary"]["artifacts"]["pti"]
+    encode = workdir / "data" / first_run["summary"]["artifacts"]["encode"]
+    shutil.rmtree(pti)
+    (encode / "done.json").unlink()
+    out = workdir / "out" / "remade.mp4"
+    result = run_cli(["edit", str(clip), "--edit", "age=2", "--out", str(out), "--store", str(workdir / "data"),
+                      "--json", *FAST], env=cli_env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["reused_stages"] == ["probe", "landmarks", "align"] + [f"{stage}[age+2]" for stage in PER_OUTPUT]
+    runs = {_task_name(run): run.state.name for run in _task_runs(cli_env["PREFECT_API_URL"], summary["flow_run_id"])}
+    assert runs["encode"] == runs["pti"] == "Completed" and runs["align"] == runs["render"] == "Cached"
+    assert (pti / "done.json").is_file() and (encode / "done.json").is_file()
+    assert out.read_bytes() == first_run["out"].read_bytes()
+
+
+def _task_name(run) -> str:  # noqa: ANN001 - a Prefect TaskRun
+    return run.name.rsplit("-", 1)[0]
 
 
 def _task_runs(api_url: str, flow_run_id: str) -> list:
