@@ -4,14 +4,17 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install ffmpeg demo test bench clean
+.PHONY: install system-packages demo test bench clean
 
-install: ffmpeg $(STAMP)
+install: system-packages $(STAMP)
 
-# ffmpeg and ffprobe come from Debian; nothing to do when they are already on PATH.
-ffmpeg:
+# From Debian: ffmpeg and ffprobe (video I/O) and chromium (the report's browser test). Each package
+# is installed only when its commands are not already on PATH.
+system-packages:
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg >/dev/null; }
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)

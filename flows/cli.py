@@ -22,6 +22,7 @@ Examples:
   stitchtime edit clip.mp4 --edit age=2+smile=1 --edit sefa:3=1.5 --out out.mp4 --store s3://bucket/stitchtime
   stitchtime edit clip.mp4 --edit age=2 --ablation no-stitching --out no-stitching.mp4
   stitchtime batch videos/ --edit age=2 --out edited/
+  stitchtime metrics clip-older.mp4 clip.mp4
   stitchtime demo
 """
 
@@ -307,6 +308,63 @@ def demo(out_dir: str, edit_sets: list, device: str, as_json: bool, verbose: boo
     _run_edit(str(clip), str(folder / "sample-edited.mp4"), edit_sets, profile="tiny", store=None, device=device,
               models=None, ablations=(), settings=[], as_json=as_json, verbose=verbose)
     click.echo(f"source clip:  {clip.resolve()}")
+
+
+METRICS_EXAMPLES = """
+\b
+Examples:
+  stitchtime metrics clip-older.mp4 clip.mp4
+  stitchtime metrics clip-older.mp4 clip.mp4 --arcface models/model_ir_se50.pth --out clip-older.metrics.json
+  stitchtime metrics clip-older.mp4 clip.mp4 --json
+"""
+
+
+@main.command(epilog=METRICS_EXAMPLES)
+@click.argument("edited", type=click.Path(dir_okay=False))
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("--arcface", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Measure with ArcFace IR-SE50 (model_ir_se50.pth) instead of dlib's face-recognition ResNet.")
+@click.option("--face", default="largest", show_default=True, metavar="largest|N|X,Y",
+              help="Which face to measure when there are several, chosen in SOURCE as for edit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON, per-frame values included.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
+def metrics(edited: str, source: str, arcface: str | None, face: str, as_json: bool, out: str | None) -> None:
+    """Identity consistency of EDITED, normalised by its SOURCE (paper section 4.2).
+
+    TL-ID averages the identity similarity of adjacent frames, TG-ID that of all pairs of frames, each
+    divided by the same pair's similarity in SOURCE: 1 keeps the source's consistency. Both videos are
+    cropped where the face is found in SOURCE; they must have the same frame count and size.
+    """
+    from stitchtime_core.config import AlignmentConfig
+    from stitchtime_core.errors import StitchtimeError
+    from stitchtime_core.identity import load_arcface_identity, load_dlib_identity
+    from tasks.metrics import measure_pair
+
+    try:
+        config = AlignmentConfig(face=face)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        identity = load_arcface_identity(arcface) if arcface else load_dlib_identity()
+        result = measure_pair(edited, source, identity=identity, config=config).to_dict()
+    except StitchtimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"TL-ID:   {_score(result['tl_id'])}  ({result['tl_pairs']} adjacent pairs)")
+        click.echo(f"TG-ID:   {_score(result['tg_id'])}  ({result['tg_pairs']} pairs)")
+        click.echo(f"frames:  {result['frames']} ({result['frames_with_face']} with a face)")
+        click.echo(f"network: {result['network']}")
+    if out:
+        try:
+            Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as exc:
+            raise click.ClickException(f"{out}: cannot be written ({exc.strerror})") from None
+
+
+def _score(value: float | None) -> str:
+    return "n/a (no pair left)" if value is None else f"{value:.4f}"
 
 
 @main.group()

@@ -1,0 +1,59 @@
+"""``stitchtime metrics``: the JSON it prints, the file it writes, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stitchtime_core.config import OutputConfig
+from stitchtime_core.sample_clip import make_sample_clip
+from stitchtime_core.video import VideoWriter
+from cli_runner import run_cli
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("metrics-cli") / "clip.mp4"
+    make_sample_clip(path, seconds=0.32, size=(160, 160))  # 8 frames
+    return path
+
+
+def test_json_of_a_clip_against_itself(clip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "metrics.json"
+    result = run_cli(["metrics", str(clip), str(clip), "--json", "--out", str(out)], dict(os.environ), tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed == json.loads(out.read_text())
+    assert {"tl_id", "tg_id", "frames", "network", "adjacent", "to_source"} <= printed.keys()
+    assert (printed["tl_id"], printed["tg_id"]) == (1.0, 1.0)
+    assert (printed["frames"], printed["network"]) == (8, "dlib_face_recognition_resnet_model_v1")
+
+
+def _plain_clip(path: Path, frames: int) -> Path:
+    with VideoWriter(path, width=96, height=64, fps=Fraction(25), config=OutputConfig(preset="ultrafast")) as writer:
+        for i in range(frames):
+            writer.write(np.full((64, 96, 3), 30 * i, np.uint8))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "missing.mp4: no such file"),
+    ("text", "notes.mp4: not a readable video"),
+    ("shorter", "shorter.mp4: has 5 frames but its source"),
+    ("no-face", "wall.mp4: no face found in any of its 8 frames"),
+])
+def test_bad_input_ends_with_one_clear_line(case: str, message: str, clip: Path, tmp_path: Path) -> None:
+    edited, source = {"missing": (tmp_path / "missing.mp4", clip), "text": (tmp_path / "notes.mp4", clip),
+                      "shorter": (_plain_clip(tmp_path / "shorter.mp4", 5), clip),
+                      "no-face": (_plain_clip(tmp_path / "wall.mp4", 8), tmp_path / "wall.mp4")}[case]
+    if case == "text":
+        edited.write_text("not a video\n")
+    result = run_cli(["metrics", str(edited), str(source)], dict(os.environ), tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("Error: ") and message in result.stderr
