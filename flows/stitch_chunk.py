@@ -5,8 +5,10 @@ Each chunk is one flow run of a ``stitch-chunk`` deployment on a work pool of GP
 per GPU (pinned with ``CUDA_VISIBLE_DEVICES`` in the worker's environment, ``--limit 1``). A chunk
 reads its inputs from the shared artifact store and writes its stitched crops back. A chunk whose
 flow fails is retried by the flow's own retries; a chunk whose process dies (the run ends Crashed,
-which flow retries do not cover) is submitted again by the edit flow. Chunks already stored are never
-stitched again: the edit flow submits only missing chunks, and a chunk run finds its artifact first.
+which flow retries do not cover) is submitted again by the edit flow, and so is a chunk whose run has
+been Running for longer than the chunk timeout (its machine is presumed lost: nothing is left to report
+its end), after the edit flow marks it Crashed. Chunks already stored are never stitched again: the
+edit flow submits only missing chunks, and a chunk run finds its artifact first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -25,6 +28,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Crashed
 
 from stitchtime_core.errors import StitchtimeError
 from tasks import stages
@@ -34,6 +38,13 @@ log = logging.getLogger("stitchtime")
 FAN_OUT_ENV = "STITCHTIME_STITCH_DEPLOYMENT"
 """Environment variable naming the stitch-chunk deployment (``stitch-chunk/gpu``) that ``edit_video``
 fans stitching out to when its ``fan_out`` parameter is not given; unset or empty stitches in-process."""
+
+CHUNK_TIMEOUT_ENV = "STITCHTIME_CHUNK_TIMEOUT"
+"""Environment variable: seconds a chunk run may stay Running before the edit flow presumes its machine
+lost, marks it Crashed and submits the chunk again (default :data:`CHUNK_TIMEOUT`; 0 waits for ever)."""
+
+CHUNK_TIMEOUT = 3600.0
+"""Far above a chunk's normal time (16 frames of 1024 px stitching tuning take minutes on one GPU)."""
 
 
 @flow(name="stitch-chunk", retries=2, retry_delay_seconds=10, persist_result=False)
@@ -77,22 +88,31 @@ def stitch_chunk(store: str, key: str, start: int, stop: int, align: dict[str, A
     return result
 
 
-def deployment_runner(name: str, *, resubmits: int = 2, poll_seconds: float = 2.0) -> stages.ChunkRunner:
+def deployment_runner(name: str, *, resubmits: int = 2, poll_seconds: float = 2.0,
+                      chunk_timeout: float | None = None) -> stages.ChunkRunner:
     """A :data:`~tasks.stages.ChunkRunner` that runs each chunk as a flow run of the deployment ``name``.
 
     The deployment is looked up now, so a wrong name fails before any work. The runner submits every
     chunk at once (as subflows of the calling flow), waits for all of them, submits again a chunk
     whose run crashed (its process died: flow retries do not cover that) up to ``resubmits`` times,
-    and raises once all have ended if any did not complete.
+    and raises once all have ended if any did not complete. A run still Running ``chunk_timeout``
+    seconds after it started is marked Crashed and counts as a crash: a machine that is lost leaves
+    its run Running, since nothing is left to report its end.
 
     Args:
         name: ``"<flow name>/<deployment name>"``, e.g. ``"stitch-chunk/gpu"``.
         resubmits: how many times one chunk is submitted again after a crash.
         poll_seconds: how often the runs' states are read.
+        chunk_timeout: seconds; default ``$STITCHTIME_CHUNK_TIMEOUT``, else :data:`CHUNK_TIMEOUT`; 0 for none.
 
     Raises:
-        StitchtimeError: no such deployment on the Prefect server.
+        StitchtimeError: no such deployment on the Prefect server, or a chunk timeout that is not a number.
     """
+    if chunk_timeout is None:
+        try:
+            chunk_timeout = float(os.environ.get(CHUNK_TIMEOUT_ENV) or CHUNK_TIMEOUT)
+        except ValueError:
+            raise StitchtimeError(f"{CHUNK_TIMEOUT_ENV}={os.environ[CHUNK_TIMEOUT_ENV]!r}: expected seconds") from None
     if "/" not in name:
         raise StitchtimeError(f"stitch deployment {name!r}: expected FLOW/DEPLOYMENT, e.g. stitch-chunk/gpu")
     with get_client(sync_client=True) as client:
@@ -104,13 +124,14 @@ def deployment_runner(name: str, *, resubmits: int = 2, poll_seconds: float = 2.
                                   f"or stitch in-process") from None
 
     def run(chunks: list[stages.StitchChunk]) -> dict[str, Any]:
-        return _run_on_deployment(name, chunks, resubmits=resubmits, poll_seconds=poll_seconds)
+        return _run_on_deployment(name, chunks, resubmits=resubmits, poll_seconds=poll_seconds,
+                                  chunk_timeout=chunk_timeout)
 
     return run
 
 
-def _run_on_deployment(name: str, chunks: list[stages.StitchChunk], *, resubmits: int,
-                       poll_seconds: float) -> dict[str, Any]:
+def _run_on_deployment(name: str, chunks: list[stages.StitchChunk], *, resubmits: int, poll_seconds: float,
+                       chunk_timeout: float) -> dict[str, Any]:
     batch = uuid.uuid4().hex[:8]  # tells this stage's runs apart from another run's of the same chunks
     waiting: dict[uuid.UUID, tuple[stages.StitchChunk, int]] = {}
 
@@ -131,6 +152,11 @@ def _run_on_deployment(name: str, chunks: list[stages.StitchChunk], *, resubmits
         while waiting:
             time.sleep(poll_seconds)
             for flow_run in _read_flow_runs(client, list(waiting)):
+                if _overdue(flow_run, chunk_timeout):
+                    message = (f"still running {chunk_timeout:g} s after it started ({CHUNK_TIMEOUT_ENV}); its "
+                               "worker is presumed lost")
+                    client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+                    flow_run.state = Crashed(message=message)
                 if flow_run.state is None or not flow_run.state.is_final():
                     continue
                 chunk, attempt = waiting.pop(flow_run.id)
@@ -149,6 +175,12 @@ def _run_on_deployment(name: str, chunks: list[stages.StitchChunk], *, resubmits
                             f"{run.state.name}: {run.state.message}" for chunk, run in failed)
         raise StitchtimeError(f"{len(failed)} stitch chunk(s) failed on {name}: {details}")
     return {"deployment": name, "chunk_runs": len(chunks) + resubmitted, "resubmitted": resubmitted}
+
+
+def _overdue(flow_run: FlowRun, timeout: float) -> bool:
+    if not timeout or flow_run.state is None or not flow_run.state.is_running() or flow_run.start_time is None:
+        return False
+    return (datetime.now(timezone.utc) - flow_run.start_time).total_seconds() > timeout
 
 
 def _read_flow_runs(client: Any, ids: list[uuid.UUID]) -> list[FlowRun]:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import iter_frames
+from flows.stitch_chunk import CHUNK_TIMEOUT_ENV
 from tasks import stages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -306,3 +307,42 @@ def test_a_killed_chunk_run_is_run_again_and_finished_chunks_are_not(env: dict[s
     assert {name: after[name] for name in stored} == stored and len(after) == len(CHUNKS)
     assert summary["stitching"]["steps_per_frame"] == STEPS_WHEN_KILLED
     assert len(list(iter_frames(workdir / "killed.mp4"))) == 10
+
+
+def test_a_chunk_run_whose_machine_is_lost_is_marked_crashed_and_run_again(
+        env: dict[str, str], deployment: str, workers: dict[str, str], workdir: Path, clip: Path,
+        in_process: dict) -> None:
+    # A lost machine cannot report its run's end: here its process is frozen (SIGSTOP) and the run stays
+    # Running until the edit flow's chunk timeout marks it Crashed and submits the chunk again.
+    store = workdir / "store-lost"
+    copy_shared_stages(workdir / "store-in-process", store)
+    timeout = 30
+    proc = edit({**env, CHUNK_TIMEOUT_ENV: str(timeout)}, workdir, clip, store, "lost", steps=STEPS_WHEN_KILLED + 1,
+                fan_out=deployment, background=True)
+    frozen = None
+    try:
+        deadline = time.monotonic() + 240
+        while frozen is None:
+            assert time.monotonic() < deadline and proc.poll() is None, (workdir / "lost.log").read_text()[-6000:]
+            frozen = next((run for key in [p.name for p in (store / "stitch").glob("*")]
+                           for run, _ in chunk_runs(env, deployment, f"stitch/{key}")
+                           if run.state.is_running() and run.infrastructure_pid
+                           and not chunk_path(store, f"stitch/{key}", run).exists()), None)
+            time.sleep(0.1)
+        pid = int(str(frozen.infrastructure_pid).rsplit(":", 1)[-1])
+        os.kill(pid, signal.SIGSTOP)
+        summary = finished(proc, workdir, "lost")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if frozen is not None:
+            os.kill(pid, signal.SIGKILL)  # frees its worker
+    key = summary["outputs"][0]["artifacts"]["stitch"]
+    runs = [run for run, _ in chunk_runs(env, deployment, key)]
+    [lost] = [run for run in runs if run.id == frozen.id]
+    assert lost.state.is_crashed() and "presumed lost" in lost.state.message
+    assert rows(frozen) in [rows(run) for run in runs if run.state.is_completed()]
+    assert summary["stitching"]["fan_out"]["resubmitted"] >= 1
+    assert sorted(p.name for p in (store / key).glob("chunk-*")) == [
+        f"chunk-{start:06d}-{stop:06d}.safetensors" for start, stop in CHUNKS]
+    assert len(list(iter_frames(workdir / "lost.mp4"))) == 10
