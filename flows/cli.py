@@ -22,7 +22,9 @@ Examples:
   stitchtime edit clip.mp4 --edit age=2+smile=1 --edit sefa:3=1.5 --out out.mp4 --store s3://bucket/stitchtime
   stitchtime edit clip.mp4 --edit age=2 --ablation no-stitching --out no-stitching.mp4
   stitchtime batch videos/ --edit age=2 --out edited/
+  stitchtime ablate clip.mp4 --edit age=2
   stitchtime metrics clip-older.mp4 clip.mp4
+  stitchtime report clip-older.mp4
   stitchtime demo
 """
 
@@ -179,35 +181,48 @@ def main() -> None:
     """stitchtime: temporally coherent face editing in real videos (Stitch it in Time)."""
 
 
-def _run_options(command):
-    """The options ``edit`` and ``batch`` share: models, store, device, face, ablations, settings, output."""
-    options = [
-        click.option("--profile", type=click.Choice(["tiny", "ffhq"]), default="tiny", show_default=True,
-                     help="Models: tiny (built in, CPU) or ffhq (official files from --models)."),
-        click.option("--store", default=None, help="Artifact store: a folder, file://PATH or s3://BUCKET/PREFIX "
-                                                   "(default: ./stitchtime-data)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-        click.option("--models", default=None, type=click.Path(file_okay=False),
-                     help="Folder with the ffhq model files (default: $STITCHTIME_MODELS or ./models)."),
-        click.option("--face", default=None, metavar="largest|N|X,Y",
-                     help="Which face to edit when there are several: the largest (default), the N-th largest "
-                          "(0 = largest) or the one at pixel X,Y, in the first frame with faces."),
-        click.option("--detector", type=click.Choice(["hog", "cnn"]), default=None,
-                     help="dlib face detector (default hog; cnn is slower and finds more turned faces)."),
-        click.option("--ablation", "ablations", multiple=True, type=click.Choice(list(ABLATIONS)),
-                     help=_ablation_help()),
-        click.option("--set", "settings", multiple=True, metavar="STAGE.SETTING=VALUE",
-                     help="Override a stage setting, e.g. --set stitching.steps=50 --set pti.lr=1e-3."),
-        click.option("--fan-out", "fan_out", default=None, metavar="DEPLOYMENT",
-                     help="Run each stitching chunk as a flow run of this stitch-chunk deployment on GPU workers "
-                          "(e.g. stitch-chunk/gpu; default $STITCHTIME_STITCH_DEPLOYMENT); without it, in this "
-                          "process. Needs a Prefect server and a store the workers share (s3://)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
-        click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _run_options(*, skip: tuple[str, ...] = ()):
+    """The options ``edit``, ``batch`` and ``ablate`` share: models, store, device, face, ablations, settings,
+    output; those named in ``skip`` (by parameter name) are left out."""
+    options = {
+        "profile": click.option(
+            "--profile", type=click.Choice(["tiny", "ffhq"]), default="tiny", show_default=True,
+            help="Models: tiny (built in, CPU) or ffhq (official files from --models)."),
+        "store": click.option(
+            "--store", default=None,
+            help="Artifact store: a folder, file://PATH or s3://BUCKET/PREFIX (default: ./stitchtime-data)."),
+        "device": click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        "models": click.option(
+            "--models", default=None, type=click.Path(file_okay=False),
+            help="Folder with the ffhq model files (default: $STITCHTIME_MODELS or ./models)."),
+        "face": click.option(
+            "--face", default=None, metavar="largest|N|X,Y",
+            help="Which face to edit when there are several: the largest (default), the N-th largest "
+                 "(0 = largest) or the one at pixel X,Y, in the first frame with faces."),
+        "detector": click.option(
+            "--detector", type=click.Choice(["hog", "cnn"]), default=None,
+            help="dlib face detector (default hog; cnn is slower and finds more turned faces)."),
+        "ablations": click.option(
+            "--ablation", "ablations", multiple=True, type=click.Choice(list(ABLATIONS)), help=_ablation_help()),
+        "settings": click.option(
+            "--set", "settings", multiple=True, metavar="STAGE.SETTING=VALUE",
+            help="Override a stage setting, e.g. --set stitching.steps=50 --set pti.lr=1e-3."),
+        "fan_out": click.option(
+            "--fan-out", "fan_out", default=None, metavar="DEPLOYMENT",
+            help="Run each stitching chunk as a flow run of this stitch-chunk deployment on GPU workers "
+                 "(e.g. stitch-chunk/gpu; default $STITCHTIME_STITCH_DEPLOYMENT); without it, in this "
+                 "process. Needs a Prefect server and a store the workers share (s3://)."),
+        "as_json": click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
+        "verbose": click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines."),
+    }
+
+    def decorate(command):
+        for name, option in reversed(options.items()):
+            if name not in skip:
+                command = option(command)
+        return command
+
+    return decorate
 
 
 _edit_option = click.option(
@@ -223,7 +238,7 @@ _edit_option = click.option(
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Output video file. With several outputs each is OUT-STEM.LABEL.EXT beside it "
                    "(clip.age-4.mp4, clip.age+2_smile+1.mp4); the run summary is OUT-STEM.summary.json.")
-@_run_options
+@_run_options()
 def edit(source: str, edit_sets: list, out: str, profile: str, store: str | None, device: str, models: str | None,
          face: str | None, detector: str | None, ablations: tuple[str, ...], settings: tuple[str, ...],
          fan_out: str | None, as_json: bool, verbose: bool) -> None:
@@ -252,7 +267,7 @@ Examples:
               help="Destination folder or s3://BUCKET/PREFIX; each video's outputs go under its relative name.")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1),
               help="Videos edited at once.")
-@_run_options
+@_run_options()
 def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: str, store: str | None, device: str,
           models: str | None, face: str | None, detector: str | None, ablations: tuple[str, ...],
           settings: tuple[str, ...], fan_out: str | None, as_json: bool, verbose: bool) -> None:
@@ -308,6 +323,100 @@ def demo(out_dir: str, edit_sets: list, device: str, as_json: bool, verbose: boo
     _run_edit(str(clip), str(folder / "sample-edited.mp4"), edit_sets, profile="tiny", store=None, device=device,
               models=None, ablations=(), settings=[], as_json=as_json, verbose=verbose)
     click.echo(f"source clip:  {clip.resolve()}")
+
+
+ABLATE_EXAMPLES = """
+\b
+Examples:
+  stitchtime ablate clip.mp4 --edit age=2
+  stitchtime ablate clip.mp4 --edit age=2+smile=1 --out-dir ablation/ --set stitching.steps=50 --json
+"""
+
+
+@main.command(epilog=ABLATE_EXAMPLES)
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("--edit", "edit_sets", required=True, callback=_parse_edits, metavar="NAME=S[+NAME=S...]",
+              help="The one edit every variant makes, e.g. age=2 or age=2+smile=1 (a single strength each).")
+@click.option("--out-dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for the outputs, summaries, reports and the table (default: SOURCE-STEM-ablation/ beside "
+                   "SOURCE); created if missing.")
+@_run_options(skip=("ablations",))
+def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, store: str | None, device: str,
+           models: str | None, face: str | None, detector: str | None, settings: tuple[str, ...],
+           fan_out: str | None, as_json: bool, verbose: bool) -> None:
+    """Edit SOURCE with the full method and with each of the paper's ablations, and compare them.
+
+    Variants: full, no-e4e, no-pti, no-stitching and poisson, each written as
+    OUT-DIR/STEM.VARIANT.mp4 with its summary and report. Stages that variants share are made once.
+    The table of TL-ID, TG-ID, boundary error and seconds (every stage's time when it was made) goes to
+    OUT-DIR/STEM.ablation.json and into the full method's report.
+    """
+    if len(edit_sets) != 1:
+        raise click.BadParameter("give one edit (one strength per direction): every variant makes the same one",
+                                 param_hint="--edit")
+    parsed = [_parse_setting(s) for s in settings]
+    parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
+    overrides = _overrides((), parsed)
+    folder = Path(out_dir) if out_dir else Path(source).with_name(f"{Path(source).stem}-ablation")
+    _prepare_environment(store, verbose)
+    from flows.ablate import ablate_video
+    from stitchtime_core.errors import StitchtimeError
+
+    try:
+        if not Path(source).is_file():  # before the folder is made
+            raise StitchtimeError(f"{source}: no such file")
+        folder.mkdir(parents=True, exist_ok=True)
+        table = ablate_video(source, str(folder), edit_sets[0], profile=profile, store=store, device=device,
+                             models_dir=models, overrides=overrides, fan_out=fan_out)
+    except StitchtimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{folder}: {exc.strerror}") from None
+    if as_json:
+        click.echo(json.dumps(table, indent=2, sort_keys=True))
+        return
+    click.echo(f"{'variant':<14}{'TL-ID':>8}{'TG-ID':>8}{'boundary':>10}{'seconds':>9}")
+    for row in table["rows"]:
+        click.echo(f"{row['variant']:<14}{_score(row['tl_id']):>8}{_score(row['tg_id']):>8}"
+                   f"{row['boundary_error']:>10.4f}{row['seconds']:>9.1f}")
+    click.echo(f"table:  {table['table']}")
+    click.echo(f"report: {table['rows'][0]['report']}")
+
+
+REPORT_EXAMPLES = """
+\b
+Examples:
+  stitchtime report clip-older.mp4
+  stitchtime report clip-older.summary.json --models models/
+"""
+
+
+@main.command(epilog=REPORT_EXAMPLES)
+@click.argument("run", type=click.Path(dir_okay=False))
+@click.option("--models", default=None, type=click.Path(file_okay=False),
+              help="The ffhq model files, as the run used (default: $STITCHTIME_MODELS or ./models).")
+def report(run: str, models: str | None) -> None:
+    """Write again the HTML report of an earlier run: RUN is its output video or its summary JSON.
+
+    The report is built from the summary and the artifact store the run used, and written beside
+    each output as OUT-STEM.report.html; nothing is recomputed.
+    """
+    from flows.edit_video import sidecar_paths
+    from stitchtime_core.errors import StitchtimeError
+    from tasks.report import write_report
+
+    summary_path = Path(run) if run.endswith(".summary.json") else sidecar_paths(run)[0]
+    try:
+        for index in range(len(json.loads(summary_path.read_text())["outputs"])):
+            click.echo(f"report: {write_report.fn(str(summary_path), index, models_dir=models)}")
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"{exc.filename}: no such file (the run's summary and config are read)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"{summary_path}: not a stitchtime run summary ({exc})") from None
+    except StitchtimeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 METRICS_EXAMPLES = """

@@ -23,9 +23,9 @@ from flows.stitch_chunk import FAN_OUT_ENV, deployment_runner
 from stitchtime_core.config import EditingConfig, RunConfig, ablations_of, to_dict, with_overrides
 from stitchtime_core.errors import InputError
 from stitchtime_core.models.profiles import PROFILES, profile_defaults
-from tasks import stages
+from tasks import report, stages
 from tasks.caching import save_stage_results
-from tasks.store import default_store_uri
+from tasks.store import default_store_uri, open_store
 
 log = logging.getLogger("stitchtime")
 
@@ -100,7 +100,8 @@ def sidecar_paths(out: str | os.PathLike) -> tuple[Path, Path]:
     return out.with_name(f"{out.stem}.summary.json"), out.with_name(f"{out.stem}.config.json")
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary name, so a reader never sees half a file."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(temp, path)
@@ -169,6 +170,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     store = store or default_store_uri()
     resolution = stages.model_resolution(profile, models_dir, device)
     stages.check_edits(profile, models_dir, device, tuple(edit for edit_set in edit_sets for edit in edit_set))
+    report.identity_network(profile, models_dir, device)  # a broken ArcFace file fails now, not after the edit
     fan_out = fan_out or os.environ.get(FAN_OUT_ENV) or None
     run_chunks = deployment_runner(fan_out) if fan_out else None  # a wrong name fails now, not after PTI
 
@@ -201,6 +203,8 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
                                   settings.output, str(path)), label)
         if render.reused:
             stages.deliver_output(store, render, str(path))
+        measured = record(refs, run(report.measure, store, source, str(path), align, render, profile, models_dir,
+                                    device), label)
         editing.append(to_dict(settings.editing))
         results.append({
             "edits": [{"direction": name, "strength": strength} for name, strength in edit_set],
@@ -209,12 +213,15 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
             "seconds": {ref.stage: round(ref.seconds, 3) for ref in refs},
             "reused_stages": [ref.stage for ref in refs if ref.reused],
             "artifacts": {ref.stage: ref.key for ref in refs},
+            "made_seconds": round(sum(ref.made_seconds for ref in shared + refs), 3),
             "stitching": {k: v for k, v in stitch.info.items() if k != "chunks"},
+            "identity": measured.info,
+            "report": str(report.report_path(path).resolve()),
         })
 
     summary_path, config_path = sidecar_paths(out)
     # Every stage's settings; "editing" holds one entry per output, in the order of the summary's outputs.
-    _write_json(config_path, {"profile": profile, **to_dict(config), "editing": editing})
+    write_json(config_path, {"profile": profile, **to_dict(config), "editing": editing})
     video = probe.info["video"]
     summary = {
         "input": os.path.abspath(source),
@@ -222,7 +229,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
         "config": str(config_path.resolve()),
         "profile": profile,
         "device": device,
-        "store": store,
+        "store": open_store(store).uri,  # absolute: `stitchtime report` may run from another folder
         "ablations": ablations_of(config),
         "methods": {"encoding": config.encoding.method, "pti": config.pti.method,
                     "stitching": config.stitching.method, "blending": config.blending.method},
@@ -244,6 +251,9 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
         "outputs": results,
     }
     if len(results) == 1:  # the common case reads as before
-        summary["output"], summary["stitching"] = results[0]["output"], results[0]["stitching"]
-    _write_json(summary_path, summary)
+        for name in ("output", "stitching", "identity", "report"):
+            summary[name] = results[0][name]
+    write_json(summary_path, summary)
+    for index in range(len(results)):
+        report.write_report(str(summary_path), index, models_dir=models_dir)
     return summary

@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -123,15 +124,15 @@ def deployment_runner(name: str, *, resubmits: int = 2, poll_seconds: float = 2.
             raise StitchtimeError(f"no deployment {name!r} on {server}; deploy it (see deployments/README.md) "
                                   f"or stitch in-process") from None
 
-    def run(chunks: list[stages.StitchChunk]) -> dict[str, Any]:
-        return _run_on_deployment(name, chunks, resubmits=resubmits, poll_seconds=poll_seconds,
+    def run(chunks: list[stages.StitchChunk], progress: Callable[[int], None]) -> dict[str, Any]:
+        return _run_on_deployment(name, chunks, progress, resubmits=resubmits, poll_seconds=poll_seconds,
                                   chunk_timeout=chunk_timeout)
 
     return run
 
 
-def _run_on_deployment(name: str, chunks: list[stages.StitchChunk], *, resubmits: int, poll_seconds: float,
-                       chunk_timeout: float) -> dict[str, Any]:
+def _run_on_deployment(name: str, chunks: list[stages.StitchChunk], progress: Callable[[int], None], *,
+                       resubmits: int, poll_seconds: float, chunk_timeout: float) -> dict[str, Any]:
     batch = uuid.uuid4().hex[:8]  # tells this stage's runs apart from another run's of the same chunks
     waiting: dict[uuid.UUID, tuple[stages.StitchChunk, int]] = {}
 
@@ -163,6 +164,7 @@ def _run_on_deployment(name: str, chunks: list[stages.StitchChunk], *, resubmits
                 rows = f"rows {chunk.start}-{chunk.stop}"
                 if flow_run.state.is_completed():
                     log.info("stitch    %s done by flow run %s", rows, flow_run.name)
+                    progress(1)
                 elif flow_run.state.is_crashed() and attempt < resubmits:
                     log.warning("stitch    %s: flow run %s crashed (%s); submitting it again", rows, flow_run.name,
                                 flow_run.state.message)

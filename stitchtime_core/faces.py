@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +217,7 @@ def landmarks_for_video(
     *,
     choose: str = "largest",
     max_jump: float = 0.5,
+    progress: Callable[[int], None] | None = None,
 ) -> FaceTrack:
     """Landmarks of one face followed through a video.
 
@@ -234,6 +235,7 @@ def landmarks_for_video(
             the N-th face by box size (0 = the largest); or "X,Y", the face whose box contains
             frame pixel (X, Y), else the one whose box is nearest to it.
         max_jump: the gate above, as a fraction of the box size per frame, > 0.
+        progress: called with 1 after each frame's detection.
 
     Returns:
         The :class:`FaceTrack` of the frames (all arrays of length 0 when there are none).
@@ -253,6 +255,8 @@ def landmarks_for_video(
     missed = 0
     for index, frame in enumerate(frames):
         faces = landmarker.detect(frame)
+        if progress is not None:
+            progress(1)
         counts.append(len(faces))
         chosen = None
         if last_box is None:

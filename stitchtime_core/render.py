@@ -39,8 +39,8 @@ def blend_frame(frame: np.ndarray, item: CropPaste, quad: np.ndarray, blending: 
 
 
 def render_video(source: str | os.PathLike, out: str | os.PathLike, *, info: VideoInfo, quads: np.ndarray,
-                 crops: Callable[[int], CropPaste | None], blending: BlendingConfig,
-                 output: OutputConfig) -> int:
+                 crops: Callable[[int], CropPaste | None], blending: BlendingConfig, output: OutputConfig,
+                 progress: Callable[[int], None] | None = None) -> int:
     """Write the edited video: each frame with its stitched crop pasted back.
 
     Args:
@@ -53,6 +53,7 @@ def render_video(source: str | os.PathLike, out: str | os.PathLike, *, info: Vid
         crops: frame index → what to paste into that frame, or None to keep the frame as it is.
         blending: how to paste.
         output: codec settings.
+        progress: called with 1 after each frame is written.
 
     Returns:
         the number of frames written.
@@ -66,4 +67,6 @@ def render_video(source: str | os.PathLike, out: str | os.PathLike, *, info: Vid
                 frame = blend_frame(frame, item, quads[index], blending)
             writer.write(frame)
             written += 1
+            if progress is not None:
+                progress(1)
     return written

@@ -326,7 +326,7 @@ h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .5em 0; }
 th, td { padding: .3em .8em; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.keyframes img { display: block; width: 100%; max-width: 192px; height: auto; }
+.keyframes img { display: block; width: 160px; height: 160px; }
 .bar { display: inline-block; height: .8em; background: #8aa9db; }
 .swatch { display: inline-block; width: .9em; height: .9em; vertical-align: middle; }
 .missing { color: #777; font-style: italic; }
@@ -427,16 +427,19 @@ def render_report(data: ReportData) -> str:
     Returns:
         the HTML text, to be written as UTF-8.
     """
+    # What came out first; how it was made last.
     sections = [
-        _section("Inputs", _table(["input", "value"], [[_text(k), _text(v)] for k, v in data.inputs.items()])),
-        _section("Settings", _settings_table(data.settings)),
-        _section("Seconds per stage", _seconds_table(data.seconds)),
         _section("Keyframes", _keyframes_table(data.keyframes, data.fps)),
         _section("Identity", _identity_body(data.identity, data.fps)),
         _section("Stitching", _stitching_body(data.stitching)),
     ]
     if data.ablations is not None:
         sections.append(_section("Ablation", _ablations_table(data.ablations)))
+    sections += [
+        _section("Seconds per stage", _seconds_table(data.seconds)),
+        _section("Inputs", _table(["input", "value"], [[_text(k), _text(v)] for k, v in data.inputs.items()])),
+        _section("Settings", _settings_table(data.settings)),
+    ]
     title = _text(data.title)
     head = f'<meta charset="utf-8">\n<title>{title}</title>\n<style>{STYLE}</style>'
     body = f"<h1>{title}</h1>\n" + "\n".join(sections)

@@ -14,6 +14,7 @@ and with a batch's worth of work per kernel launch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +59,8 @@ def render_edits(G: Generator, edited_latents: torch.Tensor, *, batch_size: int 
 
 
 def stitch_frames(G: Generator, edited_latents: torch.Tensor, crops: torch.Tensor, masks: torch.Tensor,
-                  boundaries: torch.Tensor, *, config: StitchingConfig,
-                  edits: torch.Tensor | None = None) -> StitchResult:
+                  boundaries: torch.Tensor, *, config: StitchingConfig, edits: torch.Tensor | None = None,
+                  progress: Callable[[int], None] | None = None) -> StitchResult:
     """Stitching-tune each frame from θ_p and return s_i.
 
     Args:
@@ -72,6 +73,8 @@ def stitch_frames(G: Generator, edited_latents: torch.Tensor, crops: torch.Tenso
             "none" nothing is tuned and s_i = e_i (the "w/o stitching" ablation).
         edits: [frames, 3, res, res] the raw edits e_i when the caller has them already
             (e.g. to segment them); computed from ``edited_latents`` otherwise.
+        progress: called with the number of frames just finished, as they finish (a frame that
+            stops early finishes before the rest of its batch); the counts add up to ``frames``.
 
     Returns:
         the stitched images, the edits, boundary errors before and after, and steps per frame.
@@ -88,9 +91,11 @@ def stitch_frames(G: Generator, edited_latents: torch.Tensor, crops: torch.Tenso
         edits = render_edits(G, edited_latents, batch_size=config.batch_size)
     if config.method == "none":
         stitched, steps = edits.clone(), torch.zeros(frames, dtype=torch.int64)
+        if progress is not None:
+            progress(frames)
     else:
         parts = [_tune_batch(G, edited_latents[part], crops[part], edits[part], masks[part], boundaries[part],
-                             config=config)
+                             config=config, progress=progress)
                  for part in _batches(frames, config.batch_size)]
         stitched = torch.cat([image for image, _ in parts])
         steps = torch.cat([taken for _, taken in parts])
@@ -109,8 +114,10 @@ def _per_frame_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, ki
 
 
 def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.Tensor, mask: torch.Tensor,
-                boundary: torch.Tensor, *, config: StitchingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tune one weight copy per frame of a batch; frames that stop early leave the batch."""
+                boundary: torch.Tensor, *, config: StitchingConfig,
+                progress: Callable[[int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tune one weight copy per frame of a batch; frames that stop early leave the batch (and are reported
+    to ``progress`` then)."""
     synthesis = G.synthesis
     buffers = dict(synthesis.named_buffers())
 
@@ -139,11 +146,16 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
             with torch.no_grad():
                 stitched[active[stopped]] = forward(adam.select(stopped), w[active[stopped]])
             adam.keep(~stopped)
+            left = len(active)
             active = active[~stopped]
+            if progress is not None:
+                progress(left - len(active))
             if len(active) == 0:
                 return stitched, steps
     with torch.no_grad():
         stitched[active] = forward(adam.params, w[active])
+    if progress is not None:
+        progress(len(active))
     return stitched, steps
 
 

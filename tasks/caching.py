@@ -43,8 +43,11 @@ class StageRef:
     reused: bool
     """True when an earlier run had already written this stage's output."""
     seconds: float
+    """What the stage took in this run (the look-up, when reused)."""
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Small facts the flow reports (frame counts, losses); never tensors."""
+    made_seconds: float = 0.0
+    """What the stage took when its output was made, reused or not."""
 
 
 @functools.lru_cache(maxsize=16)

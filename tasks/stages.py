@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -39,16 +40,17 @@ from stitchtime_core.models.e4e import encode
 from stitchtime_core.models.profiles import Models, generator_config, load_models
 from stitchtime_core.models.stylegan2 import Generator
 from stitchtime_core.projector import project_pivots
-from stitchtime_core.pti import PTICheckpoint, tune_generator
+from stitchtime_core.pti import PTICheckpoint, pti_steps, tune_generator
 from stitchtime_core.render import CropPaste, render_video
 from stitchtime_core.stitching import render_edits, stitch_frames
 from stitchtime_core.tensors import images_to_tensor, tensor_to_images
 from tasks.caching import MARKER, STAGE_RESULTS, StageRef, StageRefSerializer, cache_key_fn
+from tasks.progress import stage_progress
 from tasks.store import ArtifactStore, open_store
 
 # Bump a stage's version when its code changes what it writes: its key, and every key downstream, change.
 STAGE_VERSIONS = {"probe": 1, "landmarks": 1, "align": 1, "encode": 2, "pti": 2, "edit": 1, "stitch": 2,
-                  "render": 2}
+                  "render": 2, "measure": 1}
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
@@ -99,8 +101,8 @@ def run(stage: Callable[..., StageRef], *args: Any, **kwargs: Any) -> StageRef:
     started = time.perf_counter()
     state = stage(*args, return_state=True, **kwargs)
     ref = state.result()
-    if state.name == "Cached":
-        return dataclasses.replace(ref, reused=True, seconds=time.perf_counter() - started)
+    if state.name == "Cached":  # the record is the ref the stage returned when it was made
+        return dataclasses.replace(ref, reused=True, seconds=time.perf_counter() - started, made_seconds=ref.seconds)
     return ref
 
 
@@ -110,12 +112,14 @@ def _run_stage(store: ArtifactStore, stage: str, ingredients: Ingredients,
     marker = f"{key}/{MARKER}"
     start = time.perf_counter()
     if store.exists(marker):
-        return StageRef(stage, key, True, time.perf_counter() - start, store.get_json(marker).get("info", {}))
+        done = store.get_json(marker)
+        return StageRef(stage, key, True, time.perf_counter() - start, done.get("info", {}), done.get("seconds", 0.0))
     info = produce(key)
     inputs, config = ingredients
+    seconds = time.perf_counter() - start
     store.put_json(marker, {"stage": stage, "inputs": inputs, "code_version": _code_version(stage),
-                            "config": None if config is None else to_dict(config), "info": info})
-    return StageRef(stage, key, False, time.perf_counter() - start, info)
+                            "config": None if config is None else to_dict(config), "info": info, "seconds": seconds})
+    return StageRef(stage, key, False, seconds, info, seconds)
 
 
 @functools.lru_cache(maxsize=64)
@@ -172,7 +176,10 @@ def detect_landmarks(store_uri: str, source: str, probe: StageRef, config: Align
                                            max_side=config.detect_max_side)
         info = video.VideoInfo.from_dict(probe.info["video"])
         try:
-            track = faces.landmarks_for_video(video.iter_frames(source, info), landmarker, choose=config.face)
+            with stage_progress("landmarks", total=info.frame_count, unit="frame",
+                                label=os.path.basename(source)) as advance:
+                track = faces.landmarks_for_video(video.iter_frames(source, info), landmarker, choose=config.face,
+                                                  progress=advance)
         except ValueError as exc:  # e.g. --face 2 when the first frame with faces has only two
             raise InputError(source, str(exc)) from None
         if not track.found.any():
@@ -214,12 +221,14 @@ def align_faces(store_uri: str, source: str, probe: StageRef, landmarks: StageRe
         for i in np.flatnonzero(edited):
             crop_points[i] = alignment.landmarks_to_crop(filled[i], quads[i], resolution)
         chunks, pending = [], []
-        for i, frame in enumerate(video.iter_frames(source, info)):
-            if i < len(edited) and edited[i]:
-                pending.append(alignment.crop(frame, quads[i], resolution))
-            if len(pending) == CROP_CHUNK:
-                chunks.append(_put_crops(store, key, len(chunks), pending))
-                pending = []
+        with stage_progress("align", total=info.frame_count, unit="frame", label=os.path.basename(source)) as advance:
+            for i, frame in enumerate(video.iter_frames(source, info)):
+                if i < len(edited) and edited[i]:
+                    pending.append(alignment.crop(frame, quads[i], resolution))
+                if len(pending) == CROP_CHUNK:
+                    chunks.append(_put_crops(store, key, len(chunks), pending))
+                    pending = []
+                advance(1)
         if pending:
             chunks.append(_put_crops(store, key, len(chunks), pending))
         status = np.where(found, "found", np.where(interpolated, "interpolated", "passthrough"))
@@ -294,20 +303,36 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profi
 
     def produce(key: str) -> dict[str, Any]:
         pivots = []
-        for crops in _iter_crops(store, align):
-            if config.method == "optimization":  # seeded by the chunk's first row, so every frame has its own noise
-                pivots.append(project_pivots(models.generator, images_to_tensor(crops, device), config=config,
-                                             lpips_fn=_lpips(profile, models_dir, device),
-                                             seed=sum(len(p) for p in pivots)).cpu())
-                continue
-            for start in range(0, len(crops), config.batch_size):
-                with torch.no_grad():
-                    batch = images_to_tensor(crops[start:start + config.batch_size], device)
-                    pivots.append(encode(models.encoder, batch, models.latent_avg).cpu())
+        frames, projecting = int(align.info["edited_frames"]), config.method == "optimization"
+        with stage_progress("encode", total=_projection_steps(frames, config) if projecting else frames,
+                            unit="step" if projecting else "frame", label=_short_key(key)) as advance:
+            for crops in _iter_crops(store, align):
+                if projecting:  # seeded by the chunk's first row, so every frame has its own noise
+                    pivots.append(project_pivots(models.generator, images_to_tensor(crops, device), config=config,
+                                                 lpips_fn=_lpips(profile, models_dir, device),
+                                                 seed=sum(len(p) for p in pivots),
+                                                 progress=lambda step, steps: advance(1)).cpu())
+                    continue
+                for start in range(0, len(crops), config.batch_size):
+                    with torch.no_grad():
+                        batch = images_to_tensor(crops[start:start + config.batch_size], device)
+                        pivots.append(encode(models.encoder, batch, models.latent_avg).cpu())
+                    advance(len(batch))
         store.put_tensors(f"{key}/pivots.safetensors", {"pivots": torch.cat(pivots)})
         return {"frames": sum(len(p) for p in pivots), "method": config.method}
 
     return _run_stage(store, "encode", _encode_ingredients(align, config, profile, models_dir, device), produce)
+
+
+def _projection_steps(frames: int, config: EncodingConfig) -> int:
+    """Optimisation steps the projector takes for ``frames`` crops, stored chunk by stored chunk."""
+    sizes = [min(CROP_CHUNK, frames - start) for start in range(0, frames, CROP_CHUNK)]
+    return sum(math.ceil(size / config.batch_size) for size in sizes) * config.projection_steps
+
+
+def _short_key(key: str) -> str:
+    """A stage key's first hash digits: the progress label of stages that do not know the video's name."""
+    return key.rsplit("/", 1)[-1][:8]
 
 
 def _pti_ingredients(align: StageRef, pivots: StageRef, config: PTIConfig, profile: str, models_dir: str | None,
@@ -336,8 +361,12 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
         w = store.get_tensors(f"{pivots.key}/pivots.safetensors", device=device)["pivots"]
         checkpoint_key = f"{key}/checkpoint.safetensors"
         resume = _read_pti_checkpoint(store, checkpoint_key) if store.exists(checkpoint_key) else None
-        result = tune_generator(models.generator, w, crops, config=config, lpips_fn=_lpips(profile, models_dir, device),
-                                resume=resume, checkpoint=lambda c: _write_pti_checkpoint(store, checkpoint_key, c))
+        with stage_progress("pti", total=pti_steps(len(w), config), unit="step", label=_short_key(key),
+                            initial=resume.step if resume else 0) as advance:
+            result = tune_generator(models.generator, w, crops, config=config,
+                                    lpips_fn=_lpips(profile, models_dir, device),
+                                    progress=lambda step, steps, loss: advance(1), resume=resume,
+                                    checkpoint=lambda c: _write_pti_checkpoint(store, checkpoint_key, c))
         mse = 0.0
         with torch.no_grad():
             for part in range(0, len(w), config.batch_size):
@@ -446,9 +475,10 @@ class StitchChunk:
                    StitchingConfig(**stitching), profile, models_dir)
 
 
-ChunkRunner = Callable[[list[StitchChunk]], dict[str, Any]]
+ChunkRunner = Callable[[list[StitchChunk], Callable[[int], None]], dict[str, Any]]
 """Stitches chunks somewhere else (e.g. as flow runs of a deployment on GPU workers) and returns once
-each is stored or has failed for good; returns small facts for the stage's info."""
+each is stored or has failed for good, calling its second argument with the number of chunks just
+done as they finish; returns small facts for the stage's info."""
 
 
 def default_device() -> str:
@@ -491,10 +521,13 @@ def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
         fan_out = None
         if missing and run_chunks is None:
             inputs = _StitchInputs(store, align, pti, edit, models, device)
-            for chunk in missing:
-                store.put_tensors(chunk.artifact, inputs.stitch(chunk.start, chunk.stop, config))
+            with stage_progress("stitch", total=sum(c.stop - c.start for c in missing), unit="frame",
+                                label=_short_key(key)) as advance:
+                for chunk in missing:
+                    store.put_tensors(chunk.artifact, inputs.stitch(chunk.start, chunk.stop, config, progress=advance))
         elif missing:
-            fan_out = run_chunks(missing)
+            with stage_progress("stitch", total=len(missing), unit="chunk", label=_short_key(key)) as advance:
+                fan_out = run_chunks(missing, advance)
             still = [f"{c.start}-{c.stop}" for c in missing if not store.exists(c.artifact)]
             if still:
                 raise StitchtimeError(f"stitch chunks of rows {', '.join(still)} were not stored by their runs")
@@ -518,7 +551,6 @@ def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
 
 _CHUNK_NUMBERS = ("landmark_masks", "steps", "boundary_error_before", "boundary_error_after")
 """The per-frame numbers of a stored chunk that the stage's info sums up."""
-
 
 def stitch_chunk(chunk: StitchChunk, *, device: str) -> dict[str, Any]:
     """Stitch one chunk and store it atomically, unless it is stored already; θ_p is loaded once per call.
@@ -544,7 +576,9 @@ def stitch_chunk(chunk: StitchChunk, *, device: str) -> dict[str, Any]:
             raise StitchtimeError(f"stitch chunk {chunk.artifact}: this worker's models or stitchtime version give "
                                   f"the key {key}; it must run the same stitchtime and model files as the flow")
         inputs = _StitchInputs(store, chunk.align, chunk.pti, chunk.edit, models, device)
-        store.put_tensors(chunk.artifact, inputs.stitch(chunk.start, chunk.stop, chunk.config))
+        with stage_progress("stitch", total=chunk.stop - chunk.start, unit="frame",
+                            label=f"{_short_key(chunk.key)} rows {chunk.start}-{chunk.stop}") as advance:
+            store.put_tensors(chunk.artifact, inputs.stitch(chunk.start, chunk.stop, chunk.config, progress=advance))
         result["computed"] = True
     return {**result, "seconds": time.perf_counter() - started}
 
@@ -559,24 +593,27 @@ class _StitchInputs:
         self.latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"]
         self.crops = _CropRows(store, align)
 
-    def stitch(self, start: int, stop: int, config: StitchingConfig) -> dict[str, torch.Tensor]:
+    def stitch(self, start: int, stop: int, config: StitchingConfig, *,
+               progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
         """Rows ``[start, stop)`` stitched, ready to store (see :func:`_stitch_chunk`)."""
         if not 0 <= start < stop <= len(self.latents):
             raise ValueError(f"rows {start}-{stop} are outside the {len(self.latents)} edited frames")
         return _stitch_chunk(self.G, self.parser, self.latents[start:stop], self.crops.rows(start, stop),
-                             self.crop_points[start:stop], config=config, device=self.device)
+                             self.crop_points[start:stop], config=config, device=self.device, progress=progress)
 
 
 def _stitch_chunk(G: Generator, parser: torch.nn.Module | None, latents: torch.Tensor, crops: np.ndarray,
-                  crop_points: np.ndarray, *, config: StitchingConfig, device: str) -> dict[str, torch.Tensor]:
-    """One chunk's stitched crops, masks m and paste masks m^d, and its numbers, ready to store."""
+                  crop_points: np.ndarray, *, config: StitchingConfig, device: str,
+                  progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
+    """One chunk's stitched crops, masks m and paste masks m^d, and its numbers, ready to store;
+    ``progress`` is called with the frames just stitched."""
     x = images_to_tensor(crops, device)
     edits = render_edits(G, latents, batch_size=config.batch_size)
     parsed = None if parser is None else face_mask_from_labels(parse_faces(parser, edits)).cpu().numpy()
     m, b, from_landmarks = masks.stitching_masks(crop_points, x.shape[-1], border_px_1024=config.border_px,
                                                  parsed=parsed)
     as_tensor = lambda a: torch.from_numpy(a).unsqueeze(1).to(device)  # noqa: E731
-    result = stitch_frames(G, latents, x, as_tensor(m), as_tensor(b), config=config, edits=edits)
+    result = stitch_frames(G, latents, x, as_tensor(m), as_tensor(b), config=config, edits=edits, progress=progress)
     return {"stitched": torch.from_numpy(tensor_to_images(result.stitched)),
             "masks": torch.from_numpy(m).to(torch.uint8),
             "paste_masks": torch.from_numpy(m + b).to(torch.uint8),
@@ -612,9 +649,10 @@ def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef,
         edited = table["status"] != "passthrough"
         row = np.cumsum(edited) - 1  # frame index -> row among the edited frames
         chunks = _StitchedChunks(store, stitch.info["chunks"])
-        frames = render_video(source, out, info=info, quads=table["quad"],
-                              crops=lambda i: chunks.row(row[i]) if edited[i] else None,
-                              blending=blending, output=output)
+        with stage_progress("render", total=info.frame_count, unit="frame", label=os.path.basename(source)) as advance:
+            frames = render_video(source, out, info=info, quads=table["quad"],
+                                  crops=lambda i: chunks.row(row[i]) if edited[i] else None,
+                                  blending=blending, output=output, progress=advance)
         store.put_file(f"{key}/output{suffix}", out)
         return {"frames": frames, "output": f"{key}/output{suffix}"}
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import cv2
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import skimage.data
 
+from browser import BROWSER, NO_BROWSER, open_in_chromium
 from stitchtime_core import report
 from stitchtime_core.report import Keyframe, ReportData, choose_keyframes, render_report
 
@@ -170,38 +169,15 @@ def test_bad_inputs_raise_value_errors(data):
         ReportData(title="t", inputs={}, settings={}, seconds={}, fps=0)
 
 
-BROWSER = next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
-
-PROBE = """<script>
-window.addEventListener("load", () => {
-  const images = [...document.images];
-  const svg = document.querySelector("svg");
-  const lines = [...document.querySelectorAll("svg path")];
-  document.body.dataset.images = images.length;
-  document.body.dataset.loaded = images.filter((img) => img.complete && img.naturalWidth > 0).length;
-  document.body.dataset.svgWidth = svg ? svg.getBoundingClientRect().width : 0;
-  document.body.dataset.lineWidths = lines.map((line) => line.getBBox().width).join(" ");
-});
-</script>
-"""
-
-
-@pytest.mark.skipif(BROWSER is None, reason="no chromium or chromium-browser on PATH (make install installs it)")
+@pytest.mark.skipif(BROWSER is None, reason=NO_BROWSER)
 def test_report_renders_from_disk_in_headless_chromium(tmp_path: Path):
     astronaut = skimage.data.astronaut()
     crops = [cv2.resize(astronaut[top:top + 240, left:left + 240], (512, 512), interpolation=cv2.INTER_AREA)
              for top, left in ((20, 160), (30, 170), (10, 150), (25, 165))]
     page = render_report(_report_data(crops))
     assert len(page.encode()) < 1_000_000  # 20 inline thumbnails at <= 256 px
-    (tmp_path / "report.html").write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    # A private profile and HOME: chromium writes both; --no-sandbox because tests may run as root.
-    result = subprocess.run(
-        [BROWSER, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=5000", "--dump-dom", (tmp_path / "report.html").as_uri()],
-        capture_output=True, text=True, timeout=120, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
-    body = re.search(r"<body([^>]*)>", result.stdout)
-    assert body, f"chromium dumped no DOM (rc {result.returncode}): {result.stderr[-2000:]}"
-    attributes = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
+    (tmp_path / "report.html").write_text(page, encoding="utf-8")
+    attributes = open_in_chromium(tmp_path / "report.html", tmp_path)
     assert attributes["images"] == attributes["loaded"] == "20"
     assert float(attributes["svg-width"]) > 0
     widths = [float(w) for w in attributes["line-widths"].split()]

@@ -206,3 +206,21 @@ def test_method_none_keeps_the_raw_edit(case, pti_run):
                            config=config, edits=case.edits)
     assert torch.equal(result.stitched, case.edits) and result.steps.tolist() == [0] * FRAMES
     assert torch.equal(result.boundary_error_after, result.boundary_error_before)
+
+
+def test_progress_counts_each_frame_once_as_it_finishes(case, pti_run):
+    G, frames = pti_run.result.generator, case.edited_latents.shape[0]
+    inputs = (case.edited_latents, case.crops, case.masks, case.boundaries)
+    first = ((case.edits - case.crops).abs() * case.boundaries).mean(dim=(1, 2, 3))
+    low, second = first.sort().values[:2].tolist()
+    runs = {  # one frame stops after the first step and leaves its batch; batches of 2; nothing tuned
+        "early stop": dataclasses.replace(STITCH_TEST_CONFIG, steps=2, batch_size=FRAMES,
+                                          early_stop_loss=(low + second) / 2),
+        "batches": dataclasses.replace(STITCH_TEST_CONFIG, steps=1, batch_size=2),
+        "none": dataclasses.replace(STITCH_TEST_CONFIG, method="none"),
+    }
+    counts = {}
+    for name, config in runs.items():
+        counts[name] = []
+        stitch_frames(G, *inputs, config=config, edits=case.edits, progress=counts[name].append)
+    assert counts == {"early stop": [1, frames - 1], "batches": [2, frames - 2], "none": [frames]}

@@ -17,13 +17,14 @@ import pytest
 from stitchtime_core.config import OutputConfig
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import VideoWriter, ffmpeg_binary, iter_frames, probe
+from browser import BROWSER, open_in_chromium
 from cli_runner import run_cli
 
 # Few steps: the test is about the pipeline's wiring and contracts, not the quality of the edit.
 FAST = ["--set", "pti.observations_per_frame=4", "--set", "stitching.steps=3"]
 SHARED = ["probe", "landmarks", "align", "encode", "pti"]
 """Stages run once per run, whatever the number of outputs."""
-PER_OUTPUT = ["edit", "stitch", "render"]
+PER_OUTPUT = ["edit", "stitch", "render", "measure"]
 
 
 def audio_md5(path: Path) -> str:
@@ -109,6 +110,37 @@ def test_summary_and_config_are_written_beside_the_output(first_run: dict, clip:
     assert config["editing"] == [{"edits": [["age", 2.0]]}]  # one entry per output
 
 
+def test_identity_metrics_and_the_report_come_with_the_output(first_run: dict, clip: Path, cli_env: dict[str, str],
+                                                              workdir: Path, tmp_path: Path) -> None:
+    summary, out = first_run["summary"], first_run["out"]
+    identity = summary["identity"]
+    assert identity == summary["outputs"][0]["identity"]
+    assert identity["network"] == "dlib_face_recognition_resnet_model_v1"
+    assert identity["frames"] == identity["frames_with_face"] == 25 and identity["tg_pairs"] == 25 * 24 // 2
+    # The run measures as `stitchtime metrics` does on the two files: the same quads, the same numbers.
+    result = run_cli(["metrics", str(out), str(clip), "--json"], env=cli_env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)
+    assert measured["tl_id"] == pytest.approx(identity["tl_id"], abs=1e-6)
+    assert measured["tg_id"] == pytest.approx(identity["tg_id"], abs=1e-6)
+
+    report = out.with_name("edited.report.html")
+    assert summary["report"] == summary["outputs"][0]["report"] == str(report.resolve())
+    page = report.read_text()
+    assert f"{identity['tl_id']:.4f}" in page and f"{identity['tg_id']:.4f}" in page
+    assert f"{summary['stitching']['boundary_error_after']:.4f}" in page
+    if BROWSER is not None:  # 4 keyframes of 5 images each, and the similarity plot's two lines
+        attributes = open_in_chromium(report, tmp_path)
+        assert attributes["images"] == attributes["loaded"] == "20"
+        assert len(attributes["line-widths"].split()) == 2 and float(attributes["svg-width"]) > 0
+
+    # `stitchtime report` writes it again from the summary and the store, unchanged.
+    report.unlink()
+    result = run_cli(["report", str(out)], env=cli_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"report: {report.resolve()}" and report.read_text() == page
+
+
 def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cli_env: dict[str, str],
                                                  workdir: Path) -> None:
     out = workdir / "out" / "again.mp4"
@@ -127,15 +159,46 @@ def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cl
     assert summary["total_seconds"] < 0.2 * first_run["summary"]["total_seconds"]
     assert seconds < first_run["seconds"]
     # On the Prefect server: one task run per stage, each taken from Prefect's cache without running,
-    # and the delivery of the stored output.
+    # then the delivery of the stored output and its report.
     runs = _task_runs(cli_env["PREFECT_API_URL"], summary["flow_run_id"])
-    assert sorted(_task_name(run) for run in runs) == sorted(SHARED + PER_OUTPUT + ["deliver"])
+    assert sorted(_task_name(run) for run in runs) == sorted(SHARED + PER_OUTPUT + ["deliver", "report"])
     assert {_task_name(run): run.state.name for run in runs} == {**{stage: "Cached" for stage in SHARED + PER_OUTPUT},
-                                                                  "deliver": "Completed"}
+                                                                  "deliver": "Completed", "report": "Completed"}
     records = [workdir / "data" / key / "prefect-result.json"
                for key in [*summary["artifacts"].values(), *summary["outputs"][0]["artifacts"].values()]]
     assert all(json.loads(record.read_text())["metadata"]["serializer"]["type"] == "stitchtime-stage-ref"
                for record in records)
+
+
+def test_ablate_runs_every_variant_reusing_the_stages_they_share(first_run: dict, clip: Path,
+                                                                cli_env: dict[str, str], workdir: Path) -> None:
+    out_dir = workdir / "ablation"
+    result = run_cli(["ablate", str(clip), "--edit", "age=2", "--out-dir", str(out_dir), "--store",
+                      str(workdir / "data"), "--json", *FAST, "--set", "encoding.projection_steps=5"],
+                     env=cli_env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    table = json.loads(result.stdout)
+    assert table == json.loads((out_dir / "clip.ablation.json").read_text())
+    rows = {row["variant"]: row for row in table["rows"]}
+    assert list(rows) == ["full", "no-e4e", "no-pti", "no-stitching", "poisson"]
+    reused = {variant: json.loads(Path(row["summary"]).read_text())["reused_stages"] for variant, row in rows.items()}
+    per_output = lambda stages: [f"{stage}[age+2]" for stage in stages]  # noqa: E731
+    assert reused["full"] == SHARED + per_output(PER_OUTPUT)  # the first run made all of it
+    assert reused["no-e4e"] == ["probe", "landmarks", "align"]
+    assert reused["no-pti"] == ["probe", "landmarks", "align", "encode"] + per_output(["edit"])
+    assert reused["no-stitching"] == SHARED + per_output(["edit"])
+    assert reused["poisson"] == SHARED + per_output(["edit", "stitch"])  # no-stitching's untuned crops
+    # The full method's numbers are the first run's; seconds count every stage as it was made.
+    full = first_run["summary"]["outputs"][0]
+    assert rows["full"]["tl_id"] == full["identity"]["tl_id"]
+    assert rows["full"]["boundary_error"] == full["stitching"]["boundary_error_after"]
+    assert rows["full"]["seconds"] == pytest.approx(full["made_seconds"], abs=0.01)
+    # Without stitching tuning the boundary error stays the raw edit's; tuning lowers it.
+    assert rows["no-stitching"]["boundary_error"] == rows["poisson"]["boundary_error"] == \
+        full["stitching"]["boundary_error_before"] > rows["full"]["boundary_error"]
+    page = Path(rows["full"]["report"]).read_text()
+    assert "Ablation" in page and all(variant in page for variant in rows)
+    assert all(Path(row["output"]).is_file() and Path(row["report"]).is_file() for row in rows.values())
 
 
 def test_a_stage_whose_artifacts_were_deleted_is_made_again(first_run: dict, clip: Path, cli_env: dict[str, str],
