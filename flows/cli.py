@@ -169,6 +169,9 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
     else:
         for output in summary["outputs"]:
             click.echo(f"edited video: {output['output']}")
+            identity = output["identity"]
+            click.echo(f"  TL-ID {_score(identity['tl_id'])}, TG-ID {_score(identity['tg_id'])}; report: "
+                       f"{output['report']}")
         if summary["ablations"]:
             click.echo(f"ablations:    {', '.join(summary['ablations'])}")
         click.echo(f"summary:      {sidecar_paths(out)[0].resolve()}")
@@ -302,7 +305,15 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     sys.exit(exit_status(summary))
 
 
-@main.command(epilog=EXAMPLES)
+DEMO_EXAMPLES = """
+\b
+Examples:
+  stitchtime demo
+  stitchtime demo --edit age=-2,2 --out-dir /tmp/demo
+"""
+
+
+@main.command(epilog=DEMO_EXAMPLES)
 @click.option("--out-dir", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Where the sample clip, the edited video and its summary go.")
 @click.option("--edit", "edit_sets", default="age=2", show_default=True, callback=_parse_edits,
