@@ -33,6 +33,7 @@ bench: install
 	$(PYTHON) benchmarks/geometry.py
 	$(PYTHON) benchmarks/generator.py
 	$(PYTHON) benchmarks/method.py
+	$(PYTHON) benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) stitchtime-data demo-output *.egg-info

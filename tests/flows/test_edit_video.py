@@ -296,9 +296,10 @@ def test_several_strengths_share_every_stage_up_to_pti(strengths_run: dict, clip
     paths = [folder / "clip.age-2.mp4", folder / "clip.age+2.mp4"]
     assert [o["output"] for o in summary["outputs"]] == [str(p.resolve()) for p in paths]
     assert "output" not in summary and "stitching" not in summary  # only for a single output
-    # --out itself is not written; one summary and one config for the run are.
+    # --out itself is not written; one summary and one config for the run are, and a report per output.
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["clip.age-2.mp4", "clip.age+2.mp4", "clip.summary.json", "clip.config.json"])
+        ["clip.age-2.mp4", "clip.age+2.mp4", "clip.age-2.report.html", "clip.age+2.report.html",
+         "clip.summary.json", "clip.config.json"])
     assert json.loads((folder / "clip.summary.json").read_text()) == summary
     config = json.loads((folder / "clip.config.json").read_text())
     assert config["editing"] == [{"edits": [["age", -2.0]]}, {"edits": [["age", 2.0]]}]
@@ -330,10 +331,15 @@ def test_another_strength_reuses_the_outputs_already_made(strengths_run: dict, c
     before = strengths_run["summary"]["outputs"]
     assert [o["artifacts"] for o in summary["outputs"][:2]] == [o["artifacts"] for o in before]
     assert [o["reused_stages"] for o in summary["outputs"]] == [PER_OUTPUT, PER_OUTPUT, []]
-    # The text output names every video and the summary.
+    # The text output names every video with its scores and report, and the summary.
     paths = [out.with_name(f"clip.{label}.mp4").resolve() for label in ("age-2", "age+2", "age+4")]
-    assert result.stdout.splitlines() == [*(f"edited video: {p}" for p in paths),
-                                          f"summary:      {out.with_name('clip.summary.json').resolve()}"]
+    lines = result.stdout.splitlines()
+    assert lines[0:6:2] == [f"edited video: {p}" for p in paths]
+    for line, output in zip(lines[1:6:2], summary["outputs"]):
+        identity = output["identity"]
+        assert line == (f"  TL-ID {identity['tl_id']:.4f}, TG-ID {identity['tg_id']:.4f}; report: "
+                        f"{out.with_name('clip.' + output['label'] + '.report.html').resolve()}")
+    assert lines[6:] == [f"summary:      {out.with_name('clip.summary.json').resolve()}"]
     assert probe(paths[2]).frame_count == 25
 
 
