@@ -67,7 +67,7 @@ def measure(store_uri: str, source: str, out: str, align: StageRef, render: Stag
                                                    "adjacent": np.append(result.adjacent, np.nan)})
         return {name: value for name, value in result.to_dict().items() if name not in ("adjacent", "to_source")}
 
-    return stages._run_stage(store, "measure", _measure_ingredients(align, render, profile, models_dir, device),
+    return stages.make_stage(store, "measure", _measure_ingredients(align, render, profile, models_dir, device),
                              produce)
 
 
@@ -133,14 +133,14 @@ def report_data(summary: dict[str, Any], index: int, config: dict[str, Any], *, 
     rows = np.flatnonzero(np.asarray(store.get_table(f"{artifacts['align']}/frames.parquet")["status"])
                           != "passthrough")
     chosen = choose_keyframes(len(rows), keyframes)
-    models = stages._models(summary["profile"], models_dir, device)
-    G = stages._pti_generator(store, ref("pti", summary["pti"]), models, device)
+    models = stages.stage_models(summary["profile"], models_dir, device)
+    G = stages.pti_generator(store, ref("pti", summary["pti"]), models, device)
     pivots = store.get_tensors(f"{artifacts['encode']}/pivots.safetensors", device=device)["pivots"][chosen]
     latents = store.get_tensors(f"{artifacts['edit']}/latents.safetensors", device=device)["latents"][chosen]
     with torch.no_grad():
         inversions, raw_edits = (tensor_to_images(G.synthesis(w)) for w in (pivots, latents))
-    crops = stages._CropRows(store, align)
-    stitched = stages._StitchedChunks(store, _stored(store, artifacts["stitch"], "chunk-"))
+    crops = stages.CropRows(store, align)
+    stitched = stages.StitchedChunks(store, _stored(store, artifacts["stitch"], "chunk-"))
     frames = []
     for n, row in enumerate(chosen):
         paste = stitched.row(row)

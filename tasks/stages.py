@@ -106,8 +106,12 @@ def run(stage: Callable[..., StageRef], *args: Any, **kwargs: Any) -> StageRef:
     return ref
 
 
-def _run_stage(store: ArtifactStore, stage: str, ingredients: Ingredients,
+def make_stage(store: ArtifactStore, stage: str, ingredients: Ingredients,
                produce: Callable[[str], dict[str, Any]]) -> StageRef:
+    """A stage task's body: the stored stage when its ``done.json`` exists, else ``produce(key)`` then the marker.
+
+    ``produce`` writes the stage's artifacts under ``key`` and returns the stage's small facts.
+    """
     key = stage_key(stage, ingredients)
     marker = f"{key}/{MARKER}"
     start = time.perf_counter()
@@ -134,13 +138,14 @@ def _file_hash(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _models(profile: str, models_dir: str | None, device: str) -> Models:
+def stage_models(profile: str, models_dir: str | None, device: str) -> Models:
+    """A profile's networks, loaded once per process (every stage of every run shares them)."""
     return load_models(profile, models_dir=models_dir, device=device)
 
 
 @functools.lru_cache(maxsize=2)
 def _lpips(profile: str, models_dir: str | None, device: str) -> torch.nn.Module:
-    return build_lpips(backbone_path=_models(profile, models_dir, device).lpips_backbone).to(device)
+    return build_lpips(backbone_path=stage_models(profile, models_dir, device).lpips_backbone).to(device)
 
 
 def _probe_ingredients(source: str, **_: Any) -> Ingredients:
@@ -157,7 +162,7 @@ def probe_video(store_uri: str, source: str) -> StageRef:
         store.put_json(f"{key}/probe.json", info.to_dict())
         return {"video": info.to_dict()}
 
-    return _run_stage(store, "probe", _probe_ingredients(source), produce)
+    return make_stage(store, "probe", _probe_ingredients(source), produce)
 
 
 def _landmarks_ingredients(probe: StageRef, config: AlignmentConfig, **_: Any) -> Ingredients:
@@ -189,7 +194,7 @@ def detect_landmarks(store_uri: str, source: str, probe: StageRef, config: Align
             "box": track.boxes, "faces": track.faces_per_frame})
         return {"frames": int(len(track.found)), "frames_with_face": int(track.found.sum())}
 
-    return _run_stage(store, "landmarks", _landmarks_ingredients(probe, config), produce)
+    return make_stage(store, "landmarks", _landmarks_ingredients(probe, config), produce)
 
 
 def _align_ingredients(landmarks: StageRef, config: AlignmentConfig, resolution: int, **_: Any) -> Ingredients:
@@ -238,7 +243,7 @@ def align_faces(store_uri: str, source: str, probe: StageRef, landmarks: StageRe
                 "crop_chunks": chunks, "interpolated": np.flatnonzero(interpolated).tolist(),
                 "passed_through": np.flatnonzero(passthrough).tolist()}
 
-    return _run_stage(store, "align", _align_ingredients(landmarks, config, resolution), produce)
+    return make_stage(store, "align", _align_ingredients(landmarks, config, resolution), produce)
 
 
 CROP_CHUNK = 64
@@ -269,7 +274,7 @@ def _crops_chw(store: ArtifactStore, align: StageRef) -> torch.Tensor:
     return torch.cat([torch.from_numpy(c).permute(0, 3, 1, 2) for c in _iter_crops(store, align)]).contiguous()
 
 
-class _CropRows:
+class CropRows:
     """Aligned crops by row among the edited frames, reading one stored chunk at a time."""
 
     def __init__(self, store: ArtifactStore, align: StageRef):
@@ -291,7 +296,7 @@ def _encode_ingredients(align: StageRef, config: EncodingConfig, profile: str, m
                         **_: Any) -> Ingredients:
     # The projector's settings do not touch e4e pivots: leave them out of the key when e4e encodes.
     keyed = config if config.method == "optimization" else EncodingConfig(batch_size=config.batch_size)
-    return [align.key, _models(profile, models_dir, device).identity], keyed
+    return [align.key, stage_models(profile, models_dir, device).identity], keyed
 
 
 @stage_task("encode", _encode_ingredients)
@@ -299,7 +304,7 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profi
                   device: str) -> StageRef:
     """W+ pivots of every aligned crop: e4e, or per-frame optimisation (the "w/o e4e" ablation)."""
     store = open_store(store_uri)
-    models = _models(profile, models_dir, device)
+    models = stage_models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
         pivots = []
@@ -321,7 +326,7 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profi
         store.put_tensors(f"{key}/pivots.safetensors", {"pivots": torch.cat(pivots)})
         return {"frames": sum(len(p) for p in pivots), "method": config.method}
 
-    return _run_stage(store, "encode", _encode_ingredients(align, config, profile, models_dir, device), produce)
+    return make_stage(store, "encode", _encode_ingredients(align, config, profile, models_dir, device), produce)
 
 
 def _projection_steps(frames: int, config: EncodingConfig) -> int:
@@ -338,7 +343,7 @@ def _short_key(key: str) -> str:
 def _pti_ingredients(align: StageRef, pivots: StageRef, config: PTIConfig, profile: str, models_dir: str | None,
                      device: str, **_: Any) -> Ingredients:
     # The checkpoint interval does not change the result, so it is not part of the key.
-    return ([align.key, pivots.key, _models(profile, models_dir, device).identity],
+    return ([align.key, pivots.key, stage_models(profile, models_dir, device).identity],
             dataclasses.replace(config, checkpoint_every=0))
 
 
@@ -352,7 +357,7 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
     stages use the original generator.
     """
     store = open_store(store_uri)
-    models = _models(profile, models_dir, device)
+    models = stage_models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
         if config.method == "none":
@@ -381,7 +386,7 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
                 "first_loss": result.losses[0], "last_loss": result.losses[-1],
                 "reconstruction_mse": mse / crops.numel()}
 
-    return _run_stage(store, "pti", _pti_ingredients(align, pivots, config, profile, models_dir, device), produce)
+    return make_stage(store, "pti", _pti_ingredients(align, pivots, config, profile, models_dir, device), produce)
 
 
 def _write_pti_checkpoint(store: ArtifactStore, key: str, checkpoint: PTICheckpoint) -> None:
@@ -398,7 +403,7 @@ def _read_pti_checkpoint(store: ArtifactStore, key: str) -> PTICheckpoint:
     return PTICheckpoint(int(tensors["step"]), part("synthesis."), part("optimizer."), tensors["losses"].tolist())
 
 
-def _pti_generator(store: ArtifactStore, pti: StageRef, models: Models, device: str) -> Generator:
+def pti_generator(store: ArtifactStore, pti: StageRef, models: Models, device: str) -> Generator:
     """θ_p: the tuned generator, or the original one when PTI was skipped."""
     if pti.info.get("method") == "none":
         return models.generator
@@ -411,7 +416,7 @@ def _edit_ingredients(pivots: StageRef, config: EditingConfig, profile: str, mod
                       **_: Any) -> Ingredients:
     # Direction files enter by their content, so an edited file gives a new key.
     files = [_file_hash(name) for name, _ in config.edits if os.path.isfile(name)]
-    return [pivots.key, _models(profile, models_dir, device).identity, *files], config
+    return [pivots.key, stage_models(profile, models_dir, device).identity, *files], config
 
 
 @stage_task("edit", _edit_ingredients)
@@ -419,7 +424,7 @@ def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, profile
                 device: str) -> StageRef:
     """Edited latents w_i + δw (paper section 3.3)."""
     store = open_store(store_uri)
-    models = _models(profile, models_dir, device)
+    models = stage_models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
         w = store.get_tensors(f"{pivots.key}/pivots.safetensors", device=device)["pivots"]
@@ -431,7 +436,7 @@ def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, profile
         store.put_tensors(f"{key}/latents.safetensors", {"latents": edit_latents(w, directions).cpu()})
         return {"edits": [list(e) for e in config.edits]}
 
-    return _run_stage(store, "edit", _edit_ingredients(pivots, config, profile, models_dir, device), produce)
+    return make_stage(store, "edit", _edit_ingredients(pivots, config, profile, models_dir, device), produce)
 
 
 @dataclass(frozen=True)
@@ -488,7 +493,7 @@ def default_device() -> str:
 
 def _stitch_ingredients(align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig, profile: str,
                         models_dir: str | None, device: str, **_: Any) -> Ingredients:
-    return [align.key, pti.key, edit.key, _models(profile, models_dir, device).parser_identity], config
+    return [align.key, pti.key, edit.key, stage_models(profile, models_dir, device).parser_identity], config
 
 
 @stage_task("stitch", _stitch_ingredients)
@@ -511,7 +516,7 @@ def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     store = open_store(store_uri)
-    models = _models(profile, models_dir, device)
+    models = stage_models(profile, models_dir, device)
 
     def produce(key: str) -> dict[str, Any]:
         frames = int(align.info["edited_frames"])
@@ -545,7 +550,7 @@ def stitch_tune(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
                 "steps_per_frame": float(cat("steps").float().mean()),
                 "fan_out": fan_out}
 
-    return _run_stage(store, "stitch", _stitch_ingredients(align, pti, edit, config, profile, models_dir, device),
+    return make_stage(store, "stitch", _stitch_ingredients(align, pti, edit, config, profile, models_dir, device),
                       produce)
 
 
@@ -569,7 +574,7 @@ def stitch_chunk(chunk: StitchChunk, *, device: str) -> dict[str, Any]:
     store = open_store(chunk.store_uri)
     result = {"chunk": chunk.artifact, "computed": False, "frames": chunk.stop - chunk.start}
     if not store.exists(chunk.artifact):
-        models = _models(chunk.profile, chunk.models_dir, device)
+        models = stage_models(chunk.profile, chunk.models_dir, device)
         key = stage_key("stitch", _stitch_ingredients(chunk.align, chunk.pti, chunk.edit, chunk.config, chunk.profile,
                                                       chunk.models_dir, device))
         if key != chunk.key:
@@ -588,10 +593,10 @@ class _StitchInputs:
 
     def __init__(self, store: ArtifactStore, align: StageRef, pti: StageRef, edit: StageRef, models: Models,
                  device: str):
-        self.G, self.parser, self.device = _pti_generator(store, pti, models, device), models.parser, device
+        self.G, self.parser, self.device = pti_generator(store, pti, models, device), models.parser, device
         self.crop_points = _edited_rows(store, align)["crop_landmarks"]
         self.latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"]
-        self.crops = _CropRows(store, align)
+        self.crops = CropRows(store, align)
 
     def stitch(self, start: int, stop: int, config: StitchingConfig, *,
                progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
@@ -648,7 +653,7 @@ def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef,
         table = store.get_table(f"{align.key}/frames.parquet")
         edited = table["status"] != "passthrough"
         row = np.cumsum(edited) - 1  # frame index -> row among the edited frames
-        chunks = _StitchedChunks(store, stitch.info["chunks"])
+        chunks = StitchedChunks(store, stitch.info["chunks"])
         with stage_progress("render", total=info.frame_count, unit="frame", label=os.path.basename(source)) as advance:
             frames = render_video(source, out, info=info, quads=table["quad"],
                                   crops=lambda i: chunks.row(row[i]) if edited[i] else None,
@@ -656,10 +661,10 @@ def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef,
         store.put_file(f"{key}/output{suffix}", out)
         return {"frames": frames, "output": f"{key}/output{suffix}"}
 
-    return _run_stage(store, "render", _render_ingredients(probe, align, stitch, blending, output, out), produce)
+    return make_stage(store, "render", _render_ingredients(probe, align, stitch, blending, output, out), produce)
 
 
-class _StitchedChunks:
+class StitchedChunks:
     """Stitched crops and masks by row, loading one stored chunk at a time (rows come in order)."""
 
     def __init__(self, store: ArtifactStore, keys: list[str]):
@@ -696,7 +701,7 @@ def deliver_output(store_uri: str, render: StageRef, out: str) -> None:
 
 def model_resolution(profile: str, models_dir: str | None, device: str) -> int:
     """The crop size a profile's generator works at."""
-    return _models(profile, models_dir, device).resolution
+    return stage_models(profile, models_dir, device).resolution
 
 
 def check_edits(profile: str, models_dir: str | None, device: str, edits: tuple[tuple[str, float], ...]) -> None:
@@ -706,6 +711,6 @@ def check_edits(profile: str, models_dir: str | None, device: str, edits: tuple[
         ValueError: an unknown direction name or a bad ``sefa:K``.
         InputError: a direction file that is missing or unreadable.
     """
-    models = _models(profile, models_dir, device)
+    models = stage_models(profile, models_dir, device)
     for name, _ in edits:
         resolve_direction(name, G=models.generator, named=models.directions)

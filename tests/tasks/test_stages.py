@@ -83,7 +83,7 @@ def test_no_pti_keeps_the_original_generator(up: Upstream) -> None:
     assert not open_store(up.store_uri).exists(f"{no_pti.key}/generator.safetensors")
     raw = dataclasses.replace(up.config.stitching, method="none")
     with_original, with_pti = _chunks(up, _stitch(up, raw, no_pti)), _chunks(up, _stitch(up, raw))
-    models = stages._models("tiny", None, "cpu")
+    models = stages.stage_models("tiny", None, "cpu")
     latents = open_store(up.store_uri).get_tensors(f"{up.edit.key}/latents.safetensors")["latents"]
     with torch.no_grad():
         original = models.generator.synthesis(latents, noise_mode="const")
