@@ -134,6 +134,13 @@ def test_identity_metrics_and_the_report_come_with_the_output(first_run: dict, c
         assert attributes["images"] == attributes["loaded"] == "20"
         assert len(attributes["line-widths"].split()) == 2 and float(attributes["svg-width"]) > 0
 
+    # On the Prefect server: the report as a markdown artifact, and each long stage's progress at 100 %.
+    artifacts = _artifacts(cli_env["PREFECT_API_URL"], summary["flow_run_id"])
+    [markdown] = [a for a in artifacts if a.type == "markdown"]
+    assert markdown.key == "report-age-2" and f"| TL-ID | {identity['tl_id']:.4f} |" in markdown.data
+    progress = {a.key.split("-")[0]: a.data for a in artifacts if a.type == "progress"}
+    assert progress == {stage: 100.0 for stage in ("landmarks", "align", "encode", "pti", "stitch", "render")}
+
     # `stitchtime report` writes it again from the summary and the store, unchanged.
     report.unlink()
     result = run_cli(["report", str(out)], env=cli_env, cwd=tmp_path)
@@ -223,6 +230,21 @@ def test_a_stage_whose_artifacts_were_deleted_is_made_again(first_run: dict, cli
 
 def _task_name(run) -> str:  # noqa: ANN001 - a Prefect TaskRun
     return run.name.rsplit("-", 1)[0]
+
+
+def _artifacts(api_url: str, flow_run_id: str) -> list:
+    """The artifacts of one flow run (its task runs' included), read from the Prefect server."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read() -> list:
+        async with PrefectClient(api_url) as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
 
 
 def _task_runs(api_url: str, flow_run_id: str) -> list:
