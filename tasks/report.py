@@ -27,7 +27,7 @@ from stitchtime_core.models.registry import default_models_dir
 from stitchtime_core.report import Keyframe, ReportData, choose_keyframes, render_report
 from stitchtime_core.tensors import tensor_to_images
 from tasks import stages
-from tasks.caching import StageRef
+from tasks.caching import MARKER, StageRef
 from tasks.metrics import measure_videos
 from tasks.progress import artifact_key
 from tasks.stages import Ingredients, open_store, stage_task
@@ -129,7 +129,7 @@ def report_data(summary: dict[str, Any], index: int, config: dict[str, Any], *, 
     store = open_store(store_uri)
     artifacts = {**summary["artifacts"], **output["artifacts"]}
     ref = lambda stage, info=None: StageRef(stage, artifacts[stage], True, 0.0, info or {})  # noqa: E731
-    align = ref("align", {"crop_chunks": [k for k in _stored(store, artifacts["align"], "crops-")]})
+    align = ref("align", _stored_info(store, artifacts["align"]))
     rows = np.flatnonzero(np.asarray(store.get_table(f"{artifacts['align']}/frames.parquet")["status"])
                           != "passthrough")
     chosen = choose_keyframes(len(rows), keyframes)
@@ -140,7 +140,7 @@ def report_data(summary: dict[str, Any], index: int, config: dict[str, Any], *, 
     with torch.no_grad():
         inversions, raw_edits = (tensor_to_images(G.synthesis(w)) for w in (pivots, latents))
     crops = stages.CropRows(store, align)
-    stitched = stages.StitchedChunks(store, _stored(store, artifacts["stitch"], "chunk-"))
+    stitched = stages.StitchedChunks(store, _stored_info(store, artifacts["stitch"])["chunks"])
     frames = []
     for n, row in enumerate(chosen):
         paste = stitched.row(row)
@@ -167,9 +167,9 @@ def _in_pipeline_order(seconds: dict[str, float]) -> dict[str, float]:
     return {stage: seconds[stage] for stage in stages.STAGE_VERSIONS if stage in seconds}
 
 
-def _stored(store: Any, key: str, prefix: str) -> list[str]:
-    """The stage's stored files whose names start with ``prefix``, in order (chunk names sort by row)."""
-    return sorted(name for name in store.list(f"{key}/") if name.rsplit("/", 1)[-1].startswith(prefix))
+def _stored_info(store: Any, key: str) -> dict[str, Any]:
+    """A finished stage's info as its ``done.json`` keeps it (the summary leaves out its lists of chunks)."""
+    return store.get_json(f"{key}/{MARKER}")["info"]
 
 
 def _fps(value: Any) -> float:
