@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from stitchtime_core.config import AlignmentConfig
+
 
 def face_axes(landmarks: np.ndarray, *, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FFHQ crop square of one face: its centre and half-side axes.
@@ -110,6 +112,27 @@ def plan_gaps(found: np.ndarray, *, max_gap: int) -> tuple[np.ndarray, np.ndarra
     for start, stop in _runs(~found):
         (interpolated if stop - start <= max_gap else passthrough)[start:stop] = True
     return interpolated, passthrough
+
+
+def track_quads(landmarks: np.ndarray, found: np.ndarray, *, config: AlignmentConfig,
+                fps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The crop quads of a face track as the pipeline makes them: its gap plan, then smoothed quads.
+
+    Args:
+        landmarks: float [N, 68, 2] frame pixels, NaN where the face was not found.
+        found: bool [N], True where it was.
+        config: ``max_gap``, the smoothing sigmas (at 25 fps) and ``scale``.
+        fps: the clip's frame rate; the sigmas scale with it (:func:`fps_scaled_sigma`).
+
+    Returns:
+        ``(quads, interpolated, passthrough)``: float64 [N, 4, 2] quads, NaN in frames that pass
+        through, and the two bool [N] masks of :func:`plan_gaps`.
+    """
+    interpolated, passthrough = plan_gaps(found, max_gap=config.max_gap)
+    quads = smooth_quads(landmarks, center_sigma=fps_scaled_sigma(config.center_sigma, fps),
+                         axes_sigma=fps_scaled_sigma(config.axes_sigma, fps), scale=config.scale,
+                         valid=~passthrough)
+    return quads, interpolated, passthrough
 
 
 def smooth_quads(

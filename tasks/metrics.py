@@ -66,11 +66,8 @@ def find_quads(source_path: str | os.PathLike, info: video.VideoInfo, *, config:
         raise InputError(source_path, str(exc)) from None
     if not track.found.any():
         raise NoFaceError(source_path, f"no face found in any of its {len(track.found)} frames")
-    _, passthrough = alignment.plan_gaps(track.found, max_gap=config.max_gap)
-    fps = float(info.fps)
-    return alignment.smooth_quads(track.landmarks, scale=config.scale, valid=~passthrough,
-                                  center_sigma=alignment.fps_scaled_sigma(config.center_sigma, fps),
-                                  axes_sigma=alignment.fps_scaled_sigma(config.axes_sigma, fps))
+    quads, _, _ = alignment.track_quads(track.landmarks, track.found, config=config, fps=float(info.fps))
+    return quads
 
 
 def measure_videos(edited_path: str | os.PathLike, source_path: str | os.PathLike, *, quads: np.ndarray,

@@ -215,12 +215,8 @@ def align_faces(store_uri: str, source: str, probe: StageRef, landmarks: StageRe
     def produce(key: str) -> dict[str, Any]:
         table = store.get_table(f"{landmarks.key}/landmarks.parquet")
         points, found = table["landmarks"], table["found"]
-        interpolated, passthrough = alignment.plan_gaps(found, max_gap=config.max_gap)
+        quads, interpolated, passthrough = alignment.track_quads(points, found, config=config, fps=float(info.fps))
         edited = ~passthrough
-        fps = float(info.fps)
-        quads = alignment.smooth_quads(points, center_sigma=alignment.fps_scaled_sigma(config.center_sigma, fps),
-                                       axes_sigma=alignment.fps_scaled_sigma(config.axes_sigma, fps),
-                                       scale=config.scale, valid=edited)
         filled = alignment.interpolate_gaps(points, found, valid=edited)
         crop_points = np.full_like(points, np.nan)
         for i in np.flatnonzero(edited):
