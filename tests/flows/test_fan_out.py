@@ -324,13 +324,19 @@ def test_a_chunk_run_whose_machine_is_lost_is_marked_crashed_and_run_again(
         deadline = time.monotonic() + 240
         while frozen is None:
             assert time.monotonic() < deadline and proc.poll() is None, (workdir / "lost.log").read_text()[-6000:]
-            frozen = next((run for key in [p.name for p in (store / "stitch").glob("*")]
-                           for run, _ in chunk_runs(env, deployment, f"stitch/{key}")
-                           if run.state.is_running() and run.infrastructure_pid
-                           and not chunk_path(store, f"stitch/{key}", run).exists()), None)
+            running = [(key, run) for key in [p.name for p in (store / "stitch").glob("*")]
+                       for run, _ in chunk_runs(env, deployment, f"stitch/{key}")
+                       if run.state.is_running() and run.infrastructure_pid]
+            for key, run in running:
+                pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
+                os.kill(pid, signal.SIGSTOP)
+                # Frozen now; keep it only if it had not yet stored its chunk or reported its end.
+                [now] = [r for r, _ in chunk_runs(env, deployment, f"stitch/{key}") if r.id == run.id]
+                if now.state.is_running() and not chunk_path(store, f"stitch/{key}", run).exists():
+                    frozen = run
+                    break
+                os.kill(pid, signal.SIGCONT)
             time.sleep(0.1)
-        pid = int(str(frozen.infrastructure_pid).rsplit(":", 1)[-1])
-        os.kill(pid, signal.SIGSTOP)
         summary = finished(proc, workdir, "lost")
     finally:
         if proc.poll() is None:
