@@ -22,7 +22,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
 from stitchtime_core.identity import IdentityNet, load_arcface_identity, load_dlib_identity
-from stitchtime_core.metrics import IdentityMetrics
 from stitchtime_core.models.registry import default_models_dir
 from stitchtime_core.report import Keyframe, ReportData, choose_keyframes, render_report
 from stitchtime_core.tensors import tensor_to_images
