@@ -155,9 +155,14 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
     _prepare_environment(store, verbose)
     from flows.edit_video import check_outputs, edit_video, sidecar_paths
     from stitchtime_core.errors import StitchtimeError
+    from stitchtime_core.video import probe
+    from tasks.store import open_store
 
     try:
+        if store:
+            open_store(store)  # a bad URI fails now, before it is recorded as a flow-run parameter
         check_outputs(source, out, edit_sets)  # before Prefect starts, so a wrong path fails at once
+        probe(source)  # and so does a file that is no video
         summary = edit_video(source, out, edit_sets, profile=profile, store=store, device=device, models_dir=models,
                              overrides=overrides, fan_out=fan_out)
     except StitchtimeError as exc:
@@ -178,7 +183,24 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
     return summary
 
 
-@click.group(epilog=EXAMPLES)
+INTERRUPTED = 130
+"""Exit status after Ctrl-C: 128 + SIGINT, as a shell reports a command that SIGINT stopped."""
+
+
+class _Commands(click.Group):
+    """The command group; Ctrl-C ends any command with one line and status 130, instead of click's
+    "Aborted!" and status 1. Prefect has marked the flow run Crashed by then; a run's finished stages
+    and PTI checkpoint are in the store, so the same command goes on where it stopped."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: run the same command again to go on where it stopped.", err=True)
+            ctx.exit(INTERRUPTED)
+
+
+@click.group(cls=_Commands, epilog=EXAMPLES)
 @click.version_option(package_name="stitchtime")
 def main() -> None:
     """stitchtime: temporally coherent face editing in real videos (Stitch it in Time)."""
@@ -286,8 +308,12 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     _prepare_environment(store, verbose)
     from flows.edit_library import edit_library, exit_status
     from stitchtime_core.errors import StitchtimeError
+    from tasks.store import open_store
 
     try:
+        for uri in (source, dest, store):
+            if uri:
+                open_store(uri)  # a bad URI fails now, before it is recorded as a flow-run parameter
         summary = edit_library(source, dest, edit_sets, profile=profile, store=store, device=device,
                                models_dir=models, overrides=overrides, concurrency=concurrency, fan_out=fan_out)
     except StitchtimeError as exc:
@@ -372,8 +398,11 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, stor
     _prepare_environment(store, verbose)
     from flows.ablate import ablate_video
     from stitchtime_core.errors import StitchtimeError
+    from tasks.store import open_store
 
     try:
+        if store:
+            open_store(store)  # a bad URI fails now, before it is recorded as a flow-run parameter
         if not Path(source).is_file():  # before the folder is made
             raise StitchtimeError(f"{source}: no such file")
         folder.mkdir(parents=True, exist_ok=True)

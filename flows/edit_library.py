@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 
 from flows.edit_video import edit_video, output_paths, sidecar_paths
-from stitchtime_core.errors import StitchtimeError
+from stitchtime_core.errors import InputError, StitchtimeError
 from tasks import library
 from tasks.store import open_store
 
@@ -43,9 +43,13 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
     Returns:
         the batch summary (also written to ``dest``/:data:`BATCH_SUMMARY`): every video with its
         status ("done", "skipped": already in ``dest``, or "failed" with the error), and the counts.
+
+    Raises:
+        ValueError: ``dest`` is ``source``, lies inside it or holds it (see :func:`tasks.library.check_apart`).
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    library.check_apart(source, dest)
     started = time.perf_counter()
     names = library.list_videos(source)
     if not names:
@@ -74,6 +78,10 @@ def _edit_one(name: str, *, source: str, dest: str, edits: list[list[tuple[str, 
     """One video: skip it when done, else edit it (as a subflow) and deliver its outputs; never raises."""
     shown = library.display(source, name)
     started = time.perf_counter()
+    try:
+        library.check_name(source, name)  # before the name makes any path or key
+    except InputError as exc:
+        return _failed(shown, name, exc, str(exc), started)
     with tempfile.TemporaryDirectory(prefix="stitchtime-batch-") as staging:
         out = library.local_output(dest, name, Path(staging))
         summary_path = sidecar_paths(out)[0]
@@ -89,9 +97,13 @@ def _edit_one(name: str, *, source: str, dest: str, edits: list[list[tuple[str, 
             outputs = library.deliver(dest, name, files, Path(staging))
         except Exception as exc:  # noqa: BLE001 - one bad video must not stop the batch
             message = str(exc) if local is None else str(exc).replace(str(local), shown)
-            return {"source": shown, "name": name, "status": "failed", "error": message,
-                    "error_type": type(exc).__name__, "seconds": round(time.perf_counter() - started, 3)}
+            return _failed(shown, name, exc, message, started)
     return {"source": shown, "name": name, "status": "done", "outputs": outputs[:-2], "summary": outputs[-1],
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _failed(shown: str, name: str, exc: Exception, message: str, started: float) -> dict[str, Any]:
+    return {"source": shown, "name": name, "status": "failed", "error": message, "error_type": type(exc).__name__,
             "seconds": round(time.perf_counter() - started, 3)}
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -101,10 +102,19 @@ def sidecar_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary name, so a reader never sees half a file."""
+    """Write JSON through a temporary name, so a reader never sees half a file.
+
+    Raises:
+        InputError: ``path`` cannot be written (a full disk, say); no temporary file is left.
+    """
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    try:
+        temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(temp, path)
+    except OSError as exc:
+        raise InputError(path, f"cannot be written ({exc.strerror or exc})") from None
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def check_paths(source: str, out: str | os.PathLike) -> None:
@@ -113,25 +123,40 @@ def check_paths(source: str, out: str | os.PathLike) -> None:
         raise InputError(source, "no such file" if not os.path.exists(source) else "not a file")
     if not os.access(source, os.R_OK):
         raise InputError(source, "not readable")
-    out_path, src_path = Path(out).resolve(), Path(source).resolve()
-    if out_path == src_path or (out_path.exists() and os.path.samefile(out_path, src_path)):
+    out_path = Path(out).resolve()
+    if _same_file(out, source):
         raise InputError(out, "output would overwrite its source")
     if not out_path.parent.is_dir():
         raise InputError(out_path.parent, "output folder does not exist")
+    try:  # the real test: permissions, a read-only file system, ACLs (os.access misses some)
+        tempfile.TemporaryFile(dir=out_path.parent).close()
+    except OSError as exc:
+        raise InputError(out_path.parent, f"output folder is not writable ({exc.strerror})") from None
     if not out_path.suffix:
         raise InputError(out, "output needs a file extension (e.g. .mp4)")
+
+
+def _same_file(path: str | os.PathLike, source: str | os.PathLike) -> bool:
+    """Whether ``path`` names the file ``source``, however spelled: relative, through a symlink, a hard link."""
+    if Path(path).resolve() == Path(source).resolve():
+        return True
+    return os.path.exists(path) and os.path.samefile(path, source)
 
 
 def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple[str, Path]]:
     """:func:`check_paths` for every output the edit sets make, before any work; returns :func:`output_paths`.
 
     With several outputs ``--out`` itself is not written (only its summary), so it may name the source.
+    The summary, config and reports written beside the outputs may not name it either.
     """
     if not Path(out).suffix:
         raise InputError(out, "output needs a file extension (e.g. .mp4)")
     outputs = output_paths(out, edit_sets)
     for _, path in outputs:
         check_paths(source, path)
+    for path in [*sidecar_paths(out), *(report.report_path(path) for _, path in outputs)]:
+        if _same_file(path, source):
+            raise InputError(path, "the run's summary, config or report would overwrite its source")
     return outputs
 
 

@@ -83,9 +83,11 @@ def fps_scaled_sigma(sigma_at_25: float, fps: float) -> float:
 def plan_gaps(found: np.ndarray, *, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
     """Which frames without a tracked face are filled in and which pass through unedited.
 
-    A run of missing frames of at most ``max_gap`` frames is interpolated: between two found
-    frames linearly, at the start or end of the clip held at the nearest found frame. A longer run
-    passes through: those frames are left as they are, and smoothing does not cross them.
+    A run of missing frames of at most ``max_gap`` frames between two found frames is
+    interpolated linearly. A longer run passes through: those frames are left as they are, and
+    smoothing does not cross them. So does any run at the start or end of the clip, however short:
+    nothing says the face is still there (it may have left the frame, or not come in yet), and
+    editing a guessed place would paste a face where there is none.
 
     Args:
         found: bool [N], True where the face was found.
@@ -110,7 +112,8 @@ def plan_gaps(found: np.ndarray, *, max_gap: int) -> tuple[np.ndarray, np.ndarra
         passthrough[:] = True
         return interpolated, passthrough
     for start, stop in _runs(~found):
-        (interpolated if stop - start <= max_gap else passthrough)[start:stop] = True
+        inner = start > 0 and stop < len(found)
+        (interpolated if inner and stop - start <= max_gap else passthrough)[start:stop] = True
     return interpolated, passthrough
 
 

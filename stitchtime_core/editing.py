@@ -20,6 +20,7 @@ import torch
 
 from stitchtime_core.errors import InputError
 from stitchtime_core.models.stylegan2 import Generator, style_affine_weights
+from stitchtime_core.models.torch_files import load_failure_reason
 
 
 def sefa_directions(G: Generator) -> torch.Tensor:
@@ -51,6 +52,11 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int) -> torch.T
         raise InputError(path, "no such direction file")
     try:
         if path.suffix == ".npy":
+            # The header first: np.load would take a non-.npy file for a pickle, and both its refusals of
+            # pickled data advise loading it unsafely.
+            if _npy_dtype(path).hasobject:
+                raise InputError(path, "not a readable direction file (it holds Python objects, which are never "
+                                       "unpickled; a direction is an array of numbers)")
             array = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
         elif path.suffix == ".pt":
             array = torch.load(path, map_location="cpu", weights_only=True)
@@ -62,7 +68,7 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int) -> torch.T
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
-        raise InputError(path, f"not a readable direction file ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(path, f"not a readable direction file ({load_failure_reason(exc)})") from None
     if not torch.isfinite(array).all():
         raise InputError(path, "direction holds NaN or infinite values")
     if array.ndim == 1:
@@ -73,6 +79,22 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int) -> torch.T
     if array.shape[0] == num_ws > 1 and torch.equal(array, array[:1].expand_as(array)):
         array = array[:1] / 2  # the reference code's layout and factor/2 convention (module docstring)
     return array.expand(num_ws, w_dim).clone()
+
+
+def _npy_dtype(path: Path) -> np.dtype:
+    """The dtype an ``.npy`` file's header declares.
+
+    Raises:
+        InputError: the file is not an ``.npy`` file.
+    """
+    with open(path, "rb") as file:
+        try:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                return np.lib.format.read_array_header_1_0(file)[2]
+            return np.lib.format.read_array_header_2_0(file)[2]
+        except ValueError:
+            raise InputError(path, "not a readable direction file (not an .npy file)") from None
 
 
 def resolve_direction(spec: str, *, G: Generator, named: dict[str, torch.Tensor]) -> torch.Tensor:

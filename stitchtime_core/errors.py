@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 
 class StitchtimeError(Exception):
@@ -19,8 +20,12 @@ class InputError(StitchtimeError):
 
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        # One line, whatever a library's message held (dlib's span several): the CLI prints one line.
+        self.problem = re.sub(r"\s*\n\s*", " ", problem).strip()
+        super().__init__(f"{self.path}: {self.problem}")
+
+    def __reduce__(self):  # pickled with both arguments (Prefect pickles errors), not the joined message
+        return type(self), (self.path, self.problem)
 
 
 class NoFaceError(InputError):

@@ -9,6 +9,7 @@ top-left pixel.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -81,7 +82,9 @@ class FaceLandmarker:
         predictor: dlib's 68-point shape predictor.
         upsample: how many times the detector upsamples the image it searches (HOG finds faces
             down to ~40 px at 1, ~80 px at 0; the CNN about the same), counted in pixels of the
-            downscaled copy (see ``max_side``).
+            downscaled copy (see ``max_side``). A frame whose longer side is below
+            ``SMALL_FRAME`` (160) px, a thumbnail whose face is a few dozen pixels, is upsampled
+            as many more times as it takes to reach it: once for 80-159 px, twice for 40-79.
         max_side: the detector searches a copy of the frame shrunk so its longer side is at most
             this many pixels (0: never shrink); landmarks are always fitted on the full frame.
             Shrinking also raises the smallest face found: 960 on a 1080p frame halves it, so at
@@ -128,10 +131,11 @@ class FaceLandmarker:
             size = (max(round(width * factor), 1), max(round(height * factor), 1))
             small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
             sx, sy = size[0] / width, size[1] / height
+        upsample = self.upsample + _extra_upsample(max(height, width))
         if isinstance(self.detector, dlib.cnn_face_detection_model_v1):
-            found = [(d.rect, d.confidence) for d in self.detector(small, self.upsample)]
+            found = [(d.rect, d.confidence) for d in self.detector(small, upsample)]
         else:
-            rects, scores, _ = self.detector.run(small, self.upsample)
+            rects, scores, _ = self.detector.run(small, upsample)
             found = list(zip(rects, scores))
         boxes = []
         for r, score in found:
@@ -140,6 +144,15 @@ class FaceLandmarker:
                     round((r.right() + 1) / sx) - 1, round((r.bottom() + 1) / sy) - 1)
             boxes.append((rect, float(score)))
         return boxes
+
+
+SMALL_FRAME = 160
+"""Frames whose longer side is below this are searched with extra upsampling (see ``FaceLandmarker``)."""
+
+
+def _extra_upsample(longer_side: int) -> int:
+    """How many more times to double a small frame so its longer side reaches SMALL_FRAME."""
+    return math.ceil(math.log2(SMALL_FRAME / longer_side)) if longer_side < SMALL_FRAME else 0
 
 
 def load_landmarker(

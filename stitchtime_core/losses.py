@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import warnings
 
-import lpips
 import torch
 from torch import nn
 
@@ -25,6 +24,8 @@ def build_lpips(*, net: str = "alex", backbone_path: str | os.PathLike | None = 
     Returns:
         a frozen module mapping two [batch, 3, H, W] images in [-1, 1] to [batch, 1, 1, 1] distances.
     """
+    import lpips  # here, not at the top: it imports torchvision and torch._dynamo, 1.4 s of every start
+
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torchvision's notice about lpips' `pretrained=` argument
         torch.manual_seed(0)

@@ -98,12 +98,13 @@ def identity_metrics(
             different people 0.8 or more); ArcFace scores unrelated faces near 0.
 
     Returns:
-        The :class:`IdentityMetrics`; ``tl_id`` or ``tg_id`` is NaN when all its pairs are left out.
+        The :class:`IdentityMetrics`; ``tl_id`` or ``tg_id`` is NaN when all its pairs are left out,
+        as both are when fewer than 2 frames are valid (a one-frame video has no pair).
 
     Raises:
         ValueError: the embeddings are not float [N, D] of the same shape, a valid row is not a
-            finite unit vector, ``valid`` is not a bool [N] mask, fewer than 2 frames are valid, or
-            ``min_source_similarity`` is not positive.
+            finite unit vector, ``valid`` is not a bool [N] mask, or ``min_source_similarity`` is
+            not positive.
     """
     _check_embeddings(edited, "edited")
     _check_embeddings(source, "source")
@@ -115,8 +116,6 @@ def identity_metrics(
     if not isinstance(valid, np.ndarray) or valid.dtype != bool or valid.shape != (n,):
         described = f"{valid.dtype} {list(valid.shape)}" if isinstance(valid, np.ndarray) else type(valid).__name__
         raise ValueError(f"valid must be a bool [{n}] array, got {described}")
-    if valid.sum() < 2:
-        raise ValueError(f"{int(valid.sum())} of {n} frames have a face; TL-ID and TG-ID need at least 2")
     if not min_source_similarity > 0:
         raise ValueError(f"min_source_similarity must be > 0, got {min_source_similarity}")
     # Invalid rows become zeros, so their similarities are 0 and the source threshold drops them.

@@ -30,11 +30,13 @@ The binaries are found through the environment variables ``STITCHTIME_FFMPEG`` a
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -55,6 +57,25 @@ _VFR_TOLERANCE = 0.005
 variable frame rate (containers with millisecond timestamps put small errors in avg_frame_rate)."""
 
 _COMPONENT_PREFIX = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\] ")
+
+_DISK_ERRORS = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS))
+"""The OS's messages for a file that cannot be written (full disk, quota, file size limit, read-only), as
+ffmpeg prints them; none of them can come from reading its inputs."""
+
+_OUTPUT_ERRORS = ("Error writing trailer", "Error closing file", *_DISK_ERRORS)
+"""ffmpeg's messages for an output it could not finish. ffmpeg 5 prints the first two and still exits 0
+(a full disk leaves half a file behind an exit status of success), so its messages are checked too."""
+
+
+def _disk_error(text: str) -> str | None:
+    """The OS message in ffmpeg's error output when it failed to write its output file, else None."""
+    return next((problem for problem in _DISK_ERRORS if problem in text), None)
+
+
+def _output_failed(text: str) -> bool:
+    """Whether ffmpeg's error output says that it could not finish writing its output file."""
+    return any(message in text for message in _OUTPUT_ERRORS)
+
 
 _VERSION = re.compile(r"^ffmpeg version n?(\d+)\.(\d+)")
 
@@ -181,7 +202,7 @@ class VideoInfo:
 def _first_error_line(text: str, path: str | os.PathLike) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
-        return "no error message"
+        return "ffmpeg gave no error message"
     # Drop the prefixes ffmpeg puts before a message: the input's name (InputError shows it
     # already) or the component and its address ("[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0] ").
     line = _COMPONENT_PREFIX.sub("", lines[0])
@@ -338,7 +359,9 @@ def iter_frames(path: str | os.PathLike, info: VideoInfo | None = None) -> Itera
         uint8 [info.height, info.width, 3] RGB frames, values in [0, 255], each a new writable array.
 
     Raises:
-        InputError: the file cannot be probed or decoded.
+        InputError: the file cannot be probed or decoded, or fewer frames than ``info.frame_count``
+            come out (a file cut short: its index lists frames whose data is missing). Raised
+            once the frames that could be decoded have been yielded.
         StitchtimeError: ffmpeg is not installed.
     """
     if info is None:
@@ -355,6 +378,7 @@ def iter_frames(path: str | os.PathLike, info: VideoInfo | None = None) -> Itera
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
         )
         assert process.stdout is not None
+        decoded = 0
         try:
             while True:
                 frame = np.empty((height, width, 3), dtype=np.uint8)
@@ -367,9 +391,11 @@ def iter_frames(path: str | os.PathLike, info: VideoInfo | None = None) -> Itera
                         path,
                         f"decoded frames are not {width}x{height}: {_stderr_text(stderr, path)}",
                     )
+                decoded += 1
                 yield frame
-            if process.wait() != 0:
-                raise InputError(path, f"could not be decoded: {_stderr_text(stderr, path)}")
+            if process.wait() != 0 or decoded < info.frame_count:
+                raise InputError(path, f"only {decoded} of its {info.frame_count} frames could be decoded, the "
+                                       f"file is damaged or cut short: {_stderr_text(stderr, path)}")
         finally:
             if process.poll() is None:
                 process.kill()
@@ -598,9 +624,9 @@ class VideoWriter:
             self._process.stdin.write(np.ascontiguousarray(frame).data)
         except BrokenPipeError:
             self._process.wait()
-            message = self._ffmpeg_message()
+            error = self._ffmpeg_error("stopped while encoding")
             self.abort()
-            raise StitchtimeError(f"{self.path}: ffmpeg stopped while encoding: {message}") from None
+            raise error from None
         except BaseException:
             self.abort()
             raise
@@ -610,6 +636,8 @@ class VideoWriter:
         """Finish encoding, write the display rotation if any, and move the video to its path.
 
         Raises:
+            InputError: the output cannot be written: its disk is full, a quota or file size limit
+                is reached, or it is read-only (the OS's message included).
             StitchtimeError: no frame was written, ffmpeg failed (its message included), or the
                 display rotation read back is not :attr:`rotation`; the output path is then left
                 as it was and no temporary file remains.
@@ -629,10 +657,10 @@ class VideoWriter:
         except BaseException:
             self.abort()
             raise
-        if code != 0:
-            message = self._ffmpeg_message()
+        if code != 0 or _output_failed(self._ffmpeg_stderr()):
+            error = self._ffmpeg_error("failed to encode")
             self.abort()
-            raise StitchtimeError(f"{self.path}: ffmpeg failed to encode: {message}")
+            raise error
         self._process = None
         finished = self._temp_path
         if self._rotated_path is not None:
@@ -674,7 +702,9 @@ class VideoWriter:
             command += ["-metadata:s:v:0", f"rotate={counter_clockwise}"]
         command.append(os.fspath(rotated))
         result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if result.returncode != 0:
+        if result.returncode != 0 or _output_failed(result.stderr):
+            if problem := _disk_error(result.stderr):
+                raise InputError(self.path, f"cannot be written ({problem})")
             raise StitchtimeError(
                 f"{self.path}: ffmpeg failed to write the display rotation: "
                 f"{_first_error_line(result.stderr, rotated)}"
@@ -694,6 +724,20 @@ class VideoWriter:
         if hasattr(self, "_stderr"):
             self._stderr.close()
 
-    def _ffmpeg_message(self) -> str:
+    def _ffmpeg_stderr(self) -> str:
         self._stderr.seek(0)
-        return _first_error_line(self._stderr.read().decode(errors="replace"), self._temp_path)
+        return self._stderr.read().decode(errors="replace")
+
+    def _ffmpeg_error(self, what: str) -> StitchtimeError:
+        """The error to raise when ffmpeg (waited for) stopped: the OS's reason when the output could not
+        be written (a full disk), else ffmpeg's first error line after ``what`` it did."""
+        text = self._ffmpeg_stderr()
+        code = self._process.returncode if self._process is not None else None
+        signal_name = signal.Signals(-code).name if code is not None and code < 0 else None
+        if signal_name == "SIGXFSZ":  # a file size limit (ulimit -f) stops ffmpeg with this signal
+            text += os.strerror(errno.EFBIG)
+        if problem := _disk_error(text):
+            return InputError(self.path, f"cannot be written ({problem})")
+        if signal_name and not text.strip():
+            return StitchtimeError(f"{self.path}: ffmpeg {what}: killed by {signal_name}")
+        return StitchtimeError(f"{self.path}: ffmpeg {what}: {_first_error_line(text, self._temp_path)}")

@@ -8,7 +8,8 @@ small :class:`StageRef`, as JSON) is kept in the artifact store beside the stage
   finds the stage in Prefect's cache, and the task run ends in the ``Cached`` state;
 - deleting a stage's artifacts deletes its cache entry with them, and a record whose stage has no
   ``done.json`` marker (artifacts partly removed, e.g. by an expiry rule) is not taken as a hit;
-- Prefect never holds tensors, and reading a record never unpickles anything.
+- Prefect never holds tensors, and reading a record never unpickles anything: a record that names any
+  serializer but ours (one planted in a shared store, say) is treated as missing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -25,6 +27,8 @@ from prefect.serializers import Serializer
 from pydantic import Field
 
 from tasks.store import ArtifactStore, open_store
+
+log = logging.getLogger("stitchtime")
 
 RECORD = "prefect-result.json"
 """A stage's Prefect result record, under the stage's key."""
@@ -100,7 +104,11 @@ class StageResults(WritableFileSystem):
         store, key = _split(path)
         if not store.exists(f"{key}/{MARKER}") or not store.exists(f"{key}/{RECORD}"):
             return None
-        return store.get_bytes(f"{key}/{RECORD}")
+        content = store.get_bytes(f"{key}/{RECORD}")
+        if not _is_stage_ref_record(content):
+            log.warning("%s is not a stitchtime stage record: ignored, the stage runs again", store.url_for(key))
+            return None
+        return content
 
     @staticmethod
     def _write(path: str, content: bytes) -> str:
@@ -128,6 +136,26 @@ class StageRefSerializer(Serializer):
 
     def loads(self, blob: bytes) -> StageRef:
         return StageRef(**json.loads(blob))
+
+
+_SERIALIZER_TYPE = StageRefSerializer.model_fields["type"].default
+
+
+def _is_stage_ref_record(content: bytes) -> bool:
+    """Whether a Prefect record names :class:`StageRefSerializer` as its serializer, and no other.
+
+    Prefect decodes a record's result with whatever serializer the record itself names, pickle
+    included: a record that someone else wrote into a shared store would run code when read. Only
+    records of our own serializer are handed to Prefect; any other is treated as missing.
+    """
+    try:
+        record = json.loads(content)
+    except ValueError:  # not UTF-8 or not JSON
+        return False
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    serializer = metadata.get("serializer") if isinstance(metadata, dict) else None
+    # A top-level "serializer" is Prefect's older layout, which it still reads.
+    return isinstance(serializer, dict) and serializer.get("type") == _SERIALIZER_TYPE and "serializer" not in record
 
 
 def cache_key_fn(key_of: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str | None]:

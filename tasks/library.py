@@ -8,9 +8,11 @@ for ffmpeg and the outputs uploaded after.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 from stitchtime_core.artifacts import check_key
+from stitchtime_core.errors import InputError
 from tasks.store import ArtifactStore, FileStore, open_store
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
@@ -29,6 +31,43 @@ def list_videos(source: str) -> list[str]:
     store = open_store(source)
     return sorted(key for key in store.list("") if PurePosixPath(key).suffix.lower() in VIDEO_SUFFIXES
                   and not PurePosixPath(key).name.startswith("."))
+
+
+def check_name(source: str, name: str) -> None:
+    """Refuse a listed name that could reach outside the library or the destination.
+
+    Names come from a folder or bucket listing, which whoever can write there controls: an S3 key
+    may be ``../x.mp4``, ``a//b.mp4`` or hold a backslash or NUL. Such a video is reported, never used.
+
+    Raises:
+        InputError: the name is not a relative '/'-separated path (see
+            :func:`stitchtime_core.artifacts.check_key`).
+    """
+    try:
+        check_key(name)
+    except ValueError:
+        raise InputError(display(source, name), f"refused the name {name!r}: a library name must be a relative "
+                                                 "path without empty, '.' or '..' parts, backslashes or NUL, so "
+                                                 "that it cannot reach outside the library") from None
+
+
+def check_apart(source: str, dest: str) -> None:
+    """Refuse a destination that is the library itself, lies inside it or holds it.
+
+    Outputs keep their video's relative name, so in such a destination an output could replace a
+    source video, and the next batch would take the outputs for sources.
+
+    Raises:
+        ValueError: the two overlap (symbolic links are followed).
+    """
+    places = []
+    for uri in (source, dest):
+        store = open_store(uri)
+        place = os.path.realpath(store.root) if isinstance(store, FileStore) else store.uri
+        places.append(place.rstrip("/") + "/")
+    if places[0].startswith(places[1]) or places[1].startswith(places[0]):
+        raise ValueError(f"the destination {dest} overlaps the library {source}: outputs could replace source "
+                         "videos; choose a destination outside it")
 
 
 def output_name(name: str) -> str:
@@ -56,6 +95,7 @@ def local_output(dest: str, name: str, staging: Path) -> Path:
 
 def is_done(dest: str, name: str, summary_name: str) -> bool:
     """True when ``name``'s run summary is in the destination (it is written after every output)."""
+    check_key(name)  # PurePosixPath would quietly turn a//b.mp4 into a/b.mp4, another video's name
     return open_store(dest).exists(str(PurePosixPath(output_name(name)).with_name(summary_name)))
 
 
@@ -64,6 +104,7 @@ def deliver(dest: str, name: str, files: list[Path], staging: Path) -> list[str]
 
     For a folder destination the files are already in place and only their URIs are returned.
     """
+    check_key(name)  # PurePosixPath would quietly turn a//b.mp4 into a/b.mp4, another video's name
     store = open_store(dest)
     if isinstance(store, FileStore):
         return [f.resolve().as_uri() for f in files]
@@ -87,5 +128,10 @@ def _parts(name: str) -> list[str]:
 def display(source: str, name: str) -> str:
     """How a library video is named in messages and summaries."""
     store = open_store(source)
-    return str(store.root.joinpath(*_parts(name))) if isinstance(store, FileStore) else _join(store, name)
+    if not isinstance(store, FileStore):
+        return _join(store, name)
+    try:
+        return str(store.root.joinpath(*_parts(name)))
+    except ValueError:  # a refused name (see check_name), shown as listed
+        return f"{store.root}/{name}"
 

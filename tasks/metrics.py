@@ -29,13 +29,16 @@ def probe_pair(edited_path: str | os.PathLike,
 
     Raises:
         InputError: either file is missing or not a readable video, or the two differ in frame
-            count or size (named on the edited video).
+            count or size (named on the edited video). An edited video one pixel wider or taller
+            than an odd-sized source matches it: that is how an odd size is encoded.
     """
     edited, source = video.probe(edited_path), video.probe(source_path)
     if edited.frame_count != source.frame_count:
         raise InputError(edited_path, f"has {edited.frame_count} frames but its source {source_path} has "
                                       f"{source.frame_count}")
-    if (edited.width, edited.height) != (source.width, source.height):
+    # An odd-sized source is written one pixel larger (4:2:0 chroma needs even sizes): see VideoWriter.
+    even = (source.width + source.width % 2, source.height + source.height % 2)
+    if (edited.width, edited.height) not in ((source.width, source.height), even):
         raise InputError(edited_path, f"is {edited.width}x{edited.height} but its source {source_path} is "
                                       f"{source.width}x{source.height}")
     return edited, source
@@ -83,11 +86,12 @@ def measure_videos(edited_path: str | os.PathLike, source_path: str | os.PathLik
         batch_size: crops per :meth:`IdentityNet.embed` call, > 0.
 
     Returns:
-        The metrics (:func:`stitchtime_core.metrics.identity_metrics`).
+        The metrics (:func:`stitchtime_core.metrics.identity_metrics`); NaN scores when fewer than
+        two frames have a quad.
 
     Raises:
         InputError: a video is unreadable or the two do not match (:func:`probe_pair`).
-        NoFaceError: fewer than two frames have a quad.
+        NoFaceError: no frame has a quad.
         ValueError: ``quads`` is not [N, 4, 2] or ``batch_size`` is not positive.
     """
     edited_info, source_info = probe_pair(edited_path, source_path)
@@ -98,11 +102,11 @@ def measure_videos(edited_path: str | os.PathLike, source_path: str | os.PathLik
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     has_quad = np.isfinite(quads).all(axis=(1, 2))
-    if has_quad.sum() < 2:  # checked before the videos are decoded
-        raise NoFaceError(source_path, f"a face in {int(has_quad.sum())} of its {n} frames; TL-ID and TG-ID "
-                                       "need at least 2")
+    if not has_quad.any():  # checked before the videos are decoded
+        raise NoFaceError(source_path, f"no face in any of its {n} frames")
     frames = zip(video.iter_frames(edited_path, edited_info), video.iter_frames(source_path, source_info))
-    crops = ((i, alignment.crop(edited, quads[i], CROP_SIZE), alignment.crop(source, quads[i], CROP_SIZE))
+    crops = ((i, alignment.crop(edited[:source.shape[0], :source.shape[1]], quads[i], CROP_SIZE),
+              alignment.crop(source, quads[i], CROP_SIZE))
              for i, (edited, source) in enumerate(frames) if has_quad[i])
     index: list[int] = []
     edited_embeddings, source_embeddings = [], []
@@ -129,7 +133,7 @@ def measure_pair(edited_path: str | os.PathLike, source_path: str | os.PathLike,
 
     Raises:
         InputError: a video is unreadable, the two do not match, or the face choice is not there.
-        NoFaceError: fewer than two source frames have a face.
+        NoFaceError: no source frame has a face.
     """
     _, source_info = probe_pair(edited_path, source_path)  # before the slow face search
     quads = find_quads(source_path, source_info, config=config)

@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
+from stitchtime_core.errors import InputError
 from stitchtime_core.identity import IdentityNet, load_arcface_identity, load_dlib_identity
 from stitchtime_core.models.registry import default_models_dir
 from stitchtime_core.report import Keyframe, ReportData, choose_keyframes, render_report
@@ -100,6 +101,7 @@ def write_report(summary_path: str, index: int, *, models_dir: str | None = None
 
     Raises:
         OSError: the summary or config cannot be read; json.JSONDecodeError, KeyError: they are not a run's.
+        InputError: the report cannot be written (a full disk, say); no temporary file is left.
     """
     summary = json.loads(Path(summary_path).read_text())
     config = json.loads(Path(summary["config"]).read_text())
@@ -111,6 +113,8 @@ def write_report(summary_path: str, index: int, *, models_dir: str | None = None
     try:
         temp.write_text(html)
         os.replace(temp, path)
+    except OSError as exc:
+        raise InputError(path, f"cannot be written ({exc.strerror or exc})") from None
     finally:
         temp.unlink(missing_ok=True)
     if TaskRunContext.get() or FlowRunContext.get():  # outside a run (stitchtime report) there is none to make

@@ -49,7 +49,7 @@ from tasks.progress import stage_progress
 from tasks.store import ArtifactStore, open_store
 
 # Bump a stage's version when its code changes what it writes: its key, and every key downstream, change.
-STAGE_VERSIONS = {"probe": 1, "landmarks": 1, "align": 1, "encode": 2, "pti": 2, "edit": 1, "stitch": 2,
+STAGE_VERSIONS = {"probe": 1, "landmarks": 2, "align": 2, "encode": 2, "pti": 2, "edit": 1, "stitch": 2,
                   "render": 2, "measure": 1}
 
 
@@ -348,9 +348,9 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
              models_dir: str | None, device: str) -> StageRef:
     """One generator tuned around the pivots of all frames (paper eq. 1), checkpointed as it goes.
 
-    A run stopped part way resumes from ``checkpoint.safetensors``; it is deleted once the tuned
-    generator is written. With ``method`` "none" nothing is tuned (the "w/o PTI" ablation) and later
-    stages use the original generator.
+    A run stopped part way resumes from ``checkpoint.safetensors``; it is deleted once the stage is
+    done (its ``done.json`` written). With ``method`` "none" nothing is tuned (the "w/o PTI" ablation)
+    and later stages use the original generator.
     """
     store = open_store(store_uri)
     models = stage_models(profile, models_dir, device)
@@ -376,13 +376,15 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
                                                           images, reduction="sum"))
         store.put_tensors(f"{key}/generator.safetensors", result.generator.state_dict())
         store.put_json(f"{key}/generator.json", generator_config(result.generator))
-        if store.exists(checkpoint_key):
-            store.delete(checkpoint_key)
         return {"method": "pti", "steps": result.steps, "resumed_from_step": resume.step if resume else 0,
                 "first_loss": result.losses[0], "last_loss": result.losses[-1],
                 "reconstruction_mse": mse / crops.numel()}
 
-    return make_stage(store, "pti", _pti_ingredients(align, pivots, config, profile, models_dir, device), produce)
+    ref = make_stage(store, "pti", _pti_ingredients(align, pivots, config, profile, models_dir, device), produce)
+    # Deleted once done.json is written, not before: a run stopped in between goes on from the checkpoint.
+    if store.exists(f"{ref.key}/checkpoint.safetensors"):
+        store.delete(f"{ref.key}/checkpoint.safetensors")
+    return ref
 
 
 def _write_pti_checkpoint(store: ArtifactStore, key: str, checkpoint: PTICheckpoint) -> None:
@@ -684,12 +686,18 @@ class StitchedChunks:
 @_retrying(name="deliver", cache_policy=NO_CACHE, persist_result=False)
 def deliver_output(store_uri: str, render: StageRef, out: str) -> None:
     """Copy a reused render stage's stored output to ``out`` through a temporary name, so ``out`` is never
-    half-written."""
+    half-written.
+
+    Raises:
+        InputError: ``out`` cannot be written (a full disk, say): not retried, it would fail the same way.
+    """
     folder, name = os.path.split(os.path.abspath(out))
     temp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
     try:
         open_store(store_uri).get_file(render.info["output"], temp)
         os.replace(temp, out)
+    except OSError as exc:  # the store's own errors are StoreErrors: this one is about writing `out`
+        raise InputError(out, f"cannot be written ({exc.strerror or exc})") from None
     finally:
         if os.path.exists(temp):
             os.remove(temp)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ import torch
 from botocore.config import Config
 
 from stitchtime_core import artifacts
-from stitchtime_core.errors import StitchtimeError, StoreError
+from stitchtime_core.errors import InputError, StitchtimeError, StoreError
 
 DEFAULT_STORE_DIR = "stitchtime-data"
 """The folder, in the working directory, that holds artifacts when the user names no store."""
@@ -82,15 +83,31 @@ def open_store(uri: str) -> ArtifactStore:
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"store URI {uri!r} names no bucket (expected s3://bucket/prefix)")
+        if not _BUCKET.fullmatch(parts.netloc):
+            # Not echoed: it may hold credentials (s3://key:secret@bucket), which would reach logs and
+            # Prefect's flow-run parameters; they belong in the environment.
+            raise ValueError("store URI does not name a valid S3 bucket (expected s3://bucket/prefix; give "
+                             "credentials as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, never in the URI)")
         return S3Store(parts.netloc, parts.path.lstrip("/"))
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"store URI {uri!r} must be file:///absolute/path")
+            raise ValueError(f"store URI {redact_urls(uri)!r} must be file:///absolute/path")
         return FileStore(unquote(parts.path))
     # A single letter is a Windows drive, not a scheme.
     if len(parts.scheme) > 1:
         raise ValueError(f"store URI {uri!r} has unknown scheme {parts.scheme!r} (use file:// or s3://)")
     return FileStore(uri)
+
+
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
+"""A bucket name as S3 and MinIO accept it (AWS's rules are stricter; its legacy names used capitals and '_')."""
+
+_USERINFO = re.compile(r"(?<=://)[^/?#@\s]*@")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the credentials of every URL in it (``scheme://user:password@host``) masked as ``***@``."""
+    return _USERINFO.sub("***@", text)
 
 
 def _check_prefix(prefix: str) -> str:
@@ -228,8 +245,12 @@ class ArtifactStore(abc.ABC):
         return self.put_bytes(key, artifacts.json_to_bytes(obj))
 
     def get_json(self, key: str) -> Any:
-        """Read JSON data stored by :meth:`put_json`."""
-        return artifacts.json_from_bytes(self.get_bytes(key))
+        """Read JSON data stored by :meth:`put_json`.
+
+        Raises:
+            InputError: the object is not JSON (so with :meth:`get_table` and :meth:`get_tensors`).
+        """
+        return self._decode(key, "JSON", artifacts.json_from_bytes)
 
     def put_table(self, key: str, columns: Mapping[str, np.ndarray | list]) -> str:
         """Store a per-frame table as Parquet (see :func:`stitchtime_core.artifacts.table_to_bytes`)."""
@@ -237,7 +258,7 @@ class ArtifactStore(abc.ABC):
 
     def get_table(self, key: str) -> dict[str, np.ndarray]:
         """Read a table stored by :meth:`put_table`, with its original shapes and dtypes."""
-        return artifacts.table_from_bytes(self.get_bytes(key))
+        return self._decode(key, "Parquet", artifacts.table_from_bytes)
 
     def put_tensors(
         self, key: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
@@ -247,13 +268,26 @@ class ArtifactStore(abc.ABC):
 
     def get_tensors(self, key: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Read tensors stored by :meth:`put_tensors`, onto ``device``."""
-        return artifacts.tensors_from_bytes(self.get_bytes(key), device)
+        tensors = self._decode(key, "safetensors", artifacts.tensors_from_bytes)
+        return {name: t.to(device) for name, t in tensors.items()}
+
+    def _decode(self, key: str, what: str, decode: Callable[[bytes], Any]) -> Any:
+        """``decode`` of the bytes under ``key``; an object it cannot parse is an InputError naming it."""
+        data = self.get_bytes(key)
+        try:
+            return decode(data)
+        except Exception as exc:  # noqa: BLE001 - any parser failure means the object is unusable
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise InputError(self.url_for(key), f"is not a readable {what} artifact ({reason})") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
 
 # --- file:// --------------------------------------------------------------------------------------
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+"""Write errors that come back the same when the write is tried again seconds later."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -312,11 +346,13 @@ class FileStore(ArtifactStore):
 
     @contextlib.contextmanager
     def _store_errors(self, key: str, action: str) -> Iterator[None]:
-        """Report the store's OS errors (permissions, full disk, ...) as StoreError."""
+        """Report the store's OS errors (permissions, full disk, ...) as StoreError; a full or read-only disk
+        is not worth a retry seconds later."""
         try:
             yield
         except OSError as exc:
-            raise StoreError(f"{self.url_for(key)}: cannot {action}: {exc.strerror or exc}") from exc
+            raise StoreError(f"{self.url_for(key)}: cannot {action}: {exc.strerror or exc}",
+                             transient=exc.errno not in _DISK_FULL) from exc
 
     def _put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -468,10 +504,10 @@ class S3Store(ArtifactStore):
         return StoreError(self._scrub(message), transient=transient)
 
     def _scrub(self, message: str) -> str:
-        """The message on one line, with the credentials in use masked."""
+        """The message on one line, with the credentials in use and any in a URL (the endpoint's) masked."""
         for secret in self._secrets():
             message = message.replace(secret, "***")
-        return " ".join(message.split())
+        return " ".join(redact_urls(message).split())
 
     @contextlib.contextmanager
     def _s3_errors(self, key: str | None) -> Iterator[None]:

@@ -33,7 +33,7 @@ def read_tensors_file(path: str | os.PathLike, *, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure means the file is not usable
-        raise InputError(path, f"cannot be read as a tensors-only torch file ({_load_failure(exc)}), "
+        raise InputError(path, f"cannot be read as a tensors-only torch file ({load_failure_reason(exc)}), "
                                f"so it is not {what}") from None
 
 
@@ -85,7 +85,7 @@ _TORCH_ADVICE = (
 )
 
 
-def _load_failure(exc: Exception) -> str:
+def load_failure_reason(exc: Exception) -> str:
     """The reason in torch.load's error, without its advice to load the file unsafely."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     text = text.split("WeightsUnpickler error:", 1)[-1]

@@ -121,8 +121,8 @@ def _plan(found: str, max_gap: int) -> tuple[str, str]:
         ("1100111", 2, "0011000", "0000000"),  # inner short gap
         ("1100011", 2, "0000000", "0011100"),  # inner long gap
         ("1100011", 3, "0011100", "0000000"),  # exactly max_gap
-        ("0011100", 2, "1100011", "0000000"),  # short gaps at both ends
-        ("0001110", 2, "0000001", "1110000"),  # long gap at the start, short at the end
+        ("0011100", 2, "0000000", "1100011"),  # gaps at either end pass through, however short
+        ("0001110", 2, "0000000", "1110001"),
         ("1010001", 1, "0100000", "0001110"),  # one short and one long inner gap
         ("1101", 0, "0000", "0010"),  # max_gap 0: every gap passes through
         ("0000", 10, "0000", "1111"),  # no face at all

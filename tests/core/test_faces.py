@@ -127,6 +127,17 @@ def test_downscaled_detection_keeps_full_resolution_landmarks(landmarker, astron
     assert np.abs(fast_points - full_points).mean() < 0.5
 
 
+def test_a_thumbnail_face_is_found_with_extra_upsampling(landmarker, astronaut):
+    x0, y0, x1, y1 = ASTRONAUT_FACE_BOX
+    face = astronaut[y0 - 70:y1 + 70, x0 - 70:x1 + 70]
+    thumb = cv2.resize(face, (64, 64), interpolation=cv2.INTER_AREA)  # the face about 25 px wide
+    [(rect, landmarks)] = landmarker.detect(thumb)
+    assert 20 < rect[2] - rect[0] < 35 and (landmarks >= 0).all() and (landmarks < 64).all()
+    # Without the extra upsampling the detector's 80 px window at upsample 1 misses it.
+    rects, _, _ = landmarker.detector.run(thumb, landmarker.upsample)
+    assert len(rects) == 0
+
+
 def test_scene_has_two_faces_larger_on_the_left(landmarker, scene):
     rects = [rect for rect, _ in landmarker.detect(scene)]
     assert len(rects) == 2

@@ -95,6 +95,14 @@ def test_no_pair_left_gives_nan_and_null_in_json() -> None:
                     "tl_pairs": 0, "tg_pairs": 1, "adjacent": [None, None], "to_source": [1.0, None, 1.0]}
 
 
+@pytest.mark.parametrize("valid", [np.array([True]), np.array([False, True, False])])
+def test_fewer_than_two_faces_leave_no_pair(valid: np.ndarray) -> None:
+    unit = np.tile([[0.6, 0.8]], (len(valid), 1))
+    result = identity_metrics(unit, unit, network="test", valid=valid)
+    assert np.isnan(result.tl_id) and np.isnan(result.tg_id) and result.tg_pairs == 0
+    assert result.to_dict()["frames_with_face"] == 1
+
+
 @pytest.mark.parametrize("edited, source, kwargs, message", [
     (np.ones((3, 2)) / np.sqrt(2), np.ones((4, 2)) / np.sqrt(2), {}, "same shape"),
     (np.ones(3), np.ones(3), {}, "float [N, D]"),
@@ -102,8 +110,6 @@ def test_no_pair_left_gives_nan_and_null_in_json() -> None:
     ([[1.0], [1.0]], [[1.0], [1.0]], {}, "float [N, D] array, got list"),
     (np.ones((3, 1)), np.ones((3, 1)), {"valid": np.ones(2, bool)}, "bool [3]"),
     (np.ones((3, 1)), np.ones((3, 1)), {"valid": np.ones(3)}, "bool [3]"),
-    (np.ones((3, 1)), np.ones((3, 1)), {"valid": np.array([True, False, False])}, "1 of 3 frames have a face"),
-    (np.ones((1, 1)), np.ones((1, 1)), {}, "at least 2"),
     (np.ones((3, 2)), np.ones((3, 2)) / np.sqrt(2), {}, "frame 0 has length 1.414"),
     (np.ones((3, 1)), np.array([[1.0], [np.nan], [1.0]]), {}, "frame 1 has length nan"),
     (np.ones((3, 1)), np.ones((3, 1)), {"min_source_similarity": 0.0}, "min_source_similarity must be > 0"),

@@ -307,6 +307,11 @@ def test_a_killed_chunk_run_is_run_again_and_finished_chunks_are_not(env: dict[s
     assert {name: after[name] for name in stored} == stored and len(after) == len(CHUNKS)
     assert summary["stitching"]["steps_per_frame"] == STEPS_WHEN_KILLED
     assert len(list(iter_frames(workdir / "killed.mp4"))) == 10
+    # Nothing partial is visible: every chunk loads whole, and a reader of the store finds nothing else
+    # (a chunk the kill cut off while being written would only have left a temp file, which it skips).
+    assert all(load_file(store / key / name) for name in after)
+    assert stages.open_store(str(store)).list(f"{key}/") == sorted(
+        f"{key}/{name}" for name in [*after, "done.json", "prefect-result.json"])
 
 
 def test_a_chunk_run_whose_machine_is_lost_is_marked_crashed_and_run_again(

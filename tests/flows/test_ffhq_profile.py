@@ -71,16 +71,3 @@ def test_ffhq_profile_edits_a_clip_with_the_official_file_layouts(models_dir: Pa
     assert probe(out).frame_count == probe(clip).frame_count == 10
     config = json.loads(out.with_name("edited.config.json").read_text())
     assert config["pti"]["lr"] == 3e-5 and config["stitching"]["lr"] == 3e-4  # the paper's values
-
-
-def test_a_missing_model_file_is_named_with_how_to_get_it(env: dict[str, str], tmp_path: Path) -> None:
-    clip = tmp_path / "clip.mp4"
-    make_sample_clip(clip, seconds=0.2, size=(128, 128))
-    empty = tmp_path / "models"
-    empty.mkdir()
-    result = run_cli(["edit", str(clip), "--profile", "ffhq", "--models", str(empty), "--edit", "age=1",
-                      "--out", str(tmp_path / "out.mp4")], env, tmp_path)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error) == 1 and "ffhq.pkl" in error[0] and "stitchtime models fetch" in error[0]
-    assert not (tmp_path / "out.mp4").exists()

@@ -71,9 +71,11 @@ def test_frames_without_a_quad_are_left_out(clip: Path, quads: np.ndarray, ident
     result = measure_videos(clip, clip, quads=holes, identity=identity)
     assert np.isnan(result.to_source[[3, 4]]).all() and np.isnan(result.adjacent[[2, 3, 4]]).all()
     assert result.to_dict()["tl_pairs"] == FRAMES - 1 - 3 and result.tg_pairs == 8 * 7 // 2
-    with pytest.raises(NoFaceError, match="a face in 1 of its 10 frames"):
-        measure_videos(clip, clip, quads=np.where(np.arange(FRAMES)[:, None, None] == 0, quads, np.nan),
-                       identity=identity)
+    one = measure_videos(clip, clip, quads=np.where(np.arange(FRAMES)[:, None, None] == 0, quads, np.nan),
+                         identity=identity)
+    assert np.isnan(one.tl_id) and np.isnan(one.tg_id) and np.isfinite(one.to_source).sum() == 1
+    with pytest.raises(NoFaceError, match="no face in any of its 10 frames"):
+        measure_videos(clip, clip, quads=np.full_like(quads, np.nan), identity=identity)
 
 
 def test_videos_that_do_not_match_are_refused(clip: Path, identity: DlibIdentity, tmp_path: Path) -> None:

@@ -1,0 +1,531 @@
+"""Faults in the middle of a run, with real processes and real servers: the S3 server going down and
+coming back, Ctrl-C during PTI, the disk filling up under the output or under the store.
+
+Each run either completes, riding out the fault with its retries, or stops with one clear line and
+completes on the next start, reusing what was done; no reader ever sees a partial file. (A worker
+killed in the middle of a stitching chunk is in test_fan_out.py, a run killed inside PTI and inside
+stitching in test_resume.py.)
+
+To keep the runs short, most tests start from a store that already holds the first stages of an
+undisturbed run (its stage folders copied or uploaded), so the fault strikes within seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+import boto3
+import numpy as np
+import pytest
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.sorting import FlowRunSort
+
+from stitchtime_core import artifacts
+from stitchtime_core.sample_clip import make_sample_clip
+from stitchtime_core.video import iter_frames
+from cli_runner import run_cli
+
+FAST = ["--set", "pti.observations_per_frame=4", "--set", "stitching.steps=3"]
+"""Few steps, as in test_edit_video: these tests are about faults, not about the edit."""
+CHECKPOINTS = ["--set", "pti.checkpoint_every=5"]
+"""PTI's 15 steps (15 frames, 4 observations each, batches of 4) checkpointed at steps 5 and 10. The
+interval is not part of the PTI stage's key, so the stages stay those of the reference run."""
+BEFORE_PTI = ["probe", "landmarks", "align", "encode"]
+BEFORE_RENDER = [*BEFORE_PTI, "pti", "edit", "stitch"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def clip(workdir: Path) -> Path:
+    path = workdir / "clip.mp4"
+    make_sample_clip(path, seconds=0.6, size=(160, 160))  # 15 frames
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_env(prefect_server: str, workdir: Path) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": prefect_server,
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(workdir / "prefect-results")}
+
+
+def edit_args(clip: Path, out: Path | str, store: Path | str, *extra: str) -> list[str]:
+    return ["edit", str(clip), "--edit", "age=2", "--out", str(out), "--store", str(store), "--json", *FAST,
+            *CHECKPOINTS, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(clip: Path, cli_env: dict[str, str], workdir: Path) -> dict:
+    """An undisturbed run on a file store: what every disturbed run must end up with."""
+    out = workdir / "reference.mp4"
+    result = run_cli(edit_args(clip, out, workdir / "reference-store"), cli_env, workdir)
+    assert result.returncode == 0, result.stderr
+    return {"out": out, "store": workdir / "reference-store"}
+
+
+def copy_stages(reference: dict, store: Path, stages: list[str]) -> None:
+    """Give ``store`` the reference run's stages, as if an earlier run had made them."""
+    for stage in stages:
+        shutil.copytree(reference["store"] / stage, store / stage)
+
+
+def frames(path: Path) -> np.ndarray:
+    return np.stack(list(iter_frames(path)))
+
+
+def start_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """The CLI in the background, in a process group of its own (as a terminal runs a command)."""
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(found: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``found()`` while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while not found():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended first:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the run to get there")
+        time.sleep(0.05)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What a run printed on stderr besides its stage lines (``stitchtime: pti done in ...``)."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("stitchtime: ")]
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *parts: str) -> None:
+    """A run that stopped: non-zero, one ``Error:`` line holding every one of ``parts``, no traceback."""
+    assert result.returncode not in (0, None), result.stderr
+    [line] = error_lines(result.stderr)
+    assert line.startswith("Error: ") and all(part.lower() in line.lower() for part in parts), result.stderr
+
+
+def temp_files(names: list[str]) -> list[str]:
+    """The names an interrupted atomic write leaves behind (``.name.tmp-...``)."""
+    return [name for name in names if PurePosixPath(name).name.startswith(".") and ".tmp-" in name]
+
+
+def assert_no_partial_artifact(objects: dict[str, bytes], reference: dict) -> None:
+    """Every stored file is whole, and every stage marked done holds every file of the same stage in the
+    undisturbed run.
+
+    Args:
+        objects: the store's files, key -> bytes.
+    """
+    assert not temp_files(list(objects))
+    for key, data in objects.items():
+        suffix = PurePosixPath(key).suffix
+        if suffix == ".safetensors":
+            artifacts.tensors_from_bytes(data, "cpu")
+        elif suffix == ".parquet":
+            artifacts.table_from_bytes(data)
+        elif suffix == ".json":
+            artifacts.json_from_bytes(data)
+        elif suffix == ".mp4":
+            with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+                f.write(data)
+                f.flush()
+                assert len(frames(Path(f.name))) == 15, key
+    for marker in [key for key in objects if key.endswith("/done.json")]:
+        stage = marker.removesuffix("/done.json")
+        made = {key.removeprefix(f"{stage}/") for key in objects if key.startswith(f"{stage}/")}
+        assert made >= {p.name for p in (reference["store"] / stage).iterdir()}, stage
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def flow_run_state(api_url: str, out: Path) -> str:
+    """The state of the one edit_video flow run that wrote ``out`` (among the latest)."""
+    with SyncPrefectClient(api_url) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["edit_video"])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=50)
+    [run] = [run for run in runs if run.parameters.get("out") == str(out)]
+    return run.state.type.value
+
+
+# --- Ctrl-C during PTI ------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_pti_stops_at_once_and_the_next_start_goes_on_from_the_checkpoint(
+        clip: Path, cli_env: dict[str, str], reference: dict, tmp_path: Path) -> None:
+    store, out = tmp_path / "store", tmp_path / "out" / "edited.mp4"
+    out.parent.mkdir()
+    copy_stages(reference, store, BEFORE_PTI)
+    args = edit_args(clip, out, store)
+    proc = start_cli(args, cli_env, tmp_path)
+    wait_for(lambda: any(store.glob("pti/*/checkpoint.safetensors")), proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    interrupted = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130 and time.monotonic() - interrupted < 15
+    assert error_lines(stderr) == ["Interrupted: run the same command again to go on where it stopped."], stderr
+    assert stdout == "" and list(out.parent.iterdir()) == []  # no output, summary or temp file
+    assert not temp_files([str(p) for p in store.rglob(".*")])
+    assert not any(store.glob("pti/*/done.json"))
+    assert flow_run_state(cli_env["PREFECT_API_URL"], out) in ("CRASHED", "CANCELLED", "FAILED")
+
+    again = run_cli(args, cli_env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["reused_stages"] == BEFORE_PTI
+    assert summary["pti"]["resumed_from_step"] in (5, 10)
+    np.testing.assert_array_equal(frames(out), frames(reference["out"]))  # PTI resumed exactly
+    assert_no_partial_artifact(folder_files(store), reference)
+
+
+# --- the S3 server goes down for a while -----------------------------------------------------------
+
+
+class TcpProxy:
+    """A TCP proxy on loopback in front of a server, that can be taken down and brought up again.
+
+    :meth:`stop` closes the listening socket and resets every open connection, so clients see what
+    they see when a server dies (connection reset, then connection refused); :meth:`start` listens
+    again on the same port, as the restarted server would.
+
+    Args:
+        upstream: (host, port) of the server.
+    """
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again
+        with self._lock:
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            connections, self._open = self._open, set()
+        if listener is not None:
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            listener.close()
+        for conn in connections:
+            _reset(conn)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                _reset(client)
+                continue
+            with self._lock:
+                if self._listener is not listener:  # stopped while this one was being accepted
+                    _reset(client)
+                    _reset(server)
+                    return
+                self._open.update((client, server))
+            for source, dest in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, dest), daemon=True).start()
+
+    def _pump(self, source: socket.socket, dest: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                dest.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            self._open.difference_update((source, dest))
+        _reset(source)
+        _reset(dest)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close a connection with a reset (SO_LINGER 0), as the kernel of a server that died does."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.shutdown(socket.SHUT_RD)  # wakes the thread blocked reading it; close alone would not
+    except OSError:
+        pass
+    conn.close()
+
+
+@pytest.fixture
+def s3_through_proxy(s3_env, cli_env: dict[str, str], reference: dict) -> Iterator[dict]:
+    """A prefix of its own in the session's bucket holding the reference run's stages before PTI, and the
+    CLI's environment pointing at the S3 server through a :class:`TcpProxy`."""
+    host, port = s3_env.endpoint_url.removeprefix("http://").split(":")
+    proxy = TcpProxy((host, int(port)))
+    proxy.start()
+    prefix = f"faults-{time.time_ns()}"
+    s3 = boto3.client("s3", endpoint_url=s3_env.endpoint_url)  # straight to the server, past the proxy
+    for stage in BEFORE_PTI:
+        for path in (p for p in (reference["store"] / stage).rglob("*") if p.is_file()):
+            s3.upload_file(str(path), s3_env.bucket, f"{prefix}/{path.relative_to(reference['store']).as_posix()}")
+
+    def objects() -> dict[str, bytes]:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=s3_env.bucket, Prefix=f"{prefix}/")
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return {key.removeprefix(f"{prefix}/"): s3.get_object(Bucket=s3_env.bucket, Key=key)["Body"].read()
+                for key in keys}
+
+    def has(pattern: str) -> bool:
+        listing = s3.list_objects_v2(Bucket=s3_env.bucket, Prefix=f"{prefix}/")
+        return any(PurePosixPath(o["Key"]).match(pattern) for o in listing.get("Contents", []))
+
+    env = {**cli_env, **s3_env.env, "AWS_ENDPOINT_URL": proxy.url, "AWS_CONFIG_FILE": os.devnull,
+           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    try:
+        yield {"proxy": proxy, "env": env, "store": f"s3://{s3_env.bucket}/{prefix}", "objects": objects,
+               "has": has}
+    finally:
+        proxy.stop()
+
+
+OUTAGE = 8.0
+"""Seconds the S3 server is away in the outage a run rides out. A stage task is tried three times, 2 s
+and then 10 s apart, and botocore's own retries of a refused connection add about a second to each
+try: an outage of up to 12 s is always ridden out (14 s was, 18 s was not, when measured)."""
+
+
+def test_a_run_rides_out_a_short_s3_outage_and_a_long_one_stops_it_until_the_next_start(
+        s3_through_proxy: dict, clip: Path, cli_env: dict[str, str], reference: dict, tmp_path: Path) -> None:
+    s3, out = s3_through_proxy, tmp_path / "edited.mp4"
+    # A checkpoint after every PTI step: requests all along PTI, so that the outage surely meets one.
+    args = edit_args(clip, out, s3["store"], "--set", "pti.checkpoint_every=1")
+    proc = start_cli(args, s3["env"], tmp_path)
+    try:
+        # 1. Away for a few seconds during PTI: a retry of the PTI task goes on from the checkpoint.
+        wait_for(lambda: s3["has"]("*/pti/*/checkpoint.safetensors"), proc)
+        s3["proxy"].stop()
+        time.sleep(OUTAGE)
+        s3["proxy"].start()
+        # 2. Away for good once the edit stage is done: the stitch stage's retries give up.
+        wait_for(lambda: s3["has"]("*/edit/*/done.json"), proc)
+        down = time.monotonic()
+        s3["proxy"].stop()
+        stdout, stderr = proc.communicate(timeout=120)
+        gave_up = time.monotonic() - down
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert_one_error_line(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr),
+                          s3["store"], "cannot connect")
+    assert 12 <= gave_up < 60, gave_up  # the stage retries waited, then the run stopped
+    assert not out.exists() and flow_run_state(cli_env["PREFECT_API_URL"], out) == "FAILED"
+
+    # 3. The server is back: the next start goes on after the edit stage.
+    s3["proxy"].start()
+    again = run_cli(args, s3["env"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["reused_stages"] == [*BEFORE_PTI, "pti", "edit[age+2]"]
+    assert 0 < summary["pti"]["resumed_from_step"] < 15  # in the first run, from a checkpoint
+    np.testing.assert_array_equal(frames(out), frames(reference["out"]))
+    assert_no_partial_artifact(s3["objects"](), reference)
+
+
+# --- the disk fills up ------------------------------------------------------------------------------
+
+
+@functools.cache
+def _can_mount_tmpfs() -> bool:
+    """Whether this machine lets us mount a tmpfs in user and mount namespaces of our own (no root)."""
+    if not (shutil.which("unshare") and shutil.which("nsenter")):
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs '{folder}'"],
+                               capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+class SmallDisk:
+    """A folder on a disk with ``free_kib`` KiB left, for the commands :meth:`run` starts.
+
+    A tmpfs mounted over the folder in mount (and user) namespaces of its own, kept alive by a sleeping
+    process; commands enter them with ``nsenter``, and the test reads the folder through that
+    process's ``/proc/PID/root``. Most of the tmpfs is taken by a ballast file: :meth:`free` deletes
+    it, as someone freeing space would. Where namespaces are not allowed, a file size limit
+    (RLIMIT_FSIZE, SIGXFSZ ignored so writes fail with EFBIG) on the commands stands in for the disk.
+
+    Args:
+        folder: the folder to create; the commands see it on the small disk.
+        free_kib: space left for them, or with the fallback the size no file they write may pass.
+    """
+
+    SIZE_KIB = 32 * 1024
+
+    def __init__(self, folder: Path, free_kib: int):
+        self.folder = folder
+        self.free_kib: int | None = free_kib
+        """None once :meth:`free` has made room."""
+        folder.mkdir(parents=True)
+        self.keeper = None
+        if _can_mount_tmpfs():
+            script = f"mount -t tmpfs -o size={self.SIZE_KIB}k tmpfs '{folder}' && echo mounted && exec sleep 3600"
+            self.keeper = subprocess.Popen(["unshare", "-rm", "sh", "-c", script], stdout=subprocess.PIPE,
+                                           text=True)
+            assert self.keeper.stdout.readline() == "mounted\n"
+            with open(self.view / "ballast", "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, (self.SIZE_KIB - free_kib) * 1024)
+
+    @property
+    def view(self) -> Path:
+        """The folder as the commands see it, from outside."""
+        return Path(f"/proc/{self.keeper.pid}/root{self.folder}") if self.keeper else self.folder
+
+    def files(self) -> list[str]:
+        """What the folder holds (the ballast left out), as seen by the commands."""
+        return sorted(p.relative_to(self.view).as_posix() for p in self.view.rglob("*")
+                      if p.relative_to(self.view).as_posix() != "ballast")
+
+    def run(self, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+        """The CLI, seeing the small disk."""
+        if self.keeper:
+            command = ["nsenter", "-t", str(self.keeper.pid), "-U", "-m", "--preserve-credentials", f"--wd={cwd}",
+                       sys.executable, "-m", "flows.cli", *args]
+            return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+        limit = None if self.free_kib is None else self.free_kib * 1024
+
+        def limit_file_size() -> None:
+            if limit is not None:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=600, preexec_fn=limit_file_size, check=False)
+
+    def free(self) -> None:
+        """Make room: delete the ballast, or lift the file size limit."""
+        if self.keeper:
+            (self.view / "ballast").unlink()
+        self.free_kib = None
+
+    def close(self) -> None:
+        if self.keeper:
+            self.keeper.kill()
+            self.keeper.wait()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
+    """Makes a :class:`SmallDisk` at ``tmp_path/disk``; unmounted at the end."""
+    disks = []
+
+    def make(free_kib: int) -> SmallDisk:
+        disks.append(SmallDisk(tmp_path / "disk", free_kib))
+        return disks[-1]
+
+    yield make
+    for disk in disks:
+        disk.close()
+
+
+_WRITE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, sys
+from fractions import Fraction
+import numpy as np
+from stitchtime_core.config import OutputConfig
+from stitchtime_core.video import VideoWriter
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+noise = np.random.default_rng(0).integers(0, 256, (30, 64, 64, 3), dtype=np.uint8)  # does not compress
+try:
+    with VideoWriter(sys.argv[1], width=64, height=64, fps=Fraction(25), config=OutputConfig()) as writer:
+        for frame in noise:
+            writer.write(frame)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_file_size_limit_that_kills_ffmpeg_is_named_as_such(tmp_path: Path) -> None:
+    # `ulimit -f`: Python ignores SIGXFSZ, but its children get the default back, and it kills ffmpeg.
+    out = tmp_path / "out.mp4"
+    result = subprocess.run([sys.executable, "-c", _WRITE_UNDER_A_FILE_SIZE_LIMIT, str(out)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.stdout == f"InputError {out}: cannot be written (File too large)\n", result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_under_the_output_stops_the_run_with_one_line_and_leaves_nothing_there(
+        small_disk: Callable[[int], SmallDisk], clip: Path, cli_env: dict[str, str], reference: dict,
+        tmp_path: Path) -> None:
+    disk = small_disk(16)  # the video takes about 30 KiB; its summary and config would fit
+    store, out = tmp_path / "store", disk.folder / "out" / "edited.mp4"
+    (disk.view / "out").mkdir()
+    copy_stages(reference, store, BEFORE_RENDER)
+
+    # 1. Rendering: ffmpeg runs out of space (it exits 0 all the same in ffmpeg 5).
+    result = disk.run(edit_args(clip, out, store), cli_env, tmp_path)
+    problem = "no space left on device" if disk.keeper else "file too large"
+    assert_one_error_line(result, str(out), problem)
+    assert disk.files() == ["out"]  # no partial video, no temp file, no summary
+    assert not any(store.glob("render/*/done.json"))
+    assert_no_partial_artifact(folder_files(store), reference)
+
+    # 2. Somewhere with room: every stage before rendering is reused.
+    roomy = tmp_path / "roomy" / "edited.mp4"
+    roomy.parent.mkdir()
+    result = run_cli(edit_args(clip, roomy, store), cli_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["reused_stages"] == [*BEFORE_PTI, "pti", "edit[age+2]", "stitch[age+2]"]
+    np.testing.assert_array_equal(frames(roomy), frames(reference["out"]))
+
+    # 3. The small disk again: now the stored video is copied there, and that copy runs out of space.
+    result = disk.run(edit_args(clip, out, store), cli_env, tmp_path)
+    assert_one_error_line(result, str(out), problem)
+    assert disk.files() == ["out"]
+
+
+def test_a_full_disk_under_the_store_stops_the_run_and_the_next_start_with_room_goes_on(
+        small_disk: Callable[[int], SmallDisk], clip: Path, cli_env: dict[str, str], reference: dict,
+        tmp_path: Path) -> None:
+    disk = small_disk(2048)  # PTI's checkpoint (its generator and optimiser state) takes 3 MiB
+    store, out = disk.folder / "store", tmp_path / "edited.mp4"
+    copy_stages(reference, disk.view / "store", BEFORE_PTI)
+    args = edit_args(clip, out, store)
+
+    result = disk.run(args, cli_env, tmp_path)
+    problem = "no space left on device" if disk.keeper else "file too large"
+    assert_one_error_line(result, f"{store}/pti/", "checkpoint.safetensors: cannot write", problem)
+    assert not out.exists()
+    assert not any((disk.view / "store").glob("pti/*/*.safetensors"))
+    assert_no_partial_artifact(folder_files(disk.view / "store"), reference)
+
+    disk.free()
+    again = disk.run(args, cli_env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["reused_stages"] == BEFORE_PTI
+    np.testing.assert_array_equal(frames(out), frames(reference["out"]))
+    assert_no_partial_artifact(folder_files(disk.view / "store"), reference)
