@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import itertools
 import json
 import logging
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
+from typing import IO
 
 import click
 
@@ -63,6 +73,67 @@ def _prepare_environment(store: str | None, verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("stitchtime: %(message)s"))
     logger.addHandler(handler)
+
+
+_API_SETTINGS = contextlib.ExitStack()
+"""Holds the temporary server's API URL as Prefect's setting until the process ends (never closed)."""
+
+
+def _use_prefect_api() -> None:
+    """Report to the configured Prefect server, else to a temporary one of this command's own.
+
+    Prefect would start a temporary server itself, but in the command's process group, where a
+    terminal's Ctrl-C stops it too; the command then waited minutes to report the interrupted run to
+    a dead server. This one is Prefect's own app under uvicorn with the UI off, as Prefect starts it,
+    in a session of its own. It is stopped at exit, after Prefect has sent its last logs (atexit runs
+    Prefect's later-registered handlers first), and on Linux also when the command is killed.
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        return
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+         "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"},
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
+    atexit.register(_stop_server, server)
+    url = f"http://127.0.0.1:{port}/api"
+    _wait_for(url, server, log)
+    _API_SETTINGS.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+
+
+def _wait_for(url: str, server: subprocess.Popen, log: IO[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    log.seek(0)
+    last = log.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+    raise click.ClickException(f"could not start a temporary Prefect server ({last[0]}); set PREFECT_API_URL "
+                               "to a running one")
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before it runs: SIGTERM when the command's process ends (Linux only)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def parse_edit_spec(text: str) -> list[list[tuple[str, float]]]:
@@ -163,6 +234,7 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
             open_store(store)  # a bad URI fails now, before it is recorded as a flow-run parameter
         check_outputs(source, out, edit_sets)  # before Prefect starts, so a wrong path fails at once
         probe(source)  # and so does a file that is no video
+        _use_prefect_api()
         summary = edit_video(source, out, edit_sets, profile=profile, store=store, device=device, models_dir=models,
                              overrides=overrides, fan_out=fan_out)
     except StitchtimeError as exc:
@@ -314,6 +386,7 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
         for uri in (source, dest, store):
             if uri:
                 open_store(uri)  # a bad URI fails now, before it is recorded as a flow-run parameter
+        _use_prefect_api()
         summary = edit_library(source, dest, edit_sets, profile=profile, store=store, device=device,
                                models_dir=models, overrides=overrides, concurrency=concurrency, fan_out=fan_out)
     except StitchtimeError as exc:
@@ -406,6 +479,7 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, stor
         if not Path(source).is_file():  # before the folder is made
             raise StitchtimeError(f"{source}: no such file")
         folder.mkdir(parents=True, exist_ok=True)
+        _use_prefect_api()
         table = ablate_video(source, str(folder), edit_sets[0], profile=profile, store=store, device=device,
                              models_dir=models, overrides=overrides, fan_out=fan_out)
     except StitchtimeError as exc:

@@ -168,6 +168,42 @@ def flow_run_state(api_url: str, out: Path) -> str:
 # --- Ctrl-C during PTI ------------------------------------------------------------------------------
 
 
+def _servers_of(home: Path) -> list[int]:
+    """Processes of a Prefect API app whose PREFECT_HOME is ``home``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"create_app" in (proc / "cmdline").read_bytes() and \
+                    f"PREFECT_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_ctrl_c_without_a_configured_server_stops_at_once_and_leaves_no_server(clip: Path, tmp_path: Path) -> None:
+    """Without PREFECT_API_URL the command starts a temporary server of its own; a terminal's Ctrl-C (to the
+    whole process group) must not stop that server before the command has reported the interrupted run."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"))
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *edit_args(clip, tmp_path / "out.mp4",
+                                                                             tmp_path / "data")],
+                               env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "data").glob("landmarks/*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _servers_of(home), "the command started no server of its own"
+    os.killpg(process.pid, signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and time.monotonic() - started < 15, stderr
+    assert "Traceback" not in stderr and "Error logging to API" not in stderr
+    assert stderr.splitlines()[-1] == "Interrupted: run the same command again to go on where it stopped."
+    time.sleep(1)
+    assert _servers_of(home) == []
+
+
 def test_ctrl_c_during_pti_stops_at_once_and_the_next_start_goes_on_from_the_checkpoint(
         clip: Path, cli_env: dict[str, str], reference: dict, tmp_path: Path) -> None:
     store, out = tmp_path / "store", tmp_path / "out" / "edited.mp4"
