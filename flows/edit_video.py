@@ -24,6 +24,7 @@ from flows.stitch_chunk import FAN_OUT_ENV, deployment_runner
 from stitchtime_core.config import EditingConfig, RunConfig, ablations_of, to_dict, with_overrides
 from stitchtime_core.errors import InputError
 from stitchtime_core.models.profiles import PROFILES, profile_defaults
+from stitchtime_core.video import same_file
 from tasks import report, stages
 from tasks.caching import save_stage_results
 from tasks.store import default_store_uri, open_store
@@ -124,7 +125,7 @@ def check_paths(source: str, out: str | os.PathLike) -> None:
     if not os.access(source, os.R_OK):
         raise InputError(source, "not readable")
     out_path = Path(out).resolve()
-    if _same_file(out, source):
+    if same_file(out, source):
         raise InputError(out, "output would overwrite its source")
     if not out_path.parent.is_dir():
         raise InputError(out_path.parent, "output folder does not exist")
@@ -134,13 +135,6 @@ def check_paths(source: str, out: str | os.PathLike) -> None:
         raise InputError(out_path.parent, f"output folder is not writable ({exc.strerror})") from None
     if not out_path.suffix:
         raise InputError(out, "output needs a file extension (e.g. .mp4)")
-
-
-def _same_file(path: str | os.PathLike, source: str | os.PathLike) -> bool:
-    """Whether ``path`` names the file ``source``, however spelled: relative, through a symlink, a hard link."""
-    if Path(path).resolve() == Path(source).resolve():
-        return True
-    return os.path.exists(path) and os.path.samefile(path, source)
 
 
 def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple[str, Path]]:
@@ -155,7 +149,7 @@ def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet])
     for _, path in outputs:
         check_paths(source, path)
     for path in [*sidecar_paths(out), *(report.report_path(path) for _, path in outputs)]:
-        if _same_file(path, source):
+        if same_file(path, source):
             raise InputError(path, "the run's summary, config or report would overwrite its source")
     return outputs
 

@@ -408,7 +408,9 @@ def _stderr_text(stderr: IO[bytes], path: str | os.PathLike) -> str:
     return _first_error_line(stderr.read().decode(errors="replace"), path)
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file, however spelled: relative, through a symlink, a hard link."""
+    a, b = Path(a), Path(b)
     if a.resolve() == b.resolve():
         return True
     try:
@@ -528,7 +530,7 @@ class VideoWriter:
         if audio_source is not None:
             if not os.path.isfile(audio_source):
                 raise InputError(audio_source, "no such file")
-            if _same_file(self.path, Path(audio_source)):
+            if same_file(self.path, audio_source):
                 raise InputError(self.path, "output would overwrite its source")
 
         self._temp_path = self._reserve_temp(folder)
