@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -415,6 +416,8 @@ _BOTO_ERRORS = (
     botocore.exceptions.ClientError,
     boto3.exceptions.Boto3Error,
 )
+_BROKEN_BODY = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError)
+"""A response body cut off on the way (the connection reset, the server gone): the request may be made again."""
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _PROBLEMS = {
     "NoSuchBucket": "bucket does not exist",
@@ -448,6 +451,7 @@ class S3Store(ArtifactStore):
             artifacts.check_key(prefix)
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
+        self._max_attempts = max_attempts
         # A session of its own, so that credentials are resolved from the environment of now.
         self._session = boto3.session.Session()
         self._client = self._session.client(
@@ -541,14 +545,21 @@ class S3Store(ArtifactStore):
             self._client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data)
 
     def _get_bytes(self, key: str) -> bytes:
+        # botocore retries a request that fails, but not a body cut off while it is read: that is
+        # retried here, as download_file does.
         with self._s3_errors(key):
-            try:
-                response = self._client.get_object(Bucket=self.bucket, Key=self._object_key(key))
-            except botocore.exceptions.ClientError as exc:
-                if self._is_not_found(exc):
-                    raise ArtifactNotFound(key, self.uri) from None
-                raise
-            return response["Body"].read()
+            for attempt in range(1, self._max_attempts + 1):
+                try:
+                    response = self._client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+                    return response["Body"].read()
+                except botocore.exceptions.ClientError as exc:
+                    if self._is_not_found(exc):
+                        raise ArtifactNotFound(key, self.uri) from None
+                    raise
+                except _BROKEN_BODY:
+                    if attempt == self._max_attempts:
+                        raise
+                    time.sleep(min(0.5 * 2**attempt, 8))
 
     def _exists(self, key: str) -> bool:
         with self._s3_errors(key):

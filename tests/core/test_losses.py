@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from fake_official import RunsCommandWhenUnpickled, seeded_weights
 from torchvision.models import alexnet
 
-from fake_official import RunsCommandWhenUnpickled, seeded_weights
 from stitchtime_core.errors import InputError
 from stitchtime_core.losses import build_lpips
 
@@ -26,11 +27,9 @@ def alexnet_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.
 def test_backbone_weights_are_loaded_into_every_lpips_slice(alexnet_file) -> None:
     path, net = alexnet_file
     lpips_net = build_lpips(backbone_path=path)
-    loaded = {name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]: p
-              for name, p in lpips_net.net.named_parameters()}
     for index in (0, 3, 6, 8, 10):
-        assert torch.equal(loaded[f"{index}.weight"], net.features[index].weight)
-        assert torch.equal(loaded[f"{index}.bias"], net.features[index].bias)
+        assert torch.equal(lpips_net.features[index].weight, net.features[index].weight)
+        assert torch.equal(lpips_net.features[index].bias, net.features[index].bias)
     a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     random_backbone = build_lpips()
     assert not torch.allclose(lpips_net(a, b), random_backbone(a, b))
@@ -50,10 +49,30 @@ def test_lpips_with_the_backbone_file_gives_the_stored_numbers(alexnet_file) -> 
     lpips_net = build_lpips(backbone_path=alexnet_file[0])
     a, b = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1 for seed in (5, 6))
     with torch.no_grad():
-        distances, layers = lpips_net(a, b, retPerLayer=True)
+        distances, layers = lpips_net(a, b), lpips_net.layers(a, b)
     torch.testing.assert_close(distances.flatten(), STORED_DISTANCES, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(torch.cat([layer.flatten(1) for layer in layers], dim=1), STORED_LAYER_DISTANCES,
                                atol=1e-6, rtol=1e-4)
+
+
+def test_the_seeded_backbone_is_the_lpips_package_s_to_the_bit() -> None:
+    """The tiny profile's LPIPS is ``lpips.LPIPS(net="alex", pnet_rand=True)`` after ``torch.manual_seed(0)``:
+    the same distances and the same gradients, bit for bit (PTI and the projector descend them)."""
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's notice about `pretrained=`
+        torch.manual_seed(0)
+        package = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    ours = build_lpips()
+    generator = torch.Generator().manual_seed(7)
+    a, b = (torch.rand(2, 3, 80, 72, generator=generator) * 2 - 1 for _ in range(2))
+    a.requires_grad_(True)
+    expected, got = package(a, b), ours(a, b)
+    assert torch.equal(got, expected) and got.shape == (2, 1, 1, 1)
+    assert torch.equal(torch.autograd.grad(got.sum(), a)[0], torch.autograd.grad(expected.sum(), a)[0])
+    _, expected_layers = package(a, b, retPerLayer=True)
+    assert all(torch.equal(x, y) for x, y in zip(ours.layers(a, b), expected_layers, strict=True))
 
 
 def test_a_wrong_backbone_file_is_refused(tmp_path: Path) -> None:

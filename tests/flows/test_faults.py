@@ -292,19 +292,38 @@ class TcpProxy:
                     _reset(server)
                     return
                 self._open.update((client, server))
+            pair = _Pair()
             for source, dest in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, dest), daemon=True).start()
+                threading.Thread(target=self._pump, args=(pair, source, dest), daemon=True).start()
 
-    def _pump(self, source: socket.socket, dest: socket.socket) -> None:
+    def _pump(self, pair: _Pair, source: socket.socket, dest: socket.socket) -> None:
+        """Copy one direction; an end of stream is passed on as one (the other direction may still be
+        sending: a reset now would drop the data not yet delivered), a reset as a reset."""
         try:
             while data := source.recv(1 << 16):
                 dest.sendall(data)
+            dest.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
+            pair.broken = True
         with self._lock:
+            pair.pumps -= 1
+            if pair.pumps and not pair.broken:
+                return  # the other direction goes on
             self._open.difference_update((source, dest))
-        _reset(source)
-        _reset(dest)
+        for conn in (source, dest):
+            if pair.broken:
+                _reset(conn)
+            else:
+                conn.close()  # both ends have finished: a plain close, which delivers what is still queued
+
+
+class _Pair:
+    """A client's connection and its connection to the server: how many directions are still open, and
+    whether one was reset."""
+
+    def __init__(self) -> None:
+        self.pumps = 2
+        self.broken = False
 
 
 def _reset(conn: socket.socket) -> None:

@@ -382,3 +382,60 @@ def test_refusals_are_permanent_and_outages_transient(s3_env, monkeypatch):
     with pytest.raises(StoreError) as down:
         open_store(f"s3://{s3_env.bucket}/x").put_bytes("k", b"1")
     assert down.value.transient
+
+
+class CuttingProxy:
+    """A proxy on loopback in front of the S3 server that resets the first ``cuts`` connections once
+    ``after`` bytes of the response have gone through: a body cut off on the way, as when the server
+    or the network dies in the middle of a download."""
+
+    def __init__(self, upstream: str, cuts: int, after: int = 1 << 16):
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream, self.cuts, self.after = (host, int(port)), cuts, after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            server = socket.create_connection(self.upstream)
+            cut = self.cuts > 0
+            self.cuts -= cut
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, self.after if cut else None),
+                             daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, dest: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while (data := source.recv(1 << 14)) and (limit is None or sent < limit):
+                dest.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for conn in (source, dest):  # a reset (SO_LINGER 0), which also wakes the other direction
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+
+def test_s3_reads_cut_off_midway_are_made_again(s3_env, monkeypatch, tmp_path):
+    data = np.random.default_rng(0).bytes(3 << 20)
+    prefix = uuid.uuid4().hex
+    S3Store(s3_env.bucket, prefix).put_bytes("big", data)
+    proxy = CuttingProxy(s3_env.endpoint_url, cuts=2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    store = S3Store(s3_env.bucket, prefix)
+    assert store.get_bytes("big") == data and proxy.cuts == 0
+    proxy.cuts = 2
+    assert store.get_file("big", tmp_path / "big").read_bytes() == data and proxy.cuts == 0
+    # Cut off every time: a transient StoreError naming the object, after the attempts are spent.
+    proxy.cuts = 10**6
+    with pytest.raises(StoreError, match=f"s3://{s3_env.bucket}/{prefix}/big: ResponseStreamingError") as info:
+        S3Store(s3_env.bucket, prefix, max_attempts=2).get_bytes("big")
+    assert info.value.transient
