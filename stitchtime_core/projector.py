@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitchtime_core.adam import Adam
 from stitchtime_core.config import EncodingConfig
 from stitchtime_core.models.stylegan2 import Generator
 
@@ -157,7 +158,7 @@ def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, w_a
     for maps in noise.values():
         maps.requires_grad_(True)
     w = w_avg.detach().clone().unsqueeze(0).repeat([batch, 1]).requires_grad_(True)  # [batch, w_dim]
-    optimizer = torch.optim.Adam([w, *noise.values()], betas=(0.9, 0.999), lr=config.projection_lr)
+    adam = Adam({"w": w, **noise}, lr=config.projection_lr)
 
     def render(frame_noise: dict[str, torch.Tensor], ws: torch.Tensor) -> torch.Tensor:
         # One frame (vmap strips the batch): the generator with this frame's noise maps.
@@ -170,8 +171,7 @@ def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, w_a
     with torch.enable_grad():
         for step in range(steps):
             t = step / steps
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(t, config.projection_lr)
+            adam.lr = learning_rate(t, config.projection_lr)
             noise_scale = w_std * INITIAL_NOISE_FACTOR * max(0.0, 1.0 - t / NOISE_RAMP_LENGTH) ** 2
             ws = (w + w_noise[:, step] * noise_scale).unsqueeze(1).repeat([1, G.num_ws, 1])
             images = torch.func.vmap(render)(noise, ws)
@@ -180,9 +180,7 @@ def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, w_a
             # Sums over frames: each frame's gradient is the one it would get alone.
             distance = lpips_fn(images, targets).sum()
             loss = distance + config.projection_noise_weight * noise_regularization(list(noise.values())).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            adam.step(torch.autograd.grad(loss, list(adam.params.values())))
             with torch.no_grad():
                 _normalize_(noise)
             if on_step is not None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitchtime_core.adam import Adam
 from stitchtime_core.config import PTIConfig
 from stitchtime_core.models.stylegan2 import Generator
 
@@ -98,15 +99,17 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
     num_frames, total = pivots.shape[0], pti_steps(pivots.shape[0], config)
     tuned = copy.deepcopy(G).train().requires_grad_(False)
     tuned.synthesis.requires_grad_(True)
-    params = list(tuned.synthesis.parameters())
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    adam = Adam(dict(tuned.synthesis.named_parameters()), lr=config.lr)
     losses: list[float] = []
     start = 0
     if resume is not None:
         if not 0 < resume.step <= total:
             raise ValueError(f"checkpoint at step {resume.step} does not fit a run of {total} steps")
         tuned.synthesis.load_state_dict(resume.synthesis)
-        optimizer.load_state_dict(_optimizer_state(optimizer, resume.optimizer))
+        try:
+            adam.load_state(resume.optimizer)
+        except ValueError as exc:
+            raise ValueError(f"the checkpoint does not fit this generator: {exc}") from None
         start, losses = resume.step, list(resume.losses)
     order = frame_order(num_frames, config)
     for step in range(start, total):
@@ -123,16 +126,14 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
                 original = G.synthesis(codes, noise_mode="const", force_fp32=True)
             moved = tuned.synthesis(codes, noise_mode="const", force_fp32=True)
             loss = loss + config.lambda_r * (F.mse_loss(moved, original) + lpips_fn(moved, original).mean())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        adam.step(torch.autograd.grad(loss, list(adam.params.values()), allow_unused=True))
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, total, losses[-1])
         if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
                 and step + 1 < total:
             checkpoint(PTICheckpoint(step + 1, _detached(tuned.synthesis.state_dict()),
-                                     _flat_optimizer_state(optimizer), list(losses)))
+                                     adam.state(), list(losses)))
     return PTIResult(tuned.eval().requires_grad_(False), losses, total)
 
 
@@ -145,25 +146,3 @@ def _as_images(crops: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def _flat_optimizer_state(optimizer: torch.optim.Adam) -> dict[str, torch.Tensor]:
-    """Adam's state as flat tensors (safetensors can store it): moments per parameter index, the step."""
-    flat: dict[str, torch.Tensor] = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        flat[f"exp_avg.{index}"] = state["exp_avg"].detach().clone()
-        flat[f"exp_avg_sq.{index}"] = state["exp_avg_sq"].detach().clone()
-        flat["step"] = torch.as_tensor(state["step"]).detach().clone().float()
-    return flat
-
-
-def _optimizer_state(optimizer: torch.optim.Adam, flat: dict[str, torch.Tensor]) -> dict:
-    """The inverse of :func:`_flat_optimizer_state`, as ``optimizer.load_state_dict`` takes it."""
-    state_dict = optimizer.state_dict()
-    indices = state_dict["param_groups"][0]["params"]
-    missing = [i for i in indices if f"exp_avg.{i}" not in flat or f"exp_avg_sq.{i}" not in flat]
-    if missing or "step" not in flat:
-        raise ValueError(f"checkpoint's optimiser state does not fit this generator ({len(missing)} parameters missing)")
-    state_dict["state"] = {i: {"step": flat["step"].clone(), "exp_avg": flat[f"exp_avg.{i}"],
-                               "exp_avg_sq": flat[f"exp_avg_sq.{i}"]} for i in indices}
-    return state_dict

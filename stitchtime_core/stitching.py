@@ -20,13 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, vmap
 
+from stitchtime_core.adam import Adam
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.models.stylegan2 import Generator
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-"""torch.optim.Adam's defaults, which the reference code uses."""
-
 
 @dataclass
 class StitchResult:
@@ -159,25 +155,9 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
     return stitched, steps
 
 
-class _BatchedAdam:
-    """Adam over stacked per-frame parameters [frames, ...]: torch.optim.Adam's update, one state per
-    frame (the update is elementwise), with frames that can leave the batch."""
-
-    def __init__(self, params: dict[str, torch.Tensor], *, lr: float):
-        self.params, self.lr, self.t = params, lr, 0
-        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
-
-    def step(self, grads: tuple[torch.Tensor, ...]) -> None:
-        self.t += 1
-        beta1, beta2 = ADAM_BETAS
-        correction1, correction2 = 1 - beta1 ** self.t, (1 - beta2 ** self.t) ** 0.5
-        with torch.no_grad():
-            for (name, p), g in zip(self.params.items(), grads):
-                self.exp_avg[name].lerp_(g, 1 - beta1)
-                self.exp_avg_sq[name].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (self.exp_avg_sq[name].sqrt() / correction2).add_(ADAM_EPS)
-                p.addcdiv_(self.exp_avg[name], denom, value=-self.lr / correction1)
+class _BatchedAdam(Adam):
+    """Adam over stacked per-frame parameters [frames, ...]: one state per frame (the update is
+    elementwise), with frames that can leave the batch."""
 
     def select(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: p.detach()[rows] for k, p in self.params.items()}
