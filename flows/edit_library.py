@@ -21,9 +21,6 @@ from tasks.store import open_store
 
 log = logging.getLogger("stitchtime")
 
-BATCH_SUMMARY = "stitchtime-batch.summary.json"
-"""The batch's summary, written at the root of the destination."""
-
 
 @flow(name="edit_library")
 def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], profile: str = "tiny",
@@ -41,23 +38,35 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
         concurrency: how many videos run at once.
 
     Returns:
-        the batch summary (also written to ``dest``/:data:`BATCH_SUMMARY`): every video with its
+        the batch summary (also written to ``dest``/:data:`library.BATCH_SUMMARY`): every video with its
         status ("done", "skipped": already in ``dest``, or "failed" with the error), and the counts.
 
     Raises:
         ValueError: ``dest`` is ``source``, lies inside it or holds it (see :func:`tasks.library.check_apart`).
+        InputError, StoreError: ``dest`` cannot be written (see :func:`tasks.library.check_dest`).
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     library.check_apart(source, dest)
+    library.check_dest(dest)
     started = time.perf_counter()
     names = library.list_videos(source)
     if not names:
         raise StitchtimeError(f"{source}: no videos found (looked for {', '.join(library.VIDEO_SUFFIXES)})")
 
+    outs = library.output_names(names)
+    first_with: dict[str, str] = {}  # output name -> the video that gets it: its own name first
+    for name in sorted(names, key=lambda n: (outs[n] != n, n)):
+        first_with.setdefault(outs[name], name)
+
     def one(name: str) -> dict[str, Any]:
-        return _edit_one(name, source=source, dest=dest, edits=edits, profile=profile, store=store, device=device,
-                         models_dir=models_dir, overrides=overrides, chunk_size=chunk_size, fan_out=fan_out)
+        if first_with[outs[name]] != name:  # x.webm.mp4 beside x.webm and x.mp4: never two runs on one output
+            clash = InputError(library.display(source, name), f"its output {outs[name]} would also be that of "
+                                                              f"{first_with[outs[name]]}; rename one of them")
+            return _failed(library.display(source, name), name, clash, str(clash), time.perf_counter())
+        return _edit_one(name, outs[name], source=source, dest=dest, edits=edits, profile=profile, store=store,
+                         device=device, models_dir=models_dir, overrides=overrides, chunk_size=chunk_size,
+                         fan_out=fan_out)
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         # Each thread runs its subflow in a copy of this flow's context, so Prefect nests it here.
@@ -73,9 +82,10 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
     return summary
 
 
-def _edit_one(name: str, *, source: str, dest: str, edits: list[list[tuple[str, float]]], **options: Any
-              ) -> dict[str, Any]:
-    """One video: skip it when done, else edit it (as a subflow) and deliver its outputs; never raises."""
+def _edit_one(name: str, out_name: str, *, source: str, dest: str, edits: list[list[tuple[str, float]]],
+              **options: Any) -> dict[str, Any]:
+    """One video, whose output is named ``out_name``: skip it when done, else edit it (as a subflow) and
+    deliver its outputs; never raises."""
     shown = library.display(source, name)
     started = time.perf_counter()
     try:
@@ -83,9 +93,9 @@ def _edit_one(name: str, *, source: str, dest: str, edits: list[list[tuple[str, 
     except InputError as exc:
         return _failed(shown, name, exc, str(exc), started)
     with tempfile.TemporaryDirectory(prefix="stitchtime-batch-") as staging:
-        out = library.local_output(dest, name, Path(staging))
+        out = library.local_output(dest, out_name, Path(staging))
         summary_path = sidecar_paths(out)[0]
-        if library.is_done(dest, name, summary_path.name):
+        if library.is_done(dest, name, out_name, summary_path.name):
             log.info("%s: already done, skipped", shown)
             return {"source": shown, "name": name, "status": "skipped"}
         local = None
@@ -94,7 +104,7 @@ def _edit_one(name: str, *, source: str, dest: str, edits: list[list[tuple[str, 
             out.parent.mkdir(parents=True, exist_ok=True)
             edit_video(str(local), str(out), edits, **options)
             files = [path for _, path in output_paths(out, edits)] + [sidecar_paths(out)[1], summary_path]
-            outputs = library.deliver(dest, name, files, Path(staging))
+            outputs = library.deliver(dest, out_name, files, Path(staging))
         except Exception as exc:  # noqa: BLE001 - one bad video must not stop the batch
             message = str(exc) if local is None else str(exc).replace(str(local), shown)
             return _failed(shown, name, exc, message, started)
@@ -109,7 +119,7 @@ def _failed(shown: str, name: str, exc: Exception, message: str, started: float)
 
 def _write_summary(dest: str, summary: dict[str, Any]) -> None:
     store = open_store(dest)
-    store.put_bytes(BATCH_SUMMARY, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    store.put_bytes(library.BATCH_SUMMARY, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
 
 
 def exit_status(summary: dict[str, Any]) -> int:

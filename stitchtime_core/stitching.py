@@ -24,6 +24,7 @@ from stitchtime_core.adam import Adam
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.models.stylegan2 import Generator
 
+
 @dataclass
 class StitchResult:
     stitched: torch.Tensor

@@ -16,7 +16,6 @@ import builtins
 import os
 import pickle
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
+from fake_official import RunsCommandWhenUnpickled
 from prefect import flow, task
 from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
 from prefect.events.worker import EventsWorker
@@ -33,7 +34,6 @@ from prefect.results import ResultStore
 from prefect.serializers import CompressedSerializer, PickleSerializer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from fake_official import RunsCommandWhenUnpickled
 from stitchtime_core.editing import load_direction_file
 from stitchtime_core.errors import InputError
 from stitchtime_core.faces import load_landmarker
@@ -234,8 +234,7 @@ def test_control_each_payload_runs_when_its_container_is_loaded_unsafely(payload
 
 
 def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], check=False, capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    return run_cli(args, env, cwd)
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,36 @@ def test_a_batch_from_and_to_s3(workdir: Path, cli_env: dict[str, str], s3_serve
 def test_library_listing_and_names(workdir: Path) -> None:
     assert library.list_videos(str(workdir / "src")) == ["a.mp4", "corrupt.mp4", "talks/2026/b.mov"]
     assert library.output_name("x/clip.webm") == "x/clip.mp4" and library.output_name("y/c.MOV") == "y/c.MOV"
+    assert library.output_names(["a/x.avi", "a/x.mp4", "a/x.webm", "b/x.webm", "c.MOV"]) == {
+        "a/x.avi": "a/x.avi.mp4", "a/x.mp4": "a/x.mp4", "a/x.webm": "a/x.webm.mp4", "b/x.webm": "b/x.mp4",
+        "c.MOV": "c.MOV"}
+
+
+def test_an_output_made_from_another_video_of_that_name_is_not_taken_as_done(tmp_path: Path) -> None:
+    # x.webm was edited into x.mp4; then x.mp4 joined the library: x.mp4 is not done, x.webm is not either
+    # (its output is x.webm.mp4 now).
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "x.summary.json").write_text(json.dumps({"input": str(tmp_path / "lib" / "x.webm")}))
+    assert library.is_done(str(dest), "x.webm", "x.mp4", "x.summary.json")
+    assert not library.is_done(str(dest), "x.mp4", "x.mp4", "x.summary.json")
+    assert not library.is_done(str(dest), "x.webm", "x.webm.mp4", "x.webm.summary.json")
+    (dest / "x.summary.json").write_text("not json")
+    assert not library.is_done(str(dest), "x.webm", "x.mp4", "x.summary.json")
+
+
+def test_videos_whose_outputs_would_share_a_name_never_share_one(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    # x.webm would be x.mp4, then x.webm.mp4: both taken by videos of those very names. It is refused, not
+    # run on top of another video's output. (The videos are not videos: they fail at once, cheaply.)
+    (tmp_path / "lib").mkdir()
+    for name in ("x.mp4", "x.webm", "x.webm.mp4"):
+        (tmp_path / "lib" / name).write_bytes(b"not a video")
+    result = run_cli(["batch", str(tmp_path / "lib"), "--edit", "age=2", "--out", str(tmp_path / "out"), "--json"],
+                     env=cli_env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    videos = {video["name"]: video for video in json.loads(result.stdout)["videos"]}
+    assert "its output x.webm.mp4 would also be that of x.webm.mp4; rename one" in videos["x.webm"]["error"]
+    assert all("not a readable video" in videos[name]["error"] for name in ("x.mp4", "x.webm.mp4"))
 
 
 def test_an_empty_library_is_an_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -117,3 +147,15 @@ def test_an_empty_library_is_an_error(tmp_path: Path, cli_env: dict[str, str]) -
     result = run_cli(["batch", str(tmp_path / "empty"), "--edit", "age=2", "--out", str(tmp_path / "out")],
                      env=cli_env, cwd=tmp_path)
     assert result.returncode == 1 and "no videos found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_destination_that_cannot_be_written_fails_before_any_video(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    (tmp_path / "lib").mkdir()
+    make_sample_clip(tmp_path / "lib" / "a.mp4", seconds=0.2, size=(64, 64))
+    (tmp_path / "file").write_text("a file, where the destination's parent folder should be")
+    result = run_cli(["batch", str(tmp_path / "lib"), "--edit", "age=2", "--out", str(tmp_path / "file" / "out"),
+                      "--store", str(tmp_path / "data")], env=cli_env, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line == f"Error: {tmp_path / 'file' / 'out'}: the destination folder cannot be written (Not a directory)"
+    assert not (tmp_path / "data").exists()  # no video was started

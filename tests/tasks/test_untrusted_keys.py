@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import boto3
 import pytest
+from cli_runner import run_cli
 
 from stitchtime_core.errors import InputError
 from tasks import library
@@ -79,7 +79,7 @@ def test_no_library_function_turns_a_bad_name_into_a_path_or_key(roots: dict[str
         calls = [
             (library.local_source, roots["source"], name, staging),
             (library.local_output, roots["dest"], name, staging),
-            (library.is_done, roots["dest"], name, "x.summary.json"),
+            (library.is_done, roots["dest"], name, "ok.mp4", "x.summary.json"),
             (library.deliver, roots["dest"], name, [output], staging),
         ]
         for call, *args in calls:
@@ -114,8 +114,7 @@ def test_a_file_library_reports_a_backslash_name(tmp_path: Path) -> None:
 
 
 def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], check=False, capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    return run_cli(args, env, cwd)
 
 
 def test_a_batch_over_bad_s3_names_reports_each_and_edits_the_rest(s3_server, prefect_server: str,
