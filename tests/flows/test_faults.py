@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -248,9 +249,7 @@ class TcpProxy:
 
     def __init__(self, upstream: tuple[str, int]):
         self.upstream = upstream
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = _port_outside_the_ephemeral_range()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
@@ -315,6 +314,20 @@ class TcpProxy:
                 _reset(conn)
             else:
                 conn.close()  # both ends have finished: a plain close, which delivers what is still queued
+
+
+def _port_outside_the_ephemeral_range() -> int:
+    """A free port that no outgoing connection is given as its own while the proxy is down (the kernel
+    takes those from the ephemeral range), so that the proxy surely gets it back."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(max(1024, low - 8000), low), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 class _Pair:
