@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -262,14 +263,35 @@ INTERRUPTED = 130
 class _Commands(click.Group):
     """The command group; Ctrl-C ends any command with one line and status 130, instead of click's
     "Aborted!" and status 1. Prefect has marked the flow run Crashed by then; a run's finished stages
-    and PTI checkpoint are in the store, so the same command goes on where it stopped."""
+    and PTI checkpoint are in the store, so the same command goes on where it stopped.
+
+    The KeyboardInterrupt does not always come out as such: Prefect's task engine, interrupted between
+    two tasks, may raise an error of its own in its clean-up ("Task run is not set"), which the command
+    would report as a usage error. So Ctrl-C is also noted when it arrives, and any error after it is
+    the interrupt.
+    """
 
     def invoke(self, ctx: click.Context) -> object:
+        interrupted = []
+
+        def note_interrupt(signum: int, frame: object) -> None:
+            interrupted.append(signum)
+            signal.default_int_handler(signum, frame)
+
+        main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
+        previous = signal.signal(signal.SIGINT, note_interrupt) if main_thread else None
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            click.echo("Interrupted: run the same command again to go on where it stopped.", err=True)
-            ctx.exit(INTERRUPTED)
+            interrupted.append(signal.SIGINT)
+        except Exception:  # click's errors too: what a command made of an error that the interrupt caused
+            if not interrupted:
+                raise
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+        click.echo("Interrupted: run the same command again to go on where it stopped.", err=True)
+        ctx.exit(INTERRUPTED)
 
 
 @click.group(cls=_Commands, epilog=EXAMPLES)

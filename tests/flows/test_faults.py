@@ -30,12 +30,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 import boto3
+import click
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.sorting import FlowRunSort
 
+from flows.cli import _Commands
 from stitchtime_core import artifacts
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import iter_frames
@@ -203,6 +206,37 @@ def test_ctrl_c_without_a_configured_server_stops_at_once_and_leaves_no_server(c
     assert stderr.splitlines()[-1] == "Interrupted: run the same command again to go on where it stopped."
     time.sleep(1)
     assert _servers_of(home) == []
+
+
+@pytest.mark.parametrize("ctrl_c", [True, False])
+def test_ctrl_c_is_reported_as_such_even_when_clean_up_turns_it_into_another_error(ctrl_c: bool) -> None:
+    """Ctrl-C between two of Prefect's tasks once came out as "Error: Task run is not set" and status 2: its
+    engine's clean-up raised that error over the KeyboardInterrupt, and the command made a usage error of it.
+    The same sequence here, in a command of the CLI's group: with Ctrl-C it is an interrupt, without it the
+    error it is."""
+    group = _Commands()
+
+    @group.command()
+    def work() -> None:
+        try:
+            try:
+                if ctrl_c:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(10)  # the signal lands here
+            finally:
+                raise ValueError("Task run is not set")
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    started = time.monotonic()
+    result = CliRunner().invoke(group, ["work"])
+    assert time.monotonic() - started < 5
+    if ctrl_c:
+        assert result.exit_code == 130 and result.output.strip() == (
+            "Interrupted: run the same command again to go on where it stopped.")
+    else:
+        assert result.exit_code == 2 and "Error: Task run is not set" in result.output
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI's handler is gone again
 
 
 def test_ctrl_c_during_pti_stops_at_once_and_the_next_start_goes_on_from_the_checkpoint(
