@@ -61,9 +61,10 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
 
     def one(name: str) -> dict[str, Any]:
         if first_with[outs[name]] != name:  # x.webm.mp4 beside x.webm and x.mp4: never two runs on one output
-            clash = InputError(library.display(source, name), f"its output {outs[name]} would also be that of "
-                                                              f"{first_with[outs[name]]}; rename one of them")
-            return _failed(library.display(source, name), name, clash, str(clash), time.perf_counter())
+            shown = library.display(source, name)
+            clash = InputError(shown, f"its output {outs[name]} would also be that of {first_with[outs[name]]}; "
+                                      "rename one of them")
+            return _failed(shown, name, clash, str(clash), time.perf_counter())
         return _edit_one(name, outs[name], source=source, dest=dest, edits=edits, profile=profile, store=store,
                          device=device, models_dir=models_dir, overrides=overrides, chunk_size=chunk_size,
                          fan_out=fan_out)

@@ -27,8 +27,8 @@ class Adam:
 
     def __init__(self, params: dict[str, torch.Tensor], *, lr: float):
         self.params, self.lr, self.steps = params, lr, 0
-        self.exp_avg = {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k, p in params.items()}
-        self.exp_avg_sq = {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k, p in params.items()}
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
 
     def step(self, grads: Sequence[torch.Tensor | None]) -> None:
         """One update from the gradients of :attr:`params`, in their order; a None leaves its tensor as it is."""

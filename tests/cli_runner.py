@@ -66,10 +66,12 @@ def _command(args: list[str], env: dict[str, str], cwd: str, out: str, err: str)
     code = 0
     try:
         runpy.run_module("flows.cli", run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if exc.code is not None and not isinstance(exc.code, int):
+    except SystemExit as exc:  # as the interpreter: a number is the status, anything else is printed, status 1
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
             print(exc.code, file=sys.stderr)
+            code = 1
     except BaseException:  # noqa: BLE001 - as the interpreter: a traceback and status 1
         traceback.print_exc()
         code = 1
