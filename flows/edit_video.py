@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from flows.stitch_chunk import FAN_OUT_ENV, deployment_runner
 from stitchtime_core.config import EditingConfig, RunConfig, ablations_of, to_dict, with_overrides
 from stitchtime_core.errors import InputError
-from stitchtime_core.models.profiles import PROFILES, profile_defaults
+from stitchtime_core.models.profiles import PROFILES, default_quality, profile_defaults
 from stitchtime_core.video import same_file
 from tasks import report, stages
 from tasks.caching import save_stage_results
@@ -91,9 +91,10 @@ def output_paths(out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple
     return [(label, out.with_name(f"{out.stem}.{label}{out.suffix}")) for label in labels]
 
 
-def resolve_config(profile: str, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
-    """The profile's defaults and the user's overrides; the edits are set per output."""
-    return with_overrides(profile_defaults(profile), overrides or {})
+def resolve_config(profile: str, quality: str = "paper",
+                   overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """The profile's defaults at a quality, then the user's overrides; the edits are set per output."""
+    return with_overrides(profile_defaults(profile, quality), overrides or {})
 
 
 def sidecar_paths(out: str | os.PathLike) -> tuple[Path, Path]:
@@ -158,7 +159,7 @@ def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet])
 def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], profile: str = "tiny",
                store: str | None = None, device: str = "cpu", models_dir: str | None = None,
                overrides: dict[str, dict[str, Any]] | None = None, chunk_size: int = 16,
-               fan_out: str | None = None) -> dict[str, Any]:
+               fan_out: str | None = None, quality: str | None = None) -> dict[str, Any]:
     """Edit the face in ``source`` once per edit set, each output with the source's frames, rate and audio.
 
     Args:
@@ -168,14 +169,17 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
             never the source.
         edits: edit sets, one per output, each a list of (direction, strength) pairs applied together:
             a profile direction name, ``sefa:K`` or a direction file.
-        profile: "tiny" (built-in, CPU) or "ffhq" (official model files from ``models_dir``).
+        profile: "tiny" (built-in, random weights, for tests), "mobile" (real networks from the package
+            index, in ``models_dir``) or "ffhq" (official model files from ``models_dir``).
         store: artifact store URI (``file://…`` or ``s3://bucket/prefix``); default ./stitchtime-data.
         device: "cpu" or "cuda".
-        models_dir: folder of model files for the ffhq profile.
-        overrides: ``{stage: {setting: value}}`` on top of the profile's defaults.
+        models_dir: folder of model files for the mobile and ffhq profiles.
+        overrides: ``{stage: {setting: value}}`` on top of the profile's defaults at ``quality``.
         chunk_size: frames per stitch-tuning chunk.
         fan_out: the stitch-chunk deployment (``stitch-chunk/gpu``) that runs each chunk as a flow run on
             GPU workers; default ``$STITCHTIME_STITCH_DEPLOYMENT``; unset or empty stitches in this process.
+        quality: "paper" (section 3.5's settings) or "preview" (fewer steps, for CPUs); default
+            "paper" on CUDA, "preview" on a CPU.
 
     Returns:
         the run summary (also written to ``<out stem>.summary.json``).
@@ -185,7 +189,8 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     edit_sets = [[(str(name), float(strength)) for name, strength in edit_set] for edit_set in edits]
     outputs = check_outputs(source, out, edit_sets)
     started = time.perf_counter()
-    config = resolve_config(profile, overrides)
+    quality = quality or default_quality(device)
+    config = resolve_config(profile, quality, overrides)
     store = store or default_store_uri()
     resolution = stages.model_resolution(profile, models_dir, device)
     stages.check_edits(profile, models_dir, device, tuple(edit for edit_set in edit_sets for edit in edit_set))
@@ -240,13 +245,14 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
 
     summary_path, config_path = sidecar_paths(out)
     # Every stage's settings; "editing" holds one entry per output, in the order of the summary's outputs.
-    write_json(config_path, {"profile": profile, **to_dict(config), "editing": editing})
+    write_json(config_path, {"profile": profile, "quality": quality, **to_dict(config), "editing": editing})
     video = probe.info["video"]
     summary = {
         "input": os.path.abspath(source),
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
         "config": str(config_path.resolve()),
         "profile": profile,
+        "quality": quality,
         "device": device,
         "store": open_store(store).uri,  # absolute: `stitchtime report` may run from another folder
         "ablations": ablations_of(config),

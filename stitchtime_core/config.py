@@ -61,8 +61,9 @@ class EncodingConfig:
     """e4e inversion of the aligned crops into W+ pivots (paper section 3.2)."""
 
     method: Literal["e4e", "optimization"] = "e4e"
-    """How pivots are found: the e4e encoder (the paper), or per-frame optimisation from the average
-    latent (the PTI/stylegan2-ada projector: the paper's "w/o e4e" ablation)."""
+    """How pivots are found: the profile's encoder (e4e, as the paper; the mobile profile's own encoder,
+    trained here), or per-frame optimisation from the average latent (the PTI/stylegan2-ada projector:
+    the paper's "w/o e4e" ablation)."""
     batch_size: int = 8
     """Crops encoded (or projected) per batch."""
     projection_steps: int = 450
@@ -71,10 +72,16 @@ class EncodingConfig:
     """Peak learning rate of the projector (PTI's ``first_inv_lr``)."""
     projection_noise_weight: float = 1e5
     """Weight of the projector's noise regularisation (stylegan2-ada's ``regularize_noise_weight``)."""
+    warm_start_steps: int = 0
+    """0: every frame is projected on its own from the average latent (the reference). N > 0: frames
+    are projected in order, the first with ``projection_steps`` steps, each next one starting from its
+    predecessor's w and noise with N steps: smoother pivots, far fewer steps."""
 
     def __post_init__(self) -> None:
         if self.method not in ("e4e", "optimization"):
             raise ValueError(f"encoding.method must be 'e4e' or 'optimization', got {self.method!r}")
+        if self.warm_start_steps < 0:
+            raise ValueError(f"encoding.warm_start_steps must be >= 0, got {self.warm_start_steps}")
         _check_positive(self, "batch_size", "projection_steps", "projection_lr")
 
 
@@ -98,6 +105,9 @@ class PTIConfig:
     """The regulariser's code is the pivot moved this far towards a random w."""
     locality_psi: float = 0.5
     """Truncation of the random w drawn from the original mapping network."""
+    lpips_resolution: int = 0
+    """Images are area-downsampled to this size before LPIPS (0: the generator's own size, as the
+    reference code; LPIPS at 1024 px costs about as much as the generator's backward pass)."""
     seed: int = 0
     """Seeds frame order and the regulariser's random codes."""
     checkpoint_every: int = 100
@@ -109,8 +119,9 @@ class PTIConfig:
     def __post_init__(self) -> None:
         if self.method not in ("pti", "none"):
             raise ValueError(f"pti.method must be 'pti' or 'none', got {self.method!r}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"pti.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        for name in ("checkpoint_every", "lpips_resolution"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"pti.{name} must be >= 0, got {getattr(self, name)}")
         _check_positive(self, "lr", "observations_per_frame", "batch_size")
 
 

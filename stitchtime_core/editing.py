@@ -2,7 +2,9 @@
 
 A direction is [num_ws, w_dim]. It comes from a name the model profile provides, from the
 generator's closed-form (SeFa) directions (``sefa:K``), or from a ``.npy``/``.pt`` file holding a
-[w_dim], [1, w_dim] or [num_ws, w_dim] array.
+[w_dim], [1, w_dim] or [num_ws, w_dim] array. A generator whose W+ is not StyleGAN2's (MobileStyleGAN's
+23 styles) also takes StyleGAN2's [18, w_dim] files, each of its styles reading the StyleGAN2 entry that
+plays the same part (``G.stylegan2_layers``).
 
 Strength conventions: an InterFaceGAN-style [w_dim] or [1, w_dim] direction, and a per-layer
 [num_ws, w_dim] one, move every pivot by ``strength * direction``. A [num_ws, w_dim] file whose rows
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from stitchtime_core.errors import InputError
-from stitchtime_core.models.stylegan2 import Generator, style_affine_weights
+from stitchtime_core.models.stylegan2 import Generator
 from stitchtime_core.models.torch_files import load_failure_reason
 
 
@@ -33,7 +35,7 @@ def sefa_directions(G: Generator) -> torch.Tensor:
         [w_dim, num_ws, w_dim]: direction k applied to every layer of W+, each row of unit norm.
     """
     with torch.no_grad():
-        A = style_affine_weights(G).detach().to(torch.float64).cpu()  # [channels, w_dim]
+        A = G.style_affine_weights().detach().to(torch.float64).cpu()  # [channels, w_dim]
         A = A / A.norm(dim=1, keepdim=True)
         eigenvalues, eigenvectors = torch.linalg.eigh(A.T @ A)
         order = torch.argsort(eigenvalues, descending=True)
@@ -41,8 +43,18 @@ def sefa_directions(G: Generator) -> torch.Tensor:
     return dirs.unsqueeze(1).repeat(1, G.num_ws, 1)
 
 
-def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int) -> torch.Tensor:
+def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int,
+                        stylegan2_layers: tuple[int, ...] | None = None) -> torch.Tensor:
     """Read a direction from ``.npy`` or ``.pt`` without unpickling objects.
+
+    Args:
+        path: the file.
+        num_ws, w_dim: the generator's W+ shape.
+        stylegan2_layers: for a generator whose W+ is not StyleGAN2's, the StyleGAN2 entry each of its
+            ``num_ws`` styles reads; an [18, w_dim] file is then mapped through it.
+
+    Returns:
+        [num_ws, w_dim].
 
     Raises:
         InputError: the file is missing, unreadable, or its shape fits no [num_ws, w_dim] layout.
@@ -73,11 +85,14 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int) -> torch.T
         raise InputError(path, "direction holds NaN or infinite values")
     if array.ndim == 1:
         array = array.unsqueeze(0)
-    if array.ndim != 2 or array.shape[1] != w_dim or array.shape[0] not in (1, num_ws):
-        raise InputError(path, f"direction has shape {list(array.shape)}, expected [{w_dim}], [1, {w_dim}] "
-                               f"or [{num_ws}, {w_dim}] for this generator")
-    if array.shape[0] == num_ws > 1 and torch.equal(array, array[:1].expand_as(array)):
+    per_layer = (num_ws,) if stylegan2_layers is None else (num_ws, 18)
+    if array.ndim != 2 or array.shape[1] != w_dim or array.shape[0] not in (1, *per_layer):
+        raise InputError(path, f"direction has shape {list(array.shape)}, expected [{w_dim}], [1, {w_dim}] or "
+                               f"{' or '.join(f'[{n}, {w_dim}]' for n in per_layer)} for this generator")
+    if array.shape[0] in per_layer and array.shape[0] > 1 and torch.equal(array, array[:1].expand_as(array)):
         array = array[:1] / 2  # the reference code's layout and factor/2 convention (module docstring)
+    elif array.shape[0] == 18 and stylegan2_layers is not None:
+        array = array[list(stylegan2_layers)]
     return array.expand(num_ws, w_dim).clone()
 
 
@@ -103,7 +118,7 @@ def resolve_direction(spec: str, *, G: Generator, named: dict[str, torch.Tensor]
     Returns:
         [num_ws, w_dim] on the generator's device.
     """
-    device = G.synthesis.b4.const.device
+    device = next(G.parameters()).device
     if spec in named:
         return named[spec].to(device)
     if spec.startswith("sefa:"):
@@ -112,7 +127,8 @@ def resolve_direction(spec: str, *, G: Generator, named: dict[str, torch.Tensor]
             raise ValueError(f"edit {spec!r}: sefa:K needs 0 <= K < {G.w_dim}")
         return sefa_directions(G)[int(index)].to(device)
     if Path(spec).suffix in (".npy", ".pt") or Path(spec).exists():
-        return load_direction_file(spec, num_ws=G.num_ws, w_dim=G.w_dim).to(device)
+        return load_direction_file(spec, num_ws=G.num_ws, w_dim=G.w_dim,
+                                   stylegan2_layers=G.stylegan2_layers).to(device)
     names = ", ".join(sorted(named)) or "none"
     raise ValueError(f"unknown edit direction {spec!r}: not a profile direction ({names}), sefa:K or a file")
 

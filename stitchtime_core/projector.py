@@ -96,18 +96,22 @@ def _normalize_(noise: dict[str, torch.Tensor]) -> None:
 
 
 def project_pivots(G: Generator, crops: torch.Tensor, *, config: EncodingConfig, lpips_fn: nn.Module,
-                   seed: int = 0, w_avg_samples: int = W_AVG_SAMPLES,
+                   seed: int = 0, w_avg_samples: int = W_AVG_SAMPLES, start: torch.Tensor | None = None,
                    progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """W+ pivots of aligned crops by per-frame optimisation of w (the alternative to e4e encoding).
 
     Args:
         G: the original generator (read only: its buffers are never written), on the device to use.
         crops: [frames, 3, res, res] aligned crops in [-1, 1], on G's device; res is G's resolution.
-        config: ``batch_size``, ``projection_steps``, ``projection_lr`` and ``projection_noise_weight``.
+        config: ``batch_size``, ``projection_steps``, ``projection_lr``, ``projection_noise_weight`` and
+            ``warm_start_steps`` (0: each frame from the average latent, ``batch_size`` frames at once;
+            N: frames in order, each from its predecessor's solution, N steps after the first).
         lpips_fn: LPIPS on G's device, mapping two [batch, 3, H, W] images in [-1, 1] to [batch, 1, 1, 1].
         seed: seeds each frame's noise maps and w noise (frame i's draws depend on seed and i only).
         w_avg_samples: z samples for the mean and spread of W.
-        progress: called with (step, total steps) after each step; total is steps x batches.
+        start: [w_dim], with warm starts: the w of the frame before ``crops[0]`` (a previous call's last
+            pivot), so that the first frame too starts warm.
+        progress: called with (step, total steps) after each step.
 
     Returns:
         pivots [frames, num_ws, w_dim]: each frame's w repeated over num_ws, detached.
@@ -123,26 +127,51 @@ def project_pivots(G: Generator, crops: torch.Tensor, *, config: EncodingConfig,
         raise ValueError(f"crops are on {crops.device}, the generator on {device}")
     if G.c_dim > 0:
         raise ValueError(f"only unconditional generators can be projected (c_dim is {G.c_dim})")
-    frames, steps = crops.shape[0], config.projection_steps
+    frames = crops.shape[0]
     if frames == 0:
         return crops.new_zeros([0, G.num_ws, G.w_dim])
     w_avg, w_std = w_statistics(G, samples=w_avg_samples)
-    total = math.ceil(frames / config.batch_size) * steps
-    pivots = []
-    for batch_index, start in enumerate(range(0, frames, config.batch_size)):
-        targets = crops[start:start + config.batch_size]
-        on_step = None if progress is None else (
-            lambda step, done=batch_index * steps: progress(done + step, total))
-        pivots.append(_project_batch(G, targets, range(start, start + len(targets)), w_avg=w_avg, w_std=w_std,
-                                     config=config, lpips_fn=lpips_fn, seed=seed, on_step=on_step))
+    plan = projection_plan(frames, config, warm=start is not None)
+    total, done = sum(steps for _, steps in plan), 0
+    pivots, previous = [], None if start is None else (start.reshape(1, -1).to(device), None)
+    for frame_ids, steps in plan:
+        on_step = None if progress is None else (lambda step, done=done: progress(done + step, total))
+        w, noise = _project_batch(G, crops[frame_ids.start:frame_ids.stop], frame_ids, steps=steps, w_avg=w_avg,
+                                  w_std=w_std, config=config, lpips_fn=lpips_fn, seed=seed, on_step=on_step,
+                                  warm_from=previous if config.warm_start_steps else None)
+        pivots.append(w)
+        previous, done = (w, noise), done + steps
     return torch.cat(pivots).unsqueeze(1).repeat([1, G.num_ws, 1])
 
 
-def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, w_avg: torch.Tensor, w_std: float,
-                   config: EncodingConfig, lpips_fn: nn.Module, seed: int,
-                   on_step: Callable[[int], None] | None) -> torch.Tensor:
-    """Optimise one w and one set of noise maps per target; returns w [batch, w_dim]."""
-    batch, steps, device = targets.shape[0], config.projection_steps, targets.device
+def projection_plan(frames: int, config: EncodingConfig, *, warm: bool = False) -> list[tuple[range, int]]:
+    """The projector's batches of frames, each with its number of steps.
+
+    Without warm starts: ``batch_size`` frames at a time, ``projection_steps`` each. With them: one
+    frame at a time, ``projection_steps`` for the first (unless ``warm``: it follows an earlier call's
+    last frame) and ``warm_start_steps`` for every next one.
+    """
+    if not config.warm_start_steps:
+        return [(range(start, min(start + config.batch_size, frames)), config.projection_steps)
+                for start in range(0, frames, config.batch_size)]
+    return [(range(i, i + 1), config.warm_start_steps if i or warm else config.projection_steps)
+            for i in range(frames)]
+
+
+def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, steps: int, w_avg: torch.Tensor,
+                   w_std: float, config: EncodingConfig, lpips_fn: nn.Module, seed: int,
+                   on_step: Callable[[int], None] | None,
+                   warm_from: tuple[torch.Tensor, dict[str, torch.Tensor] | None] | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Optimise one w and one set of noise maps per target.
+
+    ``warm_from``: (w [1, w_dim], noise maps or None) of the previous frame to start from, without the
+    initial w noise; otherwise each target starts from the average latent with fresh noise maps.
+
+    Returns:
+        w [batch, w_dim] and the noise maps (each [batch, H, W]), detached.
+    """
+    batch, device = targets.shape[0], targets.device
     synthesis = G.synthesis
     noise_names = [name for name, _ in synthesis.named_buffers() if name.endswith("noise_const")]
     # The generator's own tensors, shared by all frames; detached so that no gradient reaches them.
@@ -154,10 +183,16 @@ def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, w_a
     noise = {name: torch.stack([torch.randn(synthesis.get_buffer(name).shape, generator=g) for g in streams]).to(device)
              for name in noise_names}  # each [batch, H, W]
     w_noise = torch.stack([torch.randn([steps, G.w_dim], generator=g) for g in streams]).to(device)
+    initial_noise = INITIAL_NOISE_FACTOR
+    w = w_avg.detach().unsqueeze(0).repeat([batch, 1])  # [batch, w_dim]
+    if warm_from is not None:
+        w, initial_noise = warm_from[0].detach().expand(batch, -1), 0.0
+        noise = {k: v.detach().expand(batch, -1, -1) for k, v in warm_from[1].items()} if warm_from[1] else noise
+    noise = {k: v.clone() for k, v in noise.items()}
     _normalize_(noise)
     for maps in noise.values():
         maps.requires_grad_(True)
-    w = w_avg.detach().clone().unsqueeze(0).repeat([batch, 1]).requires_grad_(True)  # [batch, w_dim]
+    w = w.clone().requires_grad_(True)
     adam = Adam({"w": w, **noise}, lr=config.projection_lr)
 
     def render(frame_noise: dict[str, torch.Tensor], ws: torch.Tensor) -> torch.Tensor:
@@ -172,7 +207,7 @@ def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, w_a
         for step in range(steps):
             t = step / steps
             adam.lr = learning_rate(t, config.projection_lr)
-            noise_scale = w_std * INITIAL_NOISE_FACTOR * max(0.0, 1.0 - t / NOISE_RAMP_LENGTH) ** 2
+            noise_scale = w_std * initial_noise * max(0.0, 1.0 - t / NOISE_RAMP_LENGTH) ** 2
             ws = (w + w_noise[:, step] * noise_scale).unsqueeze(1).repeat([1, G.num_ws, 1])
             images = torch.func.vmap(render)(noise, ws)
             if downsample:
@@ -185,4 +220,4 @@ def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, w_a
                 _normalize_(noise)
             if on_step is not None:
                 on_step(step + 1)
-    return w.detach()
+    return w.detach(), {k: v.detach() for k, v in noise.items()}

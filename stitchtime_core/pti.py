@@ -117,7 +117,7 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
         w = pivots[index.to(pivots.device)]
         target = _as_images(crops[index.to(crops.device)], w.device)
         image = tuned.synthesis(w, noise_mode="const", force_fp32=True)
-        loss = (config.lambda_lpips * lpips_fn(image, target).mean()
+        loss = (config.lambda_lpips * _lpips(lpips_fn, image, target, config.lpips_resolution).mean()
                 + config.lambda_l2 * F.mse_loss(image, target))
         if config.lambda_r > 0:
             rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -125,7 +125,8 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
             with torch.no_grad():
                 original = G.synthesis(codes, noise_mode="const", force_fp32=True)
             moved = tuned.synthesis(codes, noise_mode="const", force_fp32=True)
-            loss = loss + config.lambda_r * (F.mse_loss(moved, original) + lpips_fn(moved, original).mean())
+            loss = loss + config.lambda_r * (F.mse_loss(moved, original)
+                                             + _lpips(lpips_fn, moved, original, config.lpips_resolution).mean())
         adam.step(torch.autograd.grad(loss, list(adam.params.values()), allow_unused=True))
         losses.append(float(loss.detach()))
         if progress is not None:
@@ -135,6 +136,13 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
             checkpoint(PTICheckpoint(step + 1, _detached(tuned.synthesis.state_dict()),
                                      adam.state(), list(losses)))
     return PTIResult(tuned.eval().requires_grad_(False), losses, total)
+
+
+def _lpips(lpips_fn: nn.Module, a: torch.Tensor, b: torch.Tensor, resolution: int) -> torch.Tensor:
+    """LPIPS of two image batches, area-downsampled first to ``resolution`` when that is smaller (0: never)."""
+    if 0 < resolution < a.shape[-1]:
+        a, b = (F.interpolate(x, size=(resolution, resolution), mode="area") for x in (a, b))
+    return lpips_fn(a, b)
 
 
 def _as_images(crops: torch.Tensor, device: torch.device) -> torch.Tensor:

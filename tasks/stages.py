@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -37,9 +36,9 @@ from stitchtime_core.errors import InputError, NoFaceError, StitchtimeError, Sto
 from stitchtime_core.losses import build_lpips
 from stitchtime_core.models.bisenet import face_mask_from_labels, parse_faces
 from stitchtime_core.models.e4e import encode
-from stitchtime_core.models.profiles import Models, generator_config, load_models
+from stitchtime_core.models.profiles import Models, build_generator, generator_config, load_models
 from stitchtime_core.models.stylegan2 import Generator
-from stitchtime_core.projector import project_pivots
+from stitchtime_core.projector import project_pivots, projection_plan
 from stitchtime_core.pti import PTICheckpoint, pti_steps, tune_generator
 from stitchtime_core.render import CropPaste, render_video
 from stitchtime_core.stitching import render_edits, stitch_frames
@@ -309,9 +308,10 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profi
                             unit="step" if projecting else "frame", label=_short_key(key)) as advance:
             for crops in _iter_crops(store, align):
                 if projecting:  # seeded by the chunk's first row, so every frame has its own noise
+                    start = pivots[-1][-1, 0].to(device) if pivots and config.warm_start_steps else None
                     pivots.append(project_pivots(models.generator, images_to_tensor(crops, device), config=config,
                                                  lpips_fn=_lpips(profile, models_dir, device),
-                                                 seed=sum(len(p) for p in pivots),
+                                                 seed=sum(len(p) for p in pivots), start=start,
                                                  progress=lambda step, steps: advance(1)).cpu())
                     continue
                 for start in range(0, len(crops), config.batch_size):
@@ -326,9 +326,10 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, profi
 
 
 def _projection_steps(frames: int, config: EncodingConfig) -> int:
-    """Optimisation steps the projector takes for ``frames`` crops, stored chunk by stored chunk."""
-    sizes = [min(CROP_CHUNK, frames - start) for start in range(0, frames, CROP_CHUNK)]
-    return sum(math.ceil(size / config.batch_size) for size in sizes) * config.projection_steps
+    """Optimisation steps the projector takes for ``frames`` crops, stored chunk by stored chunk (with warm
+    starts, each chunk's first frame starts from the chunk before)."""
+    return sum(steps for start in range(0, frames, CROP_CHUNK)
+               for _, steps in projection_plan(min(CROP_CHUNK, frames - start), config, warm=start > 0))
 
 
 def _short_key(key: str) -> str:
@@ -405,7 +406,7 @@ def pti_generator(store: ArtifactStore, pti: StageRef, models: Models, device: s
     """θ_p: the tuned generator, or the original one when PTI was skipped."""
     if pti.info.get("method") == "none":
         return models.generator
-    G = Generator(**store.get_json(f"{pti.key}/generator.json"))
+    G = build_generator(store.get_json(f"{pti.key}/generator.json"))
     G.load_state_dict(store.get_tensors(f"{pti.key}/generator.safetensors"))
     return G.to(device).eval().requires_grad_(False)
 

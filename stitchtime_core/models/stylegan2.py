@@ -356,14 +356,16 @@ class Generator(nn.Module):
         self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws,
                                       **(mapping_kwargs or {}))
 
+    stylegan2_layers = None
+    """Which entry of a StyleGAN2 W+ each style reads: None, this is StyleGAN2's own W+."""
+
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, *, truncation_psi: float = 1.0,
                 truncation_cutoff: int | None = None, **synthesis_kwargs: Any) -> torch.Tensor:
         ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         return self.synthesis(ws, **synthesis_kwargs)
 
-
-def style_affine_weights(G: Generator) -> torch.Tensor:
-    """Every synthesis layer's style affine weight, stacked: [sum of in_channels, w_dim] (for SeFa)."""
-    weights = [m.weight * m.weight_gain for name, m in G.synthesis.named_modules()
-               if name.endswith("affine") and isinstance(m, FullyConnectedLayer)]
-    return torch.cat(weights, dim=0)
+    def style_affine_weights(self) -> torch.Tensor:
+        """Every synthesis layer's style affine weight, stacked: [sum of in_channels, w_dim] (for SeFa)."""
+        weights = [m.weight * m.weight_gain for name, m in self.synthesis.named_modules()
+                   if name.endswith("affine") and isinstance(m, FullyConnectedLayer)]
+        return torch.cat(weights, dim=0)

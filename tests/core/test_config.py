@@ -25,7 +25,7 @@ from stitchtime_core.config import (
     to_dict,
     with_overrides,
 )
-from stitchtime_core.models.profiles import profile_defaults
+from stitchtime_core.models.profiles import default_quality, profile_defaults
 
 STAGE_CONFIGS = (AlignmentConfig, EncodingConfig, PTIConfig, EditingConfig, StitchingConfig, BlendingConfig,
                  OutputConfig)
@@ -182,6 +182,22 @@ def test_profile_defaults():
     assert differing == TINY_DEPARTURES
     with pytest.raises(ValueError, match="unknown profile"):
         profile_defaults("celeba")
+
+
+
+def test_quality_presets():
+    assert profile_defaults("mobile", "paper") == profile_defaults("ffhq", "paper") == RunConfig()
+    preview, paper = to_dict(profile_defaults("mobile", "preview")), to_dict(RunConfig())
+    differing = {(stage, name) for stage in paper for name in paper[stage] if preview[stage][name] != paper[stage][name]}
+    assert differing == {("encoding", "projection_steps"), ("encoding", "warm_start_steps"), ("pti", "lr"),
+                         ("pti", "observations_per_frame"), ("pti", "lambda_r"), ("pti", "lpips_resolution"),
+                         ("stitching", "lr"), ("stitching", "steps"), ("stitching", "batch_size")}
+    assert preview["pti"]["observations_per_frame"] < paper["pti"]["observations_per_frame"]
+    assert preview["stitching"]["steps"] < paper["stitching"]["steps"]
+    assert profile_defaults("tiny", "preview") == profile_defaults("tiny", "paper")  # tiny is sized for CPUs
+    assert default_quality("cuda") == "paper" and default_quality("cpu") == "preview"
+    with pytest.raises(ValueError, match="unknown quality"):
+        profile_defaults("mobile", "draft")
 
 
 def test_ablations_are_settings_and_are_recognised():

@@ -11,7 +11,6 @@ import torch
 from fake_official import RunsCommandWhenUnpickled
 from stitchtime_core.editing import edit_latents, load_direction_file, resolve_direction, sefa_directions
 from stitchtime_core.errors import InputError
-from stitchtime_core.models.stylegan2 import style_affine_weights
 
 NUM_WS, W_DIM = 10, 64  # the tiny generator's W+
 
@@ -39,7 +38,7 @@ def test_sefa_directions_are_orthonormal_and_shared_by_every_layer(sefa):
 
 
 def test_sefa_directions_are_the_principal_axes_of_the_style_weights(tiny, sefa):
-    A = style_affine_weights(tiny.generator).double()
+    A = tiny.generator.style_affine_weights().double()
     A = A / A.norm(dim=1, keepdim=True)
     rows = sefa[:, 0].double()
     energy = (A @ rows.T).square().sum(dim=0)  # ||A d_k||², the eigenvalue of d_k

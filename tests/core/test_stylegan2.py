@@ -13,7 +13,6 @@ from stitchtime_core.models.stylegan2 import (
     SynthesisLayer,
     SynthesisNetwork,
     setup_filter,
-    style_affine_weights,
     upsample2d,
 )
 
@@ -201,7 +200,7 @@ def test_upsample2d_keeps_the_image_centred():
 def test_style_affine_weights_stack_every_synthesis_affine(tiny):
     G = tiny.generator
     affines = [m for name, m in G.synthesis.named_modules() if name.endswith("affine")]
-    A = style_affine_weights(G)
+    A = G.style_affine_weights()
     # 2 layers per block but b4's single conv, plus a torgb per block: num_ws + blocks - 1 affines.
     assert len(affines) == G.num_ws + len(G.synthesis.block_resolutions) - 1
     assert A.shape == (sum(m.weight.shape[0] for m in affines), G.w_dim)
