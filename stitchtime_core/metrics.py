@@ -5,6 +5,9 @@ the identity similarity of a pair of edited frames is divided by the similarity 
 of source frames, which removes the identity network's own inconsistency, and these normalised
 scores are averaged over the video. TL-ID takes the pairs of adjacent frames (local jitter), TG-ID
 all pairs of frames (slow drift). A score of 1 means the edit kept the source's consistency.
+Beside them, ``source_similarity`` compares each edited frame with its own source frame: how much
+of the source's identity the edit keeps (a strong edit lowers it by design; TL-ID and TG-ID do not
+see a change that is the same in every frame).
 
 Two choices the paper leaves open:
 
@@ -55,10 +58,17 @@ class IdentityMetrics:
     adjacent: np.ndarray
     to_source: np.ndarray
 
+    @property
+    def source_similarity(self) -> float:
+        """How much the edit keeps the source's identity: the mean of ``to_source`` over the frames with a face
+        (1: the same embedding as the source in every frame); NaN when no frame has one."""
+        return _mean(self.to_source)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values: floats rounded to 6 decimals, NaN written as None."""
         return {
-            "tl_id": _rounded(self.tl_id), "tg_id": _rounded(self.tg_id), "network": self.network,
+            "tl_id": _rounded(self.tl_id), "tg_id": _rounded(self.tg_id),
+            "source_similarity": _rounded(self.source_similarity), "network": self.network,
             "frames": self.frames, "frames_with_face": int(np.isfinite(self.to_source).sum()),
             "tl_pairs": int(np.isfinite(self.adjacent).sum()), "tg_pairs": self.tg_pairs,
             "adjacent": [_rounded(v) for v in self.adjacent.tolist()],

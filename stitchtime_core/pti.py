@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from stitchtime_core.adam import Adam
 from stitchtime_core.config import PTIConfig
 from stitchtime_core.models.stylegan2 import Generator
+from stitchtime_core.projector import LOSS_RESOLUTION
 
 
 @dataclass
@@ -136,6 +137,57 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
             checkpoint(PTICheckpoint(step + 1, _detached(tuned.synthesis.state_dict()),
                                      adam.state(), list(losses)))
     return PTIResult(tuned.eval().requires_grad_(False), losses, total)
+
+
+def reconstruction_lpips(G: Generator, tuned: Generator, pivots: torch.Tensor, crops: torch.Tensor, *,
+                         lpips_fn: nn.Module, frames: Sequence[int], resolution: int = LOSS_RESOLUTION,
+                         batch_size: int = 4) -> tuple[float, float]:
+    """How well the pivots reconstruct their crops before and after tuning: mean LPIPS over some frames.
+
+    "Before" is the original generator at the pivots, G(w_i), so it measures the pivots themselves
+    (e4e's or the projector's); "after" is the tuned one, G(w_i; θ_p). Images are area-downsampled
+    to ``resolution`` first, as the projector measures them, so the numbers compare across
+    generator sizes and with the projector's loss.
+
+    Args:
+        G: the original generator.
+        tuned: the tuned generator (same architecture as G), on G's device.
+        pivots: [N, num_ws, w_dim] W+ pivots, on G's device.
+        crops: [N, 3, res, res] aligned crops: uint8 in [0, 255] or float in [-1, 1], any device.
+        lpips_fn: LPIPS module on G's device.
+        frames: indices into ``pivots`` and ``crops`` of the frames to measure (e.g. a few spread
+            over the clip: each costs two generator passes), at least one.
+        resolution: side the images are area-downsampled to before LPIPS when larger (0: never).
+        batch_size: frames per generator pass, >= 1.
+
+    Returns:
+        (before, after): the mean LPIPS over ``frames`` of the original and of the tuned generator.
+
+    Raises:
+        ValueError: no frames, an index out of range, pivots and crops of different lengths, crops
+            that are not [N, 3, res, res], or a batch size below 1.
+    """
+    if pivots.shape[0] != crops.shape[0]:
+        raise ValueError(f"{pivots.shape[0]} pivots for {crops.shape[0]} crops")
+    res = G.img_resolution
+    if crops.ndim != 4 or crops.shape[1:] != (3, res, res):
+        raise ValueError(f"crops must be [frames, 3, {res}, {res}], got {list(crops.shape)}")
+    index = torch.as_tensor(list(frames), dtype=torch.long)
+    if index.numel() == 0 or index.ndim != 1:
+        raise ValueError("frames must list at least one frame index")
+    if index.min() < 0 or index.max() >= pivots.shape[0]:
+        raise ValueError(f"frame indices must lie in [0, {pivots.shape[0] - 1}], got {index.tolist()}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    totals = [0.0, 0.0]
+    with torch.no_grad():
+        for batch in index.split(batch_size):
+            w = pivots[batch.to(pivots.device)]
+            target = _as_images(crops[batch.to(crops.device)], w.device)
+            for n, generator in enumerate((G, tuned)):
+                image = generator.synthesis(w, noise_mode="const", force_fp32=True)
+                totals[n] += float(_lpips(lpips_fn, image, target, resolution).sum())
+    return totals[0] / len(index), totals[1] / len(index)
 
 
 def _lpips(lpips_fn: nn.Module, a: torch.Tensor, b: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -72,7 +72,11 @@ class Keyframe:
                                  f"got {list(region.shape)} in [{region.min()}, {region.max()}]")
 
 
-class IdentitySection(TypedDict):
+class _IdentityOptional(TypedDict, total=False):
+    source_similarity: float | None
+
+
+class IdentitySection(_IdentityOptional):
     """The identity metrics of the edited video (paper section 4.2); N is the number of frames.
 
     ``stitchtime_core.metrics.IdentityMetrics.to_dict()`` fits as it is (its other keys are not shown).
@@ -85,6 +89,8 @@ class IdentitySection(TypedDict):
         adjacent: N-1 values, the normalised identity similarity of edited frames (i, i+1), i.e. the
             scores TL-ID averages; plotted at the time between the two frames.
         to_source: N values in [-1, 1], the cosine similarity of edited frame i to source frame i.
+        source_similarity: optional, the mean of ``to_source`` over the frames with a face (how much of
+            the source's identity the edit keeps); a run measured before it existed has none.
     """
 
     tl_id: float | None
@@ -104,6 +110,34 @@ class StitchingSection(TypedDict):
 
     boundary_error_before: float
     boundary_error_after: float
+
+
+class _PTIOptional(TypedDict, total=False):
+    reconstruction_lpips_before: float | None
+    reconstruction_lpips_after: float | None
+    reconstruction_frames: list[int]
+    reconstruction_mse: float | None
+
+
+class PTISection(_PTIOptional):
+    """How well the generator reproduces the source crops at the pivots, before and after PTI.
+
+    The PTI stage's info fits as it is (its other keys are not shown). A stage made before these
+    numbers were measured lacks the optional keys; they then read as not measured.
+
+    Keys:
+        method: "pti", or "none" when the generator was not tuned (the "w/o PTI" ablation).
+        steps: PTI's optimisation steps.
+        reconstruction_lpips_before: optional, mean LPIPS of G(w_i) to the source crops with the original
+            generator: the pivots' own reconstruction (lower is better).
+        reconstruction_lpips_after: optional, the same with the tuned generator G(w_i; θ_p).
+        reconstruction_frames: optional, the frames those two were measured on.
+        reconstruction_mse: optional, mean squared error of the tuned reconstructions over all frames, in
+            [-1, 1] pixel units.
+    """
+
+    method: str
+    steps: int
 
 
 class AblationRow(TypedDict):
@@ -126,7 +160,7 @@ class AblationRow(TypedDict):
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class ReportData:
-    """Everything a report shows. The seconds, keyframes, identity and stitching sections read
+    """Everything a report shows. The seconds, keyframes, identity, stitching and PTI sections read
     "Not measured." when their field is empty or None; the ablation section is left out when
     ``ablations`` is None.
 
@@ -138,6 +172,7 @@ class ReportData:
         keyframes: frames to show side by side, in frame order (see :func:`choose_keyframes`).
         identity: the identity metrics, or None when they were not measured.
         stitching: boundary errors before and after stitching, or None when not measured.
+        pti: the PTI stage's reconstruction numbers, or None when not measured.
         ablations: one row per variant of an ablation run, or None for a plain run.
         fps: frame rate of the video, > 0; turns frame indices into seconds.
 
@@ -152,6 +187,7 @@ class ReportData:
     keyframes: list[Keyframe] = field(default_factory=list)
     identity: IdentitySection | None = None
     stitching: StitchingSection | None = None
+    pti: PTISection | None = None
     ablations: list[AblationRow] | None = None
     fps: float
 
@@ -160,6 +196,7 @@ class ReportData:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         _require_keys("identity", self.identity, IdentitySection)
         _require_keys("stitching", self.stitching, StitchingSection)
+        _require_keys("pti", self.pti, PTISection)
         for row in self.ablations or []:
             _require_keys("ablation row", row, AblationRow)
         if self.identity is not None:
@@ -396,10 +433,15 @@ def _keyframes_table(keyframes: list[Keyframe], fps: float) -> str | None:
 def _identity_body(identity: IdentitySection | None, fps: float) -> str | None:
     if identity is None:
         return None
-    numbers = _table(["TL-ID", "TG-ID", "identity network"],
-                     [[_number(identity["tl_id"], 4), _number(identity["tg_id"], 4), _text(identity["network"])]],
-                     numeric={0, 1})
-    return numbers + similarity_plot(identity["to_source"], identity["adjacent"], fps)
+    numbers = _table(["TL-ID", "TG-ID", "similarity to the source", "identity network"],
+                     [[_number(identity["tl_id"], 4), _number(identity["tg_id"], 4),
+                       _number(identity.get("source_similarity"), 4), _text(identity["network"])]],
+                     numeric={0, 1, 2})
+    note = ("<p>TL-ID and TG-ID: the edited video's identity consistency over adjacent and over all pairs of "
+            "frames, relative to the source's (1 = as consistent). Similarity to the source: the cosine "
+            "similarity of each edited frame to its source frame, averaged over the frames with a face "
+            "(the blue line below).</p>")
+    return numbers + note + similarity_plot(identity["to_source"], identity["adjacent"], fps)
 
 
 def _stitching_body(stitching: StitchingSection | None) -> str | None:
@@ -410,6 +452,24 @@ def _stitching_body(stitching: StitchingSection | None) -> str | None:
     return (_table(["boundary error", "before stitching (raw edit)", "after stitching", "change"],
                    [["mean |crop − source| on b", f"{before:.4f}", f"{after:.4f}", change]], numeric={1, 2, 3})
             + "<p>In [-1, 1] pixel units; lower is better.</p>")
+
+
+def _pti_body(pti: PTISection | None) -> str | None:
+    if pti is None:
+        return None
+    if pti["method"] == "none":
+        return "<p>The generator was not tuned (w/o PTI): the edits come from the original generator.</p>"
+    before, after = pti.get("reconstruction_lpips_before"), pti.get("reconstruction_lpips_after")
+    change = "—"
+    if _measured(before) and _measured(after) and before > 0:
+        change = f"{100 * (after - before) / before:+.1f} %"
+    frames = pti.get("reconstruction_frames") or []
+    measured_on = f" on {len(frames)} frames spread over the clip" if frames else ""
+    return (_table(["reconstruction", "pivots, original generator", "after PTI", "change"],
+                   [["LPIPS to the source crop", _number(before, 4), _number(after, 4), change]], numeric={1, 2, 3})
+            + f"<p>Mean LPIPS{measured_on}, lower is better; before PTI it measures the pivots themselves. "
+              f"PTI took {int(pti['steps'])} steps; mean squared error after it, over every frame: "
+              f"{_number(pti.get('reconstruction_mse'), 4)} (in [-1, 1] pixel units).</p>")
 
 
 def _ablations_table(ablations: list[AblationRow]) -> str:
@@ -432,6 +492,7 @@ def render_report(data: ReportData) -> str:
         _section("Keyframes", _keyframes_table(data.keyframes, data.fps)),
         _section("Identity", _identity_body(data.identity, data.fps)),
         _section("Stitching", _stitching_body(data.stitching)),
+        _section("Inversion (PTI)", _pti_body(data.pti)),
     ]
     if data.ablations is not None:
         sections.append(_section("Ablation", _ablations_table(data.ablations)))

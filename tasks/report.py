@@ -1,9 +1,10 @@
 """What a run tells its user about each output: identity metrics (a cached stage) and the HTML report.
 
-``measure`` computes TL-ID and TG-ID of an output against its source (paper section 4.2), both
-cropped with the align stage's quads. ``write_report`` builds the report of one output of a run from
-the run's summary and the stored artifacts, and writes it beside the output; it runs every time (the
-report shows this run's seconds), and ``stitchtime report`` calls it again for an earlier run.
+``measure`` computes TL-ID and TG-ID of an output against its source (paper section 4.2) and its
+identity similarity to the source frame by frame, both videos cropped with the align stage's quads.
+``write_report`` builds the report of one output of a run from the run's summary and the stored
+artifacts, and writes it beside the output; it runs every time (the report shows this run's seconds),
+and ``stitchtime report`` calls it again for an earlier run.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def _measure_ingredients(align: StageRef, render: StageRef, profile: str, models
 @stage_task("measure", _measure_ingredients)
 def measure(store_uri: str, source: str, out: str, align: StageRef, render: StageRef, profile: str,
             models_dir: str | None, device: str) -> StageRef:
-    """TL-ID and TG-ID of the output ``out`` (the render stage's video) against ``source``.
+    """TL-ID, TG-ID and the mean identity similarity to the source of the output ``out`` (the render stage's
+    video) against ``source``.
 
-    Stores the per-frame similarities as ``metrics.parquet``; the stage's info holds the scores.
+    Stores the per-frame similarities as ``metrics.parquet``; the stage's info holds the scores
+    (``tl_id``, ``tg_id``, ``source_similarity``, the identity network and the counts).
     """
     store = open_store(store_uri)
 
@@ -162,7 +165,7 @@ def report_data(summary: dict[str, Any], index: int, config: dict[str, Any], *, 
         seconds=_in_pipeline_order({**summary["seconds"], **output["seconds"]}),
         keyframes=frames, identity=identity,
         stitching={name: output["stitching"][name] for name in ("boundary_error_before", "boundary_error_after")},
-        ablations=ablations, fps=_fps(summary["fps"]))
+        pti=summary["pti"], ablations=ablations, fps=_fps(summary["fps"]))
 
 
 def _in_pipeline_order(seconds: dict[str, float]) -> dict[str, float]:
@@ -187,14 +190,17 @@ def _edits(edits: list[dict[str, Any]]) -> str:
 
 
 def _markdown(summary: dict[str, Any], output: dict[str, Any], path: Path) -> str:
-    identity = output.get("identity") or {}
+    identity, pti = output.get("identity") or {}, summary.get("pti") or {}
     score = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
     lines = [f"# {os.path.basename(summary['input'])}: {output['label']}", "",
              f"Output: `{output['output']}`  ", f"Report: `{path}`", "",
              "| measure | value |", "| --- | --- |",
              f"| TL-ID | {score(identity.get('tl_id'))} |", f"| TG-ID | {score(identity.get('tg_id'))} |",
+             f"| identity similarity to the source | {score(identity.get('source_similarity'))} |",
              f"| boundary error before stitching | {output['stitching']['boundary_error_before']:.4f} |",
              f"| boundary error after stitching | {output['stitching']['boundary_error_after']:.4f} |",
+             f"| PTI reconstruction LPIPS before (pivots) | {score(pti.get('reconstruction_lpips_before'))} |",
+             f"| PTI reconstruction LPIPS after | {score(pti.get('reconstruction_lpips_after'))} |",
              "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {stage} | {seconds:.1f} |"
               for stage, seconds in _in_pipeline_order({**summary["seconds"], **output["seconds"]}).items()]

@@ -38,9 +38,10 @@ from stitchtime_core.models.bisenet import face_mask_from_labels, parse_faces
 from stitchtime_core.models.e4e import encode
 from stitchtime_core.models.profiles import Models, build_generator, generator_config, load_models
 from stitchtime_core.models.stylegan2 import Generator
-from stitchtime_core.projector import project_pivots, projection_plan
-from stitchtime_core.pti import PTICheckpoint, pti_steps, tune_generator
+from stitchtime_core.projector import LOSS_RESOLUTION, project_pivots, projection_plan
+from stitchtime_core.pti import PTICheckpoint, pti_steps, reconstruction_lpips, tune_generator
 from stitchtime_core.render import CropPaste, render_video
+from stitchtime_core.report import choose_keyframes
 from stitchtime_core.stitching import render_edits, stitch_frames
 from stitchtime_core.tensors import images_to_tensor, tensor_to_images
 from tasks.caching import MARKER, STAGE_RESULTS, StageRef, StageRefSerializer, cache_key_fn
@@ -49,7 +50,7 @@ from tasks.store import ArtifactStore, open_store
 
 # Bump a stage's version when its code changes what it writes: its key, and every key downstream, change.
 STAGE_VERSIONS = {"probe": 1, "landmarks": 2, "align": 2, "encode": 2, "pti": 2, "edit": 1, "stitch": 2,
-                  "render": 2, "measure": 1}
+                  "render": 2, "measure": 2}
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
@@ -351,7 +352,10 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
 
     A run stopped part way resumes from ``checkpoint.safetensors``; it is deleted once the stage is
     done (its ``done.json`` written). With ``method`` "none" nothing is tuned (the "w/o PTI" ablation)
-    and later stages use the original generator.
+    and later stages use the original generator. The stage's info holds the first and last loss and
+    how well the pivots reconstruct the crops: the tuned generator's MSE over all frames, and the
+    LPIPS of the original and of the tuned generator on at most :data:`PTI_RECONSTRUCTION_FRAMES`
+    frames (``reconstruction_lpips_before`` / ``_after``, ``reconstruction_frames``).
     """
     store = open_store(store_uri)
     models = stage_models(profile, models_dir, device)
@@ -375,17 +379,31 @@ def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfi
                 images = crops[part:part + config.batch_size].to(device).float().div(127.5).sub(1)
                 mse += float(torch.nn.functional.mse_loss(result.generator.synthesis(w[part:part + config.batch_size]),
                                                           images, reduction="sum"))
+        # LPIPS at 256 px (area-downsampled, as the projector measures it) on at most
+        # PTI_RECONSTRUCTION_FRAMES frames spread evenly over the clip: each costs two generator passes.
+        rows = choose_keyframes(len(w), PTI_RECONSTRUCTION_FRAMES)
+        before, after = reconstruction_lpips(models.generator, result.generator, w, crops, frames=rows,
+                                             lpips_fn=_lpips(profile, models_dir, device),
+                                             resolution=LOSS_RESOLUTION)
         store.put_tensors(f"{key}/generator.safetensors", result.generator.state_dict())
         store.put_json(f"{key}/generator.json", generator_config(result.generator))
         return {"method": "pti", "steps": result.steps, "resumed_from_step": resume.step if resume else 0,
                 "first_loss": result.losses[0], "last_loss": result.losses[-1],
-                "reconstruction_mse": mse / crops.numel()}
+                "reconstruction_mse": mse / crops.numel(),
+                # Mean LPIPS to the crops of G(pivot) (the pivots' own reconstruction) and of the tuned G.
+                "reconstruction_lpips_before": before, "reconstruction_lpips_after": after,
+                "reconstruction_frames": _edited_rows(store, align)["frame"][rows].tolist()}
 
     ref = make_stage(store, "pti", _pti_ingredients(align, pivots, config, profile, models_dir, device), produce)
     # Deleted once done.json is written, not before: a run stopped in between goes on from the checkpoint.
     if store.exists(f"{ref.key}/checkpoint.safetensors"):
         store.delete(f"{ref.key}/checkpoint.safetensors")
     return ref
+
+
+PTI_RECONSTRUCTION_FRAMES = 16
+"""The PTI stage measures its reconstruction LPIPS on at most this many frames, spread evenly over the clip
+(``reconstruction_frames`` in its info: their indices in the video)."""
 
 
 def _write_pti_checkpoint(store: ArtifactStore, key: str, checkpoint: PTICheckpoint) -> None:

@@ -20,6 +20,9 @@ import pytest
 # No telemetry from Prefect, and its local results under a temp folder, for every test and subprocess.
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
+# Commands run the tiny profile unless a test names another: the real profile's 1024 px networks would make
+# every CLI test take minutes (the mobile profile has tests of its own, tests/flows/test_mobile_profile.py).
+os.environ["STITCHTIME_PROFILE"] = "tiny"
 
 
 @dataclasses.dataclass(frozen=True)

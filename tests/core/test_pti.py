@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stitchtime_core.config import PTIConfig
-from stitchtime_core.pti import locality_codes, pti_steps, tune_generator
+from stitchtime_core.pti import locality_codes, pti_steps, reconstruction_lpips, tune_generator
 
 # A few steps on 4 frames: enough to tell runs apart, cheap enough to run three times.
 SHORT_CONFIG = PTIConfig(lr=1e-2, observations_per_frame=2, batch_size=2, seed=5)
@@ -165,3 +165,20 @@ def test_a_checkpoint_of_another_run_is_refused(tiny, face_clip, pivots, lpips_f
     with pytest.raises(ValueError, match="does not fit a run of 4 steps"):
         tune_generator(tiny.generator, pivots[:4], face_clip.images[:4], config=config, lpips_fn=lpips_fn,
                        resume=longer_than_run)
+
+
+def test_reconstruction_lpips_measures_pivots_before_and_after_tuning(tiny, face_clip, pivots, pti_run, lpips_fn):
+    G, crops = tiny.generator, torch.from_numpy(face_clip.crops).permute(0, 3, 1, 2)
+    frames = range(len(crops))
+    before, after = reconstruction_lpips(G, pti_run.result.generator, pivots, crops, lpips_fn=lpips_fn, frames=frames)
+    assert 0 < after < before  # tuning brings every frame closer to its crop
+    same = reconstruction_lpips(G, G, pivots, crops, lpips_fn=lpips_fn, frames=frames)
+    assert same[0] == same[1] == pytest.approx(before)
+    with torch.no_grad():
+        own = G.synthesis(pivots[:2], noise_mode="const")
+    assert reconstruction_lpips(G, G, pivots[:2], own, lpips_fn=lpips_fn, frames=[0, 1]) == (0.0, 0.0)
+    one = reconstruction_lpips(G, pti_run.result.generator, pivots, crops, lpips_fn=lpips_fn, frames=[1])
+    assert one != (before, after)  # only the frames asked for are measured
+    for bad, message in (([], "at least one"), ([len(crops)], "must lie in")):
+        with pytest.raises(ValueError, match=message):
+            reconstruction_lpips(G, G, pivots, crops, lpips_fn=lpips_fn, frames=bad)

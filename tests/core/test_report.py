@@ -41,10 +41,13 @@ def _report_data(sources: list[np.ndarray]) -> ReportData:
         settings={"pti": {"steps": 350, "lr": 3e-4}, "stitching": {"method": "feather", "dilation_px": 25}},
         seconds={"probe": 0.2, "pti": 41.5, "stitch": 12.2},
         keyframes=[_keyframe(frame, source) for frame, source in zip(frames, sources)],
-        identity={"tl_id": 0.98765, "tg_id": 0.95432, "network": "dlib-resnet",
+        identity={"tl_id": 0.98765, "tg_id": 0.95432, "source_similarity": 0.65437, "network": "dlib-resnet",
                   "adjacent": list(0.97 + 0.02 * rng.random(FRAMES - 1)),
                   "to_source": list(0.6 + 0.1 * rng.random(FRAMES))},
         stitching={"boundary_error_before": 0.1234, "boundary_error_after": 0.0321},
+        pti={"method": "pti", "steps": 48, "first_loss": 0.9, "last_loss": 0.4, "reconstruction_mse": 0.01876,
+             "reconstruction_lpips_before": 0.4321, "reconstruction_lpips_after": 0.2161,
+             "reconstruction_frames": [0, 4, 7, 11]},
         ablations=[{"variant": "full", "tl_id": 0.99, "tg_id": 0.96, "boundary_error": 0.03, "seconds": 60.0},
                    {"variant": HOSTILE, "tl_id": 0.9, "tg_id": None, "boundary_error": None, "seconds": 5.0}],
         fps=FPS)
@@ -65,6 +68,24 @@ def test_report_shows_metrics_stage_times_and_settings(page):
     for text in ("0.9877", "0.9543", "dlib-resnet", "0.1234", "0.0321", "-74.0 %",
                  "probe", "pti", "stitch", "41.5", "53.9", "dilation_px", "feather", "0.0003"):
         assert text in page, text
+
+
+def test_report_shows_the_similarity_to_the_source_and_the_pti_reconstruction(page):
+    assert "similarity to the source" in page and "0.6544" in page
+    assert "Inversion (PTI)" in page
+    for text in ("0.4321", "0.2161", "-50.0 %", "on 4 frames", "48 steps", "0.0188"):
+        assert text in page, text
+
+
+def test_pti_without_tuning_or_reconstruction_numbers():
+    untuned = render_report(ReportData(title="t", inputs={}, settings={}, seconds={}, fps=FPS,
+                                       pti={"method": "none", "steps": 0}))
+    assert "not tuned" in untuned and "LPIPS" not in untuned
+    # A PTI stage made before the reconstruction was measured, and identity measured before source_similarity.
+    identity = {"tl_id": 0.9, "tg_id": 0.9, "network": "dlib-resnet", "adjacent": [1.0], "to_source": [0.7, 0.8]}
+    older = render_report(ReportData(title="t", inputs={}, settings={}, seconds={}, fps=FPS, identity=identity,
+                                     pti={"method": "pti", "steps": 12, "first_loss": 0.5, "last_loss": 0.3}))
+    assert "12 steps" in older and older.count(">—</td>") == 4  # LPIPS before, after, change; source similarity
 
 
 def test_user_strings_are_escaped(page):
@@ -110,7 +131,7 @@ def test_unmeasured_identity_values_leave_gaps_and_dashes():
 
 def test_missing_parts_read_not_measured_and_ablation_is_left_out():
     page = render_report(ReportData(title="t", inputs={}, settings={}, seconds={}, fps=30))
-    assert page.count("Not measured.") == 4  # seconds, keyframes, identity, stitching
+    assert page.count("Not measured.") == 5  # seconds, keyframes, identity, stitching, PTI
     assert "<img" not in page and "<svg" not in page and "Ablation" not in page
 
 
@@ -165,6 +186,8 @@ def test_bad_inputs_raise_value_errors(data):
                    identity={**data.identity, "adjacent": [1.0]})
     with pytest.raises(ValueError, match="boundary_error_after"):
         ReportData(title="t", inputs={}, settings={}, seconds={}, fps=FPS, stitching={"boundary_error_before": 0.1})
+    with pytest.raises(ValueError, match="pti lacks steps"):
+        ReportData(title="t", inputs={}, settings={}, seconds={}, fps=FPS, pti={"method": "pti"})
     with pytest.raises(ValueError, match="fps"):
         ReportData(title="t", inputs={}, settings={}, seconds={}, fps=0)
 

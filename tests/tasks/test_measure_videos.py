@@ -1,5 +1,6 @@
-"""TL-ID and TG-ID read from real video files with dlib's identity network: a clip against itself,
-against a copy blurred in every other frame, frames without a quad, and videos that do not match."""
+"""TL-ID, TG-ID and the similarity to the source read from real video files with dlib's identity network:
+a clip against itself, against a copy blurred in every other frame, frames without a quad, and videos
+that do not match."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def test_a_video_against_itself_scores_one(clip: Path, quads: np.ndarray, identi
     assert result.tl_id == pytest.approx(1.0, abs=1e-9) and result.tg_id == pytest.approx(1.0, abs=1e-9)
     assert (result.frames, result.tg_pairs, result.network) == (FRAMES, FRAMES * (FRAMES - 1) // 2, identity.name)
     np.testing.assert_allclose(result.to_source, 1.0, atol=1e-5)
+    assert result.source_similarity == pytest.approx(1.0, abs=1e-5)
+    assert result.to_dict()["source_similarity"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_blurring_every_other_frame_lowers_tl_id(clip: Path, identity: DlibIdentity, tmp_path: Path) -> None:
@@ -63,6 +66,7 @@ def test_blurring_every_other_frame_lowers_tl_id(clip: Path, identity: DlibIdent
     result = measure_pair(blurred, clip, identity=identity)
     assert result.tl_id < 0.97 and result.tg_id < 0.99  # measured: 0.933 and 0.962
     assert result.to_source[1::2].max() < result.to_source[0::2].min()  # the blurred frames moved away
+    assert result.source_similarity == pytest.approx(result.to_source.mean()) and result.source_similarity < 0.99
 
 
 def test_frames_without_a_quad_are_left_out(clip: Path, quads: np.ndarray, identity: DlibIdentity) -> None:
@@ -71,6 +75,7 @@ def test_frames_without_a_quad_are_left_out(clip: Path, quads: np.ndarray, ident
     result = measure_videos(clip, clip, quads=holes, identity=identity)
     assert np.isnan(result.to_source[[3, 4]]).all() and np.isnan(result.adjacent[[2, 3, 4]]).all()
     assert result.to_dict()["tl_pairs"] == FRAMES - 1 - 3 and result.tg_pairs == 8 * 7 // 2
+    assert result.source_similarity == pytest.approx(np.nanmean(result.to_source))  # the 8 frames with a quad
     one = measure_videos(clip, clip, quads=np.where(np.arange(FRAMES)[:, None, None] == 0, quads, np.nan),
                          identity=identity)
     assert np.isnan(one.tl_id) and np.isnan(one.tg_id) and np.isfinite(one.to_source).sum() == 1
