@@ -214,15 +214,23 @@ def load_mobile(folder: Path) -> Models:
 
 
 def _required_files(folder: Path, profile: str) -> dict[str, Path]:
-    """The required files of a profile by role, after checking they are there (sizes, not hashes).
+    """The required files of a profile by role, after checking they are there, of their size and, where the
+    registry pins one, of their sha256 (each file is hashed once per process: the profile's identity needs
+    the digests anyway).
 
     Raises:
-        InputError: a required file is missing or of the wrong size, naming it and how to get it.
+        InputError: a required file is missing, of the wrong size or not the published one, naming it and
+            how to get it.
     """
     blocking = [status for status in registry.verify(folder, profile=profile, check_hashes=False) if status.blocking]
     if blocking:
         raise InputError(blocking[0].path, blocking[0].message)
-    return {entry.role: folder / entry.name for entry in registry.entries_for(profile) if entry.required}
+    required = [entry for entry in registry.entries_for(profile) if entry.required]
+    for entry in required:
+        if entry.sha256 and _file_digest(folder / entry.name) != entry.sha256:
+            raise InputError(folder / entry.name, f"is not the published file (its sha256 differs from the pinned "
+                                                  f"one) — {registry.how_to_get(entry, folder)}")
+    return {entry.role: folder / entry.name for entry in required}
 
 
 @functools.lru_cache(maxsize=16)

@@ -62,10 +62,11 @@ def test_ffhq_profile_edits_a_clip_with_the_official_file_layouts(models_dir: Pa
     make_sample_clip(clip, seconds=0.4, size=(192, 192))
     out = tmp_path / "edited.mp4"
     result = run_cli(["edit", str(clip), "--profile", "ffhq", "--models", str(models_dir), "--edit", "age=4",
-                      "--out", str(out), "--store", str(tmp_path / "data"), "--json", *FAST], env, tmp_path)
+                      "--out", str(out), "--store", str(tmp_path / "data"), "--quality", "paper", "--json", *FAST],
+                     env, tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["profile"] == "ffhq" and summary["reused_stages"] == []
+    assert summary["profile"] == "ffhq" and summary["quality"] == "paper" and summary["reused_stages"] == []
     # With the face-parsing file present, masks come from BiSeNet (landmarks where it finds no face).
     assert summary["stitching"]["masks"] == "bisenet"
     assert probe(out).frame_count == probe(clip).frame_count == 10
