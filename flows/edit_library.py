@@ -14,10 +14,11 @@ from typing import Any
 
 from prefect import flow
 
-from flows.edit_video import edit_video, output_paths, sidecar_paths
+from flows.edit_video import edit_video
+from stitchtime_core.config import default_quality
 from stitchtime_core.errors import InputError, StitchtimeError
-from stitchtime_core.models.profiles import default_quality
 from tasks import library
+from tasks.outputs import output_paths, sidecar_paths
 from tasks.store import open_store
 
 log = logging.getLogger("stitchtime")
@@ -27,15 +28,16 @@ log = logging.getLogger("stitchtime")
 def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], profile: str = "tiny",
                  store: str | None = None, device: str = "cpu", models_dir: str | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None, concurrency: int = 2,
-                 chunk_size: int = 16, fan_out: str | None = None, quality: str | None = None) -> dict[str, Any]:
+                 chunk_size: int = 16, fan_out: str | None = None, quality: str | None = None,
+                 placement: dict[str, str] | None = None) -> dict[str, Any]:
     """Edit every video under ``source`` into ``dest`` under the same relative name.
 
     Args:
         source: a folder or an ``s3://bucket/prefix`` holding videos (any depth).
         dest: a folder or an ``s3://bucket/prefix`` for the outputs, their summaries and the batch's.
         edits: edit sets, one output per set, as :func:`flows.edit_video.edit_video` takes them.
-        profile, store, device, models_dir, overrides, chunk_size, fan_out, quality: as for ``edit_video``; every
-            video shares the store, so a re-run does only what is missing.
+        profile, store, device, models_dir, overrides, chunk_size, fan_out, quality, placement: as for
+            ``edit_video``; every video shares the store, so a re-run does only what is missing.
         concurrency: how many videos run at once.
 
     Returns:
@@ -68,7 +70,7 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
             return _failed(shown, name, clash, str(clash), time.perf_counter())
         return _edit_one(name, outs[name], source=source, dest=dest, edits=edits, profile=profile, store=store,
                          device=device, models_dir=models_dir, overrides=overrides, chunk_size=chunk_size,
-                         fan_out=fan_out, quality=quality)
+                         fan_out=fan_out, quality=quality, placement=placement)
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         # Each thread runs its subflow in a copy of this flow's context, so Prefect nests it here.

@@ -1,8 +1,10 @@
 """Adam (Kingma & Ba 2015), as PTI, the projector and stitching tuning use it.
 
-It is ``torch.optim.Adam``'s update (no weight decay, no AMSGrad), the same numbers as its
-single-tensor path, which is what it runs on a CPU. It is written here because ``torch.optim``
-imports ``torch._dynamo`` the first time an optimiser is used: 1.5 s of every process that tunes.
+PTI and the projector use ``torch.optim.Adam`` (fused on CUDA); these helpers keep its state in a flat
+form a PTI checkpoint can store. Stitching tuning uses :class:`BatchedAdam`: per-frame weights stacked
+[frames, ...], each frame with its own moments, where a frame that stops early leaves the batch;
+``torch.optim`` cannot drop rows of a parameter. Its update is ``torch.optim.Adam``'s (no weight decay,
+no AMSGrad), the same numbers as its single-tensor path (tested).
 """
 
 from __future__ import annotations
@@ -16,12 +18,63 @@ EPS = 1e-8
 """torch.optim.Adam's defaults, which the reference code uses."""
 
 
-class Adam:
-    """Adam over named tensors.
+def adam_for(params: list[torch.Tensor], *, lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with the reference code's settings; fused on CUDA (one kernel for all tensors)."""
+    return torch.optim.Adam(params, lr=lr, fused=True if params and params[0].is_cuda else None)
+
+
+def adam_state(adam: torch.optim.Adam) -> dict[str, torch.Tensor]:
+    """Adam's moments and step count as flat tensors (safetensors can store them): ``exp_avg.K`` and
+    ``exp_avg_sq.K`` of the K-th parameter (zeros for one that has had no gradient yet), and ``step``."""
+    params = adam.param_groups[0]["params"]
+    flat = {"step": torch.tensor(0.0)}
+    for index, p in enumerate(params):
+        state = adam.state.get(p, {})
+        flat[f"exp_avg.{index}"] = state["exp_avg"].detach().clone() if state else torch.zeros_like(p)
+        flat[f"exp_avg_sq.{index}"] = state["exp_avg_sq"].detach().clone() if state else torch.zeros_like(p)
+        if state:
+            flat["step"] = torch.tensor(float(state["step"]))
+    return flat
+
+
+def load_adam_state(adam: torch.optim.Adam, flat: dict[str, torch.Tensor]) -> None:
+    """Go on from :func:`adam_state`.
+
+    Raises:
+        ValueError: the state is not of these parameters.
+    """
+    params = adam.param_groups[0]["params"]
+    missing = [i for i in range(len(params)) if f"exp_avg.{i}" not in flat or f"exp_avg_sq.{i}" not in flat]
+    if missing or "step" not in flat:
+        raise ValueError(f"the optimiser state does not fit these parameters ({len(missing)} missing)")
+    for index, p in enumerate(params):
+        for key in (f"exp_avg.{index}", f"exp_avg_sq.{index}"):
+            if flat[key].shape != p.shape:
+                raise ValueError(f"the optimiser state does not fit these parameters ({key} is "
+                                 f"{list(flat[key].shape)}, parameter {index} {list(p.shape)})")
+        on_device = adam.defaults.get("fused") or adam.defaults.get("capturable")  # where torch keeps its step then
+        adam.state[p] = {"step": torch.tensor(float(flat["step"]), dtype=torch.float32,
+                                              device=p.device if on_device else "cpu"),
+                         "exp_avg": flat[f"exp_avg.{index}"].to(p.device, p.dtype).clone(),
+                         "exp_avg_sq": flat[f"exp_avg_sq.{index}"].to(p.device, p.dtype).clone()}
+
+
+def adam_step(adam: torch.optim.Adam, loss: torch.Tensor) -> None:
+    """One step on the gradients of ``loss`` with respect to the optimiser's own parameters only (no other
+    tensor accumulates a gradient); a parameter ``loss`` does not use is left as it is."""
+    params = adam.param_groups[0]["params"]
+    for p, grad in zip(params, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
+        p.grad = grad
+    adam.step()
+
+
+class BatchedAdam:
+    """Adam over stacked per-frame parameters [frames, ...]: one state per frame (the update is
+    elementwise), with frames that can leave the batch (:meth:`keep`).
 
     Attributes:
         params: name -> tensor, updated in place by :meth:`step`.
-        lr: the learning rate of the next step (the projector changes it as it goes).
+        lr: the learning rate.
         steps: how many steps were taken.
     """
 
@@ -44,29 +97,12 @@ class Adam:
                 denom = (self.exp_avg_sq[name].sqrt() / correction2).add_(EPS)
                 p.addcdiv_(self.exp_avg[name], denom, value=-self.lr / correction1)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """The moments and step count as flat tensors (safetensors can store them): ``exp_avg.K`` and
-        ``exp_avg_sq.K`` for the K-th parameter, and ``step``."""
-        flat = {"step": torch.tensor(float(self.steps))}
-        for index, name in enumerate(self.params):
-            flat[f"exp_avg.{index}"] = self.exp_avg[name].detach().clone()
-            flat[f"exp_avg_sq.{index}"] = self.exp_avg_sq[name].detach().clone()
-        return flat
+    def select(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parameters of some frames (detached)."""
+        return {k: p.detach()[rows] for k, p in self.params.items()}
 
-    def load_state(self, flat: dict[str, torch.Tensor]) -> None:
-        """Go on from :meth:`state`.
-
-        Raises:
-            ValueError: the state is not of these parameters.
-        """
-        names = list(self.params)
-        missing = [i for i in range(len(names)) if f"exp_avg.{i}" not in flat or f"exp_avg_sq.{i}" not in flat]
-        if missing or "step" not in flat:
-            raise ValueError(f"the optimiser state does not fit these parameters ({len(missing)} missing)")
-        for index, name in enumerate(names):
-            for moments, key in ((self.exp_avg, f"exp_avg.{index}"), (self.exp_avg_sq, f"exp_avg_sq.{index}")):
-                if flat[key].shape != self.params[name].shape:
-                    raise ValueError(f"the optimiser state does not fit these parameters ({key} is "
-                                     f"{list(flat[key].shape)}, {name} {list(self.params[name].shape)})")
-                moments[name] = flat[key].to(self.params[name].device, self.params[name].dtype).clone()
-        self.steps = int(flat["step"])
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these frames only."""
+        self.params = {k: p.detach()[rows].requires_grad_(True) for k, p in self.params.items()}
+        self.exp_avg = {k: v[rows] for k, v in self.exp_avg.items()}
+        self.exp_avg_sq = {k: v[rows] for k, v in self.exp_avg_sq.items()}

@@ -11,14 +11,33 @@ import dataclasses
 import hashlib
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-def _check_positive(config: Any, *names: str) -> None:
-    for name in names:
-        if getattr(config, name) <= 0:
-            raise ValueError(f"{type(config).__name__}.{name} must be > 0, got {getattr(config, name)!r}")
+POSITIVE = {"gt": 0}
+NON_NEGATIVE = {"ge": 0}
+"""Bounds of a setting, as its field's metadata: ``field(default=..., metadata=POSITIVE)``."""
+
+
+def _check_settings(config: Any, section: str) -> None:
+    """Each setting of ``config`` against its declaration: a ``Literal``'s choices, and the bounds in its
+    field's metadata (:data:`POSITIVE`, :data:`NON_NEGATIVE`).
+
+    Raises:
+        ValueError: naming the setting as ``section.name``, what it must be and what it is.
+    """
+    hints = typing.get_type_hints(type(config))
+    for spec in dataclasses.fields(config):
+        value, kind, name = getattr(config, spec.name), hints[spec.name], f"{section}.{spec.name}"
+        if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
+            choices = ", ".join(repr(choice) for choice in typing.get_args(kind))
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if "gt" in spec.metadata and not value > spec.metadata["gt"]:
+            raise ValueError(f"{name} must be > {spec.metadata['gt']}, got {value!r}")
+        if "ge" in spec.metadata and not value >= spec.metadata["ge"]:
+            raise ValueError(f"{name} must be >= {spec.metadata['ge']}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -27,15 +46,15 @@ class AlignmentConfig:
 
     detector: Literal["hog", "cnn"] = "hog"
     """dlib's HOG face detector, or its CNN (MMOD) detector: slower, finds more turned faces."""
-    detector_upsample: int = 1
+    detector_upsample: int = field(default=1, metadata=NON_NEGATIVE)
     """How many times the detector upsamples a frame before looking for faces (finds smaller faces)."""
-    detect_max_side: int = 960
+    detect_max_side: int = field(default=960, metadata=NON_NEGATIVE)
     """Faces are detected on a copy of the frame at most this large (0: full size); landmarks always
     use the full frame."""
     face: str = "largest"
     """Which face to follow when there are several: "largest", "N" (N-th largest in the first frame
     with faces, 0 = largest) or "X,Y" (the face at that pixel of that frame)."""
-    max_gap: int = 5
+    max_gap: int = field(default=5, metadata=NON_NEGATIVE)
     """Runs of at most this many frames without the face get interpolated landmarks and are edited;
     longer runs pass through unedited."""
     center_sigma: float = 1.0
@@ -43,15 +62,11 @@ class AlignmentConfig:
     scaled with the clip's frame rate."""
     axes_sigma: float = 3.0
     """Gaussian low-pass over time of the crop's x/y axes, in frames at 25 fps (reference code: 3)."""
-    scale: float = 1.0
+    scale: float = field(default=1.0, metadata=POSITIVE)
     """Crop size relative to the FFHQ crop (1.0 is the FFHQ crop)."""
 
     def __post_init__(self) -> None:
-        if self.detector not in ("hog", "cnn"):
-            raise ValueError(f"alignment.detector must be 'hog' or 'cnn', got {self.detector!r}")
-        if self.detector_upsample < 0 or self.detect_max_side < 0 or self.max_gap < 0:
-            raise ValueError("alignment.detector_upsample, detect_max_side and max_gap must be >= 0")
-        _check_positive(self, "scale")
+        _check_settings(self, "alignment")
         if not re.fullmatch(r"largest|\d+|\d+(\.\d+)?,\d+(\.\d+)?", self.face.replace(" ", "")):
             raise ValueError(f"alignment.face must be 'largest', an index N or a pixel X,Y; got {self.face!r}")
 
@@ -64,36 +79,32 @@ class EncodingConfig:
     """How pivots are found: the profile's encoder (e4e, as the paper; the mobile profile's own encoder,
     trained here), or per-frame optimisation from the average latent (the PTI/stylegan2-ada projector:
     the paper's "w/o e4e" ablation)."""
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=POSITIVE)
     """Crops encoded (or projected) per batch."""
-    projection_steps: int = 450
+    projection_steps: int = field(default=450, metadata=POSITIVE)
     """Optimisation steps per frame when ``method`` is "optimization" (PTI's ``first_inv_steps``)."""
-    projection_lr: float = 5e-3
+    projection_lr: float = field(default=5e-3, metadata=POSITIVE)
     """Peak learning rate of the projector (PTI's ``first_inv_lr``)."""
     projection_noise_weight: float = 1e5
     """Weight of the projector's noise regularisation (stylegan2-ada's ``regularize_noise_weight``)."""
-    warm_start_steps: int = 0
+    warm_start_steps: int = field(default=0, metadata=NON_NEGATIVE)
     """0: every frame is projected on its own from the average latent (the reference). N > 0: frames
     are projected in order, the first with ``projection_steps`` steps, each next one starting from its
     predecessor's w and noise with N steps: smoother pivots, far fewer steps."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("e4e", "optimization"):
-            raise ValueError(f"encoding.method must be 'e4e' or 'optimization', got {self.method!r}")
-        if self.warm_start_steps < 0:
-            raise ValueError(f"encoding.warm_start_steps must be >= 0, got {self.warm_start_steps}")
-        _check_positive(self, "batch_size", "projection_steps", "projection_lr")
+        _check_settings(self, "encoding")
 
 
 @dataclass(frozen=True)
 class PTIConfig:
     """One generator tuned around all pivots together (paper eq. 1)."""
 
-    lr: float = 3e-5
+    lr: float = field(default=3e-5, metadata=POSITIVE)
     """Adam learning rate."""
-    observations_per_frame: int = 80
+    observations_per_frame: int = field(default=80, metadata=POSITIVE)
     """Train until each frame has been seen this many times."""
-    batch_size: int = 1
+    batch_size: int = field(default=1, metadata=POSITIVE)
     """Frames per optimisation step."""
     lambda_lpips: float = 1.0
     """Weight of LPIPS(c_i, r_i)."""
@@ -105,24 +116,19 @@ class PTIConfig:
     """The regulariser's code is the pivot moved this far towards a random w."""
     locality_psi: float = 0.5
     """Truncation of the random w drawn from the original mapping network."""
-    lpips_resolution: int = 0
+    lpips_resolution: int = field(default=0, metadata=NON_NEGATIVE)
     """Images are area-downsampled to this size before LPIPS (0: the generator's own size, as the
     reference code; LPIPS at 1024 px costs about as much as the generator's backward pass)."""
     seed: int = 0
     """Seeds frame order and the regulariser's random codes."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = field(default=100, metadata=NON_NEGATIVE)
     """Save the tuned generator and optimiser every this many steps, so a stopped run resumes there
     (0: never). Not part of the stage's cache key: it does not change the result."""
     method: Literal["pti", "none"] = "pti"
     """"pti" tunes the generator (the paper); "none" keeps the original generator (the "w/o PTI" ablation)."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("pti", "none"):
-            raise ValueError(f"pti.method must be 'pti' or 'none', got {self.method!r}")
-        for name in ("checkpoint_every", "lpips_resolution"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"pti.{name} must be >= 0, got {getattr(self, name)}")
-        _check_positive(self, "lr", "observations_per_frame", "batch_size")
+        _check_settings(self, "pti")
 
 
 @dataclass(frozen=True)
@@ -138,9 +144,9 @@ class EditingConfig:
 class StitchingConfig:
     """Per-frame stitching tuning (paper eqs. 2-4)."""
 
-    lr: float = 3e-4
+    lr: float = field(default=3e-4, metadata=POSITIVE)
     """Adam learning rate."""
-    steps: int = 100
+    steps: int = field(default=100, metadata=POSITIVE)
     """Optimisation steps per frame."""
     lambda_m: float = 0.01
     """λ_m: weight of the loss that keeps the edit inside the mask."""
@@ -148,22 +154,16 @@ class StitchingConfig:
     """The paper's L1, or the reference code's L2."""
     border_px: int = 50
     """Width of the boundary b = m ⊕ dilate(m), in pixels at 1024 px, scaled to the model size."""
-    early_stop_loss: float = 0.0
+    early_stop_loss: float = field(default=0.0, metadata=NON_NEGATIVE)
     """Stop a frame early once its boundary loss falls below this (0 never stops early)."""
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=POSITIVE)
     """Frames tuned at once, each with its own copy of the weights."""
     method: Literal["tuning", "none"] = "tuning"
     """"tuning" is the paper's stitching tuning; "none" keeps the raw edit e_i (the "w/o stitching"
     ablation: pair it with blending.method "mask" or "poisson")."""
 
     def __post_init__(self) -> None:
-        if self.loss not in ("l1", "l2"):
-            raise ValueError(f"stitching.loss must be 'l1' or 'l2', got {self.loss!r}")
-        if self.method not in ("tuning", "none"):
-            raise ValueError(f"stitching.method must be 'tuning' or 'none', got {self.method!r}")
-        if self.early_stop_loss < 0:
-            raise ValueError(f"stitching.early_stop_loss must be >= 0, got {self.early_stop_loss}")
-        _check_positive(self, "lr", "steps", "batch_size")
+        _check_settings(self, "stitching")
 
 
 @dataclass(frozen=True)
@@ -174,14 +174,11 @@ class BlendingConfig:
     """"feather": through the dilated mask m^d with a Gaussian edge (the paper); "mask": a hard paste
     inside the segmentation mask m; "poisson": Poisson blending (OpenCV seamlessClone) inside m.
     The last two are the paper's blending baselines."""
-    feather_px: float = 12.0
+    feather_px: float = field(default=12.0, metadata=NON_NEGATIVE)
     """Gaussian feathering of the mask edge (sigma, pixels at 1024 px, scaled to the crop)."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("feather", "mask", "poisson"):
-            raise ValueError(f"blending.method must be 'feather', 'mask' or 'poisson', got {self.method!r}")
-        if self.feather_px < 0:
-            raise ValueError(f"blending.feather_px must be >= 0, got {self.feather_px}")
+        _check_settings(self, "blending")
 
 
 @dataclass(frozen=True)
@@ -292,3 +289,61 @@ def ablations_of(config: RunConfig) -> list[str]:
                for stage, fields in settings.items() for field_name, value in fields.items()):
             found.append(name)
     return found
+
+
+# --- profiles and qualities ---------------------------------------------------------------------
+
+PROFILES = ("tiny", "ffhq", "mobile")
+"""The sets of networks a run can use (:mod:`stitchtime_core.models.profiles` loads them)."""
+QUALITIES = ("preview", "paper")
+
+
+def default_quality(device: str) -> str:
+    """``paper`` on a GPU, ``preview`` on a CPU, where the paper's settings take hours per clip."""
+    return "paper" if str(device).startswith("cuda") else "preview"
+
+
+def profile_defaults(profile: str, quality: str = "paper") -> RunConfig:
+    """The run config a profile starts from at a quality.
+
+    ``paper``: the paper's values (section 3.5). ``preview``: fewer steps, for CPUs (see
+    :data:`PREVIEW`). The tiny networks start from random weights and have settings of their own at
+    both qualities: PTI needs a larger learning rate and batches to fit the frames within a CPU-minute,
+    and stitching tuning takes fewer steps (at the paper's learning rate: a larger one blurs the face it
+    should keep). The projector (the "w/o e4e" ablation) needs a larger learning rate too: the tiny W
+    space is wider (spread about 6.4), and at 5e-3 its LPIPS only falls from 0.11 to 0.065 in 20 steps.
+    The run's config file records the values used.
+    """
+    if quality not in QUALITIES:
+        raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    if profile == "tiny":
+        return RunConfig(
+            encoding=EncodingConfig(projection_steps=100, projection_lr=0.02),
+            pti=PTIConfig(lr=1e-2, observations_per_frame=32, batch_size=4),
+            stitching=StitchingConfig(steps=25),
+        )
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return PREVIEW if quality == "preview" else RunConfig()
+
+
+def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """The profile's defaults at a quality, then the user's overrides; the edits are set per output."""
+    return with_overrides(profile_defaults(profile, quality), overrides or {})
+
+
+PREVIEW = RunConfig(
+    encoding=EncodingConfig(projection_steps=100, warm_start_steps=10),
+    pti=PTIConfig(lr=3e-4, observations_per_frame=4, lambda_r=0.0, lpips_resolution=256),
+    stitching=StitchingConfig(lr=1e-4, steps=10, batch_size=1),
+)
+"""``--quality preview`` for the real profiles: what a CPU does in minutes per clip instead of hours.
+
+PTI sees each frame 4 times instead of 80, at PTI's single-image learning rate (3e-4) instead of
+STIT's 3e-5, without the locality regulariser (which doubles a step's cost; STIT's own ``train.py``
+leaves it off), with LPIPS at 256 px instead of 1024 px (as the projector measures it). Stitching
+tuning takes 10 steps instead of 100, at 1e-4 instead of 3e-4 (on MobileStyleGAN, 10 steps at 3e-4
+soften the face; at 1e-4 the boundary error falls as far and the face stays sharp), one frame at a
+time (on a CPU, several frames at once only add work). Optimisation pivots take 100 steps for the
+first frame and 10 for each next one, which starts from its neighbour's.
+"""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitchtime_core.adam import Adam
+from stitchtime_core.adam import adam_for, adam_step
 from stitchtime_core.config import EncodingConfig
 from stitchtime_core.models.stylegan2 import Generator
 
@@ -193,7 +193,7 @@ def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, ste
     for maps in noise.values():
         maps.requires_grad_(True)
     w = w.clone().requires_grad_(True)
-    adam = Adam({"w": w, **noise}, lr=config.projection_lr)
+    adam = adam_for([w, *noise.values()], lr=config.projection_lr)
 
     def render(frame_noise: dict[str, torch.Tensor], ws: torch.Tensor) -> torch.Tensor:
         # One frame (vmap strips the batch): the generator with this frame's noise maps.
@@ -206,7 +206,7 @@ def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, ste
     with torch.enable_grad():
         for step in range(steps):
             t = step / steps
-            adam.lr = learning_rate(t, config.projection_lr)
+            adam.param_groups[0]["lr"] = learning_rate(t, config.projection_lr)
             noise_scale = w_std * initial_noise * max(0.0, 1.0 - t / NOISE_RAMP_LENGTH) ** 2
             ws = (w + w_noise[:, step] * noise_scale).unsqueeze(1).repeat([1, G.num_ws, 1])
             images = torch.func.vmap(render)(noise, ws)
@@ -215,7 +215,7 @@ def _project_batch(G: Generator, targets: torch.Tensor, frame_ids: range, *, ste
             # Sums over frames: each frame's gradient is the one it would get alone.
             distance = lpips_fn(images, targets).sum()
             loss = distance + config.projection_noise_weight * noise_regularization(list(noise.values())).sum()
-            adam.step(torch.autograd.grad(loss, list(adam.params.values())))
+            adam_step(adam, loss)
             with torch.no_grad():
                 _normalize_(noise)
             if on_step is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitchtime_core.adam import Adam
+from stitchtime_core.adam import adam_for, adam_state, adam_step, load_adam_state
 from stitchtime_core.config import PTIConfig
 from stitchtime_core.models.stylegan2 import Generator
 from stitchtime_core.projector import LOSS_RESOLUTION
@@ -100,7 +100,8 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
     num_frames, total = pivots.shape[0], pti_steps(pivots.shape[0], config)
     tuned = copy.deepcopy(G).train().requires_grad_(False)
     tuned.synthesis.requires_grad_(True)
-    adam = Adam(dict(tuned.synthesis.named_parameters()), lr=config.lr)
+    params = list(tuned.synthesis.parameters())
+    adam = adam_for(params, lr=config.lr)
     losses: list[float] = []
     start = 0
     if resume is not None:
@@ -108,7 +109,7 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
             raise ValueError(f"checkpoint at step {resume.step} does not fit a run of {total} steps")
         tuned.synthesis.load_state_dict(resume.synthesis)
         try:
-            adam.load_state(resume.optimizer)
+            load_adam_state(adam, resume.optimizer)
         except ValueError as exc:
             raise ValueError(f"the checkpoint does not fit this generator: {exc}") from None
         start, losses = resume.step, list(resume.losses)
@@ -128,14 +129,14 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
             moved = tuned.synthesis(codes, noise_mode="const", force_fp32=True)
             loss = loss + config.lambda_r * (F.mse_loss(moved, original)
                                              + _lpips(lpips_fn, moved, original, config.lpips_resolution).mean())
-        adam.step(torch.autograd.grad(loss, list(adam.params.values()), allow_unused=True))
+        adam_step(adam, loss)
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, total, losses[-1])
         if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
                 and step + 1 < total:
             checkpoint(PTICheckpoint(step + 1, _detached(tuned.synthesis.state_dict()),
-                                     adam.state(), list(losses)))
+                                     adam_state(adam), list(losses)))
     return PTIResult(tuned.eval().requires_grad_(False), losses, total)
 
 
@@ -206,3 +207,4 @@ def _as_images(crops: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
+

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, vmap
 
-from stitchtime_core.adam import Adam
+from stitchtime_core.adam import BatchedAdam
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.models.stylegan2 import Generator
 
@@ -130,7 +130,7 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
     forward = alone if frames == 1 else vmap(one_frame)
     params = {name: p.detach().unsqueeze(0).repeat(frames, *[1] * p.ndim).requires_grad_(True)
               for name, p in synthesis.named_parameters()}
-    adam = _BatchedAdam(params, lr=config.lr)
+    adam = BatchedAdam(params, lr=config.lr)
     active = torch.arange(frames, device=w.device)
     stitched = torch.empty_like(edit)
     steps = torch.zeros(frames, dtype=torch.int64)
@@ -158,16 +158,3 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
     if progress is not None:
         progress(len(active))
     return stitched, steps
-
-
-class _BatchedAdam(Adam):
-    """Adam over stacked per-frame parameters [frames, ...]: one state per frame (the update is
-    elementwise), with frames that can leave the batch."""
-
-    def select(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: p.detach()[rows] for k, p in self.params.items()}
-
-    def keep(self, rows: torch.Tensor) -> None:
-        self.params = {k: p.detach()[rows].requires_grad_(True) for k, p in self.params.items()}
-        self.exp_avg = {k: v[rows] for k, v in self.exp_avg.items()}
-        self.exp_avg_sq = {k: v[rows] for k, v in self.exp_avg_sq.items()}

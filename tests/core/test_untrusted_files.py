@@ -6,8 +6,9 @@ carries the payload, an ``.npy`` of dtype object). Each must refuse the file wit
 :class:`InputError` naming it, and the marker must never appear. The controls show that each payload
 and each container really runs when loaded the unsafe way, so these tests can fail.
 
-Prefect result records in the store are a loader too: Prefect decodes a record with whatever serializer
-the record names, pickle included, so a record planted in a shared store is checked here end to end.
+Prefect result records would be a loader too: Prefect decodes a record with whatever serializer the
+record names, pickle included. Stages keep no Prefect records (their one cache is the store's
+``done.json``), so a record planted in a shared store is checked here end to end: it never runs.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ import pytest
 import torch
 from cli_runner import run_cli
 from fake_official import RunsCommandWhenUnpickled
-from prefect import flow, task
+from prefect import flow
 from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
-from prefect.results import ResultStore
 from prefect.serializers import CompressedSerializer, PickleSerializer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -44,17 +44,7 @@ from stitchtime_core.models.bisenet import load_bisenet
 from stitchtime_core.models.e4e_checkpoint import load_e4e_checkpoint
 from stitchtime_core.models.mobile_encoder import alexnet_features, load_mobile_encoder
 from stitchtime_core.models.profiles import load_models
-from tasks.caching import (
-    MARKER,
-    RECORD,
-    STAGE_RESULTS,
-    StageRef,
-    StageRefSerializer,
-    StageResults,
-    cache_key_fn,
-    record_path,
-    save_stage_results,
-)
+from tasks import stages
 from tasks.store import open_store
 
 # --- payloads: objects whose unpickling creates a marker file ----------------------------------------
@@ -281,8 +271,8 @@ def test_the_cli_refuses_a_malicious_file_in_one_line(case: str, tmp_path: Path,
 
 # --- Prefect result records in the store -----------------------------------------------------------
 
-KEY = "probe/" + "0" * 32
-"""A stage key; the planted record lies under it."""
+RECORD = "prefect-result.json"
+"""Where Prefect's record of a stage task's result would lie, beside the stage's artifacts."""
 
 RECORD_SERIALIZERS = {
     "cloudpickle": lambda: PickleSerializer(),
@@ -306,12 +296,6 @@ def _planted_record(serializer_name: str, marker: Path, *, old_layout: bool = Fa
     return blob
 
 
-def _plant_record(store_uri: str, blob: bytes) -> None:
-    store = open_store(store_uri)
-    store.put_bytes(f"{KEY}/{RECORD}", blob)
-    store.put_json(f"{KEY}/{MARKER}", {"stage": "probe", "info": {}, "seconds": 0.0})
-
-
 @pytest.mark.parametrize("old_layout", [False, True], ids=["record", "old-record"])
 @pytest.mark.parametrize("serializer", RECORD_SERIALIZERS)
 def test_control_prefect_runs_the_payload_of_a_planted_record(serializer: str, old_layout: bool,
@@ -321,29 +305,10 @@ def test_control_prefect_runs_the_payload_of_a_planted_record(serializer: str, o
     assert marker.exists()
 
 
-@pytest.mark.parametrize("old_layout", [False, True], ids=["record", "old-record"])
-@pytest.mark.parametrize("serializer", RECORD_SERIALIZERS)
-def test_a_planted_record_is_a_cache_miss_and_never_runs(serializer: str, old_layout: bool, tmp_path: Path) -> None:
-    marker = tmp_path / "payload-ran"
-    store_uri = (tmp_path / "store").as_uri()
-    _plant_record(store_uri, _planted_record(serializer, marker, old_layout=old_layout))
-    path = record_path(store_uri, KEY)
-    assert StageResults().read_path(path) is None
-    # What Prefect's task engine asks before it reads a cached result.
-    assert not ResultStore(result_storage=StageResults(), serializer=StageRefSerializer()).exists(path)
-    assert not marker.exists()
-
-
-@task(cache_key_fn=cache_key_fn(lambda **_: KEY), result_storage=STAGE_RESULTS,
-      result_serializer=StageRefSerializer(), persist_result=True, cache_result_in_memory=False)
-def probe_stage(store_uri: str) -> StageRef:
-    return StageRef("probe", KEY, False, 0.0)
-
-
 @flow(persist_result=False)
-def probe_flow(store_uri: str) -> str:
-    save_stage_results()
-    return probe_stage(store_uri, return_state=True).name
+def probe_flow(store_uri: str, source: str) -> tuple[str, str]:
+    state = stages.probe_video(store_uri, source, return_state=True)
+    return state.name, state.result().key
 
 
 @pytest.fixture
@@ -355,11 +320,14 @@ def prefect_api(prefect_server: str) -> Iterator[str]:
         EventsWorker.drain_all(timeout=10)
 
 
-def test_a_stage_task_runs_again_over_a_planted_record_and_replaces_it(tmp_path: Path, prefect_api: str) -> None:
+@pytest.mark.parametrize("serializer", RECORD_SERIALIZERS)
+def test_a_stage_keeps_no_prefect_record_and_never_reads_a_planted_one(serializer: str, tmp_path: Path,
+                                                                       sample_clip: Path, prefect_api: str) -> None:
     marker = tmp_path / "payload-ran"
     store_uri = (tmp_path / "store").as_uri()
-    _plant_record(store_uri, _planted_record("cloudpickle", marker))
-    assert probe_flow(store_uri) == "Completed"  # not "Cached": the planted record was not taken
+    state, key = probe_flow(store_uri, str(sample_clip))
+    store = open_store(store_uri)
+    assert state == "Completed" and sorted(store.list(key)) == [f"{key}/{stages.MARKER}", f"{key}/probe.json"]
+    store.put_bytes(f"{key}/{RECORD}", _planted_record(serializer, marker))
+    assert probe_flow(store_uri, str(sample_clip)) == ("Cached", key)  # done.json says it is done
     assert not marker.exists()
-    assert StageResults().read_path(record_path(store_uri, KEY)) is not None  # our own record replaced it
-    assert probe_flow(store_uri) == "Cached"

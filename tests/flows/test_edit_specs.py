@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import pytest
 
-from flows.cli import _overrides, parse_edit_spec
+from flows.edit_spec import parse_edit_spec, run_overrides
 from flows.edit_video import check_outputs, output_label, output_paths
 from stitchtime_core.config import ABLATIONS
 from stitchtime_core.errors import InputError
@@ -93,9 +93,10 @@ def test_no_output_may_be_the_source(tmp_path: Path) -> None:
 
 
 def test_ablations_become_settings_and_an_explicit_set_wins() -> None:
-    assert _overrides(("no-e4e", "no-pti"), []) == {"encoding": {"method": "optimization"}, "pti": {"method": "none"}}
-    assert _overrides(("no-stitching",), [("blending", "method", "poisson"), ("stitching", "steps", "5")]) == {
+    assert run_overrides(("no-e4e", "no-pti"), []) == {"encoding": {"method": "optimization"},
+                                                       "pti": {"method": "none"}}
+    assert run_overrides(("no-stitching",), [("blending", "method", "poisson"), ("stitching", "steps", "5")]) == {
         "stitching": {"method": "none", "steps": "5"}, "blending": {"method": "poisson"}}
-    assert _overrides(("poisson", "poisson"), []) == ABLATIONS["poisson"]
+    assert run_overrides(("poisson", "poisson"), []) == ABLATIONS["poisson"]
     with pytest.raises(click.UsageError, match="no-stitching and --ablation poisson both set blending.method"):
-        _overrides(("no-stitching", "poisson"), [])
+        run_overrides(("no-stitching", "poisson"), [])

@@ -146,6 +146,15 @@ def test_identity_metrics_and_the_report_come_with_the_output(first_run: dict, c
     result = run_cli(["report", str(out)], env=cli_env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"report: {report.resolve()}" and report.read_text() == page
+    # It runs no network: the same summary said to be of the ffhq profile, whose files are nowhere, reports too.
+    elsewhere = json.loads(out.with_name("edited.summary.json").read_text())
+    elsewhere["profile"] = "ffhq"
+    elsewhere["outputs"][0]["output"] = str(tmp_path / "elsewhere.mp4")
+    (tmp_path / "elsewhere.summary.json").write_text(json.dumps(elsewhere))
+    result = run_cli(["report", str(tmp_path / "elsewhere.summary.json")],
+                     env={**cli_env, "STITCHTIME_MODELS": str(tmp_path / "no-models")}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "<img" in (tmp_path / "elsewhere.report.html").read_text()
 
 
 def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cli_env: dict[str, str],
@@ -165,16 +174,13 @@ def test_second_identical_run_reuses_every_stage(first_run: dict, clip: Path, cl
     # Work dropped to nothing: what is left is process start-up and reading small artifacts.
     assert summary["total_seconds"] < 0.2 * first_run["summary"]["total_seconds"]
     assert seconds < first_run["seconds"]
-    # On the Prefect server: one task run per stage, each taken from Prefect's cache without running,
-    # then the delivery of the stored output and its report.
+    # On the Prefect server: one task run per stage, each ending Cached (its done.json was in the store),
+    # then the delivery of the stored output and its report; no Prefect result record anywhere in the store.
     runs = _task_runs(cli_env["PREFECT_API_URL"], summary["flow_run_id"])
     assert sorted(_task_name(run) for run in runs) == sorted(SHARED + PER_OUTPUT + ["deliver", "report"])
     assert {_task_name(run): run.state.name for run in runs} == {**{stage: "Cached" for stage in SHARED + PER_OUTPUT},
                                                                   "deliver": "Completed", "report": "Completed"}
-    records = [workdir / "data" / key / "prefect-result.json"
-               for key in [*summary["artifacts"].values(), *summary["outputs"][0]["artifacts"].values()]]
-    assert all(json.loads(record.read_text())["metadata"]["serializer"]["type"] == "stitchtime-stage-ref"
-               for record in records)
+    assert not list((workdir / "data").rglob("prefect-result*"))
 
 
 def test_ablate_runs_every_variant_reusing_the_stages_they_share(first_run: dict, clip: Path,

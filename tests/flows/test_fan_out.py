@@ -34,6 +34,7 @@ from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import iter_frames
 from flows.stitch_chunk import CHUNK_TIMEOUT_ENV
 from tasks import stages
+from tasks.store import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENT = "stitch-chunk/gpu"
@@ -78,10 +79,11 @@ def prefect(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 
 
 def edit(env: dict[str, str], workdir: Path, clip: Path, store: Path, name: str, *, steps: int = 2,
-         fan_out: str | None = None, background: bool = False) -> subprocess.Popen | dict:
+         fan_out: str | None = None, placement: dict[str, str] | None = None,
+         background: bool = False) -> subprocess.Popen | dict:
     """Run the edit_video flow in a process of its own; its summary, or the process when in the background."""
     args = {"source": str(clip), "out": str(workdir / f"{name}.mp4"), "edits": [[["age", 2.0]]],
-            "store": str(store), "chunk_size": 3, "fan_out": fan_out,
+            "store": str(store), "chunk_size": 3, "fan_out": fan_out, "placement": placement,
             "overrides": {"pti": {"observations_per_frame": 2}, "stitching": {"steps": steps}}}
     with open(workdir / f"{name}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", _EDIT, json.dumps(args)], cwd=workdir, env=env,
@@ -134,9 +136,18 @@ def test_one_command_deploys_the_library_and_stitch_chunk_deployments(env: dict[
     for deployment in (library, stitch):
         assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
             "directory": "{{ $STITCHTIME_ROOT }}"}}]
-    entrypoints = {d["name"]: d["entrypoint"] for d in yaml.safe_load((ROOT / "deployments/prefect.yaml").read_text())
-                   ["deployments"]}
-    assert entrypoints == {"nightly": "flows/edit_library.py:edit_library", "gpu": "flows/stitch_chunk.py:stitch_chunk"}
+    entrypoints = [(d["name"], d["entrypoint"]) for d in yaml.safe_load((ROOT / "deployments/prefect.yaml").read_text())
+                   ["deployments"]]
+    assert entrypoints == [("nightly", "flows/edit_library.py:edit_library"),
+                           ("gpu", "flows/stitch_chunk.py:stitch_chunk"), ("gpu", "flows/run_stage.py:run_stage")]
+    run_stage = client_deployment(env, "run-stage/gpu")
+    assert run_stage.work_pool_name == "gpu" and not run_stage.schedules and run_stage.parameters == {}
+    assert library.job_variables["env"]["STITCHTIME_PLACEMENT"] == "encode=run-stage/gpu,pti=run-stage/gpu"
+
+
+def client_deployment(env: dict[str, str], name: str):  # noqa: ANN201 - a Prefect deployment
+    with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        return client.read_deployment_by_name(name)
 
 
 def test_a_chunk_survives_the_trip_through_flow_run_parameters(tmp_path: Path) -> None:
@@ -151,15 +162,17 @@ def test_a_chunk_survives_the_trip_through_flow_run_parameters(tmp_path: Path) -
 
 @pytest.fixture(scope="module")
 def pool(env: dict[str, str]) -> str:
-    """A `gpu` process work pool of this run's own, and a stitch-chunk deployment of the same name on it.
+    """A `gpu` process work pool of this run's own, and stitch-chunk and run-stage deployments of the same
+    name on it.
 
-    Deployed with prefect.yaml's pull step, like the `gpu` deployment; it runs chunks on the CPU
+    Deployed with prefect.yaml's pull step, like the `gpu` deployments; they run on the CPU
     (``device=cpu``), so that results match the in-process run wherever the test runs.
     """
     name = f"gpu-{uuid.uuid4().hex[:8]}"
     prefect(["work-pool", "create", name, "--type", "process"], env)
-    prefect(["deploy", "flows/stitch_chunk.py:stitch_chunk", "--name", name, "--pool", name,
-             "--param", "device=cpu", "--prefect-file", "deployments/prefect.yaml"], env)
+    for entrypoint in ("flows/stitch_chunk.py:stitch_chunk", "flows/run_stage.py:run_stage"):
+        prefect(["deploy", entrypoint, "--name", name, "--pool", name, "--param", "device=cpu",
+                 "--prefect-file", "deployments/prefect.yaml"], env)
     return name
 
 
@@ -219,6 +232,25 @@ def test_an_unknown_deployment_fails_before_any_stage(env: dict[str, str], workd
     assert proc.wait(timeout=120) != 0
     assert "no deployment 'stitch-chunk/nowhere'" in (workdir / "nowhere.log").read_text()
     assert not (workdir / "store-nowhere" / "probe").exists()
+
+
+def test_encoding_and_pti_placed_on_the_gpu_pool_run_there_whole(env: dict[str, str], pool: str,
+                                                               workers: dict[str, str], workdir: Path, clip: Path,
+                                                               in_process: dict) -> None:
+    deployment = f"run-stage/{pool}"
+    store = workdir / "store-placed"
+    summary = edit(env, workdir, clip, store, "placed", placement={"encode": deployment, "pti": deployment})
+    # Made in this run, elsewhere: under the same keys as in-process, and not reused.
+    assert summary["artifacts"] == in_process["artifacts"] and summary["reused_stages"] == []
+    assert summary["pti"]["placed"]["deployment"] == deployment
+    with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        runs = [run for run in client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id=DeploymentFilterId(any_=[deployment_id]))) if run.parameters["arguments"]["store_uri"] == str(store)]
+    assert sorted(run.parameters["stage"] for run in runs) == ["encode", "pti"]
+    assert all(run.state.is_completed() and run.parent_task_run_id for run in runs)
+    np.testing.assert_array_equal(np.stack(list(iter_frames(workdir / "placed.mp4"))),
+                                  np.stack(list(iter_frames(workdir / "in-process.mp4"))))
 
 
 def test_two_gpu_workers_run_the_chunks_of_one_clip(env: dict[str, str], deployment: str, workers: dict[str, str],
@@ -310,8 +342,8 @@ def test_a_killed_chunk_run_is_run_again_and_finished_chunks_are_not(env: dict[s
     # Nothing partial is visible: every chunk loads whole, and a reader of the store finds nothing else
     # (a chunk the kill cut off while being written would only have left a temp file, which it skips).
     assert all(load_file(store / key / name) for name in after)
-    assert stages.open_store(str(store)).list(f"{key}/") == sorted(
-        f"{key}/{name}" for name in [*after, "done.json", "prefect-result.json"])
+    assert open_store(str(store)).list(f"{key}/") == sorted(
+        f"{key}/{name}" for name in [*after, "done.json"])
 
 
 def test_a_chunk_run_whose_machine_is_lost_is_marked_crashed_and_run_again(

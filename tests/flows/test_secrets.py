@@ -269,7 +269,7 @@ def test_the_searches_reach_what_the_runs_wrote(everything: dict[str, dict[str, 
     flow_run_id = json.loads(runs["working"].stdout)["flow_run_id"]
     assert any(name.endswith("edited.summary.json") for name in everything["files"])
     assert any(name.endswith("edited.report.html") for name in everything["files"])
-    assert any(name.endswith("prefect-result.json") for name in everything["s3 prefix"])
+    assert any(name.endswith("done.json") for name in everything["s3 prefix"])
     for kind in ("prefect server api", "prefect server files"):
         assert _leaks(everything[kind], {"store prefix": prefix, "flow run": flow_run_id}), kind
     assert _leaks(everything["files"], {"store prefix": prefix})
@@ -281,14 +281,3 @@ def test_the_searches_reach_what_the_runs_wrote(everything: dict[str, dict[str, 
 def test_no_secret_is_anywhere(kind: str, everything: dict[str, dict[str, bytes]], secrets: Secrets) -> None:
     assert everything[kind], f"nothing was searched in {kind}"
     assert _leaks(everything[kind], secrets.all()) == []
-
-
-def test_the_stage_results_block_holds_no_settings(prefect_server: str, runs) -> None:
-    """tasks/caching.py saves the block that names the stage results' storage: it must hold nothing."""
-    with httpx.Client(base_url=prefect_server, timeout=60) as http:
-        response = http.post("/block_documents/filter", json={
-            "block_types": {"slug": {"any_": ["stitchtime-stage-results"]}}, "include_secrets": True})
-        response.raise_for_status()
-    [document] = response.json()
-    assert document["name"] == "artifact-store"
-    assert set(document["data"]) <= {"block_type_slug", "_is_anonymous"}  # Prefect's own bookkeeping only

@@ -4,6 +4,7 @@ run, and every long stage's count reaching its total."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import re
 import sys
@@ -23,8 +24,9 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from stitchtime_core.config import EditingConfig, with_overrides
-from stitchtime_core.models.profiles import profile_defaults
+from stitchtime_core.config import profile_defaults
 from stitchtime_core.sample_clip import make_sample_clip
+from stage_runs import stitch_here
 from tasks import progress, stages
 from tasks.progress import PROGRESS_ENV, artifact_key, stage_progress
 
@@ -189,8 +191,13 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
         yield advance
 
-    monkeypatch.setattr(stages, "stage_progress", record)
+    for stage in ("landmarks", "align", "encode", "pti", "stitch", "render"):
+        monkeypatch.setattr(importlib.import_module(f"tasks.stages.{stage}"), "stage_progress", record)
     return seen
+
+
+TINY = stages.Runtime("tiny")
+"""The tiny profile on the CPU."""
 
 
 def test_every_long_stage_counts_up_to_its_total(tmp_path: Path, recorded: list[dict[str, Any]]) -> None:
@@ -199,15 +206,15 @@ def test_every_long_stage_counts_up_to_its_total(tmp_path: Path, recorded: list[
     config = with_overrides(profile_defaults("tiny"), {"pti": {"observations_per_frame": "1", "batch_size": "8"},
                                                        "stitching": {"steps": "1", "batch_size": "3"}})
     store = str(tmp_path / "store")
-    probe = stages.probe_video.fn(store, source)
-    landmarks = stages.detect_landmarks.fn(store, source, probe, config.alignment)
-    align = stages.align_faces.fn(store, source, probe, landmarks, config.alignment, 64)
-    pivots = stages.encode_pivots.fn(store, align, config.encoding, "tiny", None, "cpu")
-    pti = stages.tune_pti.fn(store, align, pivots, config.pti, "tiny", None, "cpu")
-    edit = stages.edit_pivots.fn(store, pivots, EditingConfig(edits=(("age", 2.0),)), "tiny", None, "cpu")
-    stitch = stages.stitch_tune.fn(store, align, pti, edit, config.stitching, "tiny", None, "cpu", chunk_size=2)
-    stages.render_output.fn(store, source, probe, align, stitch, config.blending, config.output,
-                            str(tmp_path / "out.mp4"))
+    probe = stages.call(stages.probe_video, store, source)
+    landmarks = stages.call(stages.detect_landmarks, store, source, probe, config.alignment)
+    align = stages.call(stages.align_faces, store, source, probe, landmarks, config.alignment, 64)
+    pivots = stages.call(stages.encode_pivots, store, align, config.encoding, TINY)
+    pti = stages.call(stages.tune_pti, store, align, pivots, config.pti, TINY)
+    edit = stages.call(stages.edit_pivots, store, pivots, EditingConfig(edits=(("age", 2.0),)), TINY)
+    stitch = stitch_here(store, align, pti, edit, config.stitching, TINY, chunk_size=2)
+    stages.call(stages.render_output, store, source, probe, align, stitch, config.blending, config.output,
+                str(tmp_path / "out.mp4"))
     # Fanned out: a runner that stitches the chunks here, as the workers would, and reports each one done.
     def run_chunks(chunks: list[stages.StitchChunk], done: Callable[[int], None]) -> dict[str, Any]:
         results = []
@@ -217,7 +224,7 @@ def test_every_long_stage_counts_up_to_its_total(tmp_path: Path, recorded: list[
         return {"chunks": results}
 
     other = with_overrides(config, {"stitching": {"batch_size": "2"}}).stitching
-    stages.stitch_tune.fn(store, align, pti, edit, other, "tiny", None, "cpu", chunk_size=2, run_chunks=run_chunks)
+    stitch_here(store, align, pti, edit, other, TINY, chunk_size=2, run_chunks=run_chunks)
 
     assert all(entry["done"] == entry["total"] for entry in recorded), recorded
     short = lambda ref: ref.key.rsplit("/", 1)[-1][:8]  # noqa: E731

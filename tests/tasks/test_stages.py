@@ -1,4 +1,4 @@
-"""The stage tasks' own behaviour, called as plain functions (``task.fn``) on a short real clip:
+"""The stage tasks' own behaviour, their code called without Prefect (``stages.call``) on a short real clip:
 the ablation settings change what they say, PTI resumes from its checkpoint, render blends each way."""
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ import torch
 
 from stitchtime_core.config import (BlendingConfig, EditingConfig, OutputConfig, RunConfig, StitchingConfig,
                                     with_overrides, ABLATIONS)
-from stitchtime_core.models.profiles import profile_defaults
+from stitchtime_core.config import profile_defaults
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.tensors import tensor_to_images
 from stitchtime_core.video import iter_frames, probe
+from stage_runs import stitch_here
 from tasks import stages
 from tasks.store import open_store
 
+TINY = stages.Runtime("tiny")
+"""The tiny profile on the CPU."""
 FAST = {"pti": {"observations_per_frame": "2", "batch_size": "4", "checkpoint_every": "2"},
         "stitching": {"steps": "3"}, "encoding": {"projection_steps": "5"}}
 EDIT = EditingConfig(edits=(("age", 2.0),))
@@ -38,8 +41,9 @@ class Upstream:
 
 
 def _stitch(up: Upstream, config: StitchingConfig, pti: stages.StageRef | None = None) -> stages.StageRef:
-    edit = up.edit if pti is None else stages.edit_pivots.fn(up.store_uri, up.pivots, EDIT, "tiny", None, "cpu")
-    return stages.stitch_tune.fn(up.store_uri, up.align, pti or up.pti, edit, config, "tiny", None, "cpu", chunk_size=4)
+    edit = up.edit if pti is None else stages.call(stages.edit_pivots, up.store_uri, up.pivots, EDIT, "tiny", None,
+                                                   "cpu")
+    return stitch_here(up.store_uri, up.align, pti or up.pti, edit, config, TINY, chunk_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +53,12 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
     make_sample_clip(source, seconds=0.4, fps=Fraction(25), size=(192, 192))  # 10 frames
     config = with_overrides(profile_defaults("tiny"), FAST)
     store_uri = str(folder / "store")
-    p = stages.probe_video.fn(store_uri, source)
-    landmarks = stages.detect_landmarks.fn(store_uri, source, p, config.alignment)
-    align = stages.align_faces.fn(store_uri, source, p, landmarks, config.alignment, 64)
-    pivots = stages.encode_pivots.fn(store_uri, align, config.encoding, "tiny", None, "cpu")
-    pti = stages.tune_pti.fn(store_uri, align, pivots, config.pti, "tiny", None, "cpu")
-    edit = stages.edit_pivots.fn(store_uri, pivots, EDIT, "tiny", None, "cpu")
+    p = stages.call(stages.probe_video, store_uri, source)
+    landmarks = stages.call(stages.detect_landmarks, store_uri, source, p, config.alignment)
+    align = stages.call(stages.align_faces, store_uri, source, p, landmarks, config.alignment, 64)
+    pivots = stages.call(stages.encode_pivots, store_uri, align, config.encoding, TINY)
+    pti = stages.call(stages.tune_pti, store_uri, align, pivots, config.pti, TINY)
+    edit = stages.call(stages.edit_pivots, store_uri, pivots, EDIT, TINY)
     return Upstream(store_uri, source, config, p, align, pivots, pti, edit)
 
 
@@ -66,7 +70,7 @@ def _chunks(up: Upstream, stitch: stages.StageRef) -> dict[str, torch.Tensor]:
 
 def test_optimisation_pivots_are_w_codes_unlike_e4e(up: Upstream) -> None:
     config = with_overrides(up.config, ABLATIONS["no-e4e"]).encoding
-    projected = stages.encode_pivots.fn(up.store_uri, up.align, config, "tiny", None, "cpu")
+    projected = stages.call(stages.encode_pivots, up.store_uri, up.align, config, TINY)
     store = open_store(up.store_uri)
     w = store.get_tensors(f"{projected.key}/pivots.safetensors")["pivots"]
     e4e = store.get_tensors(f"{up.pivots.key}/pivots.safetensors")["pivots"]
@@ -77,13 +81,13 @@ def test_optimisation_pivots_are_w_codes_unlike_e4e(up: Upstream) -> None:
 
 
 def test_no_pti_keeps_the_original_generator(up: Upstream) -> None:
-    no_pti = stages.tune_pti.fn(up.store_uri, up.align, up.pivots, dataclasses.replace(up.config.pti, method="none"),
-                                "tiny", None, "cpu")
+    no_pti = stages.call(stages.tune_pti, up.store_uri, up.align, up.pivots,
+                         dataclasses.replace(up.config.pti, method="none"), TINY)
     assert no_pti.info == {"method": "none", "steps": 0}
     assert not open_store(up.store_uri).exists(f"{no_pti.key}/generator.safetensors")
     raw = dataclasses.replace(up.config.stitching, method="none")
     with_original, with_pti = _chunks(up, _stitch(up, raw, no_pti)), _chunks(up, _stitch(up, raw))
-    models = stages.stage_models("tiny", None, "cpu")
+    models = TINY.networks
     latents = open_store(up.store_uri).get_tensors(f"{up.edit.key}/latents.safetensors")["latents"]
     with torch.no_grad():
         original = models.generator.synthesis(latents, noise_mode="const")
@@ -111,8 +115,8 @@ def test_each_blending_method_pastes_its_own_way(up: Upstream, tmp_path: Path) -
     for method in ("feather", "mask", "poisson"):
         out = str(tmp_path / f"{method}.mp4")
         blending = BlendingConfig(method=method)
-        stages.render_output.fn(up.store_uri, up.source, up.probe, up.align, stitch, blending,
-                                OutputConfig(crf=0, preset="ultrafast", pix_fmt="yuv444p"), out)
+        stages.call(stages.render_output, up.store_uri, up.source, up.probe, up.align, stitch, blending,
+                    OutputConfig(crf=0, preset="ultrafast", pix_fmt="yuv444p"), out)
         frames[method] = np.stack(list(iter_frames(out, probe(out)))).astype(int)
     source = np.stack(list(iter_frames(up.source, probe(up.source)))).astype(int)
     changed = {name: (np.abs(f - source).max(axis=-1) > 3).mean() for name, f in frames.items()}
@@ -132,7 +136,7 @@ def test_pti_stage_resumes_from_its_checkpoint(up: Upstream, tmp_path: Path, mon
     for ref in (up.align, up.pivots):  # the same inputs in a store of its own
         for key in source_store.list(ref.key):
             store.put_bytes(key, source_store.get_bytes(key))
-    real = stages.tune_generator
+    real = stages.pti.tune_generator
 
     def killed_after_first_checkpoint(*args, checkpoint, **kwargs):
         def save_then_die(state):
@@ -141,11 +145,11 @@ def test_pti_stage_resumes_from_its_checkpoint(up: Upstream, tmp_path: Path, mon
 
         return real(*args, checkpoint=save_then_die, **kwargs)
 
-    monkeypatch.setattr(stages, "tune_generator", killed_after_first_checkpoint)
+    monkeypatch.setattr(stages.pti, "tune_generator", killed_after_first_checkpoint)
     with pytest.raises(_Killed):
-        stages.tune_pti.fn(store_uri, up.align, up.pivots, up.config.pti, "tiny", None, "cpu")
-    monkeypatch.setattr(stages, "tune_generator", real)
-    resumed = stages.tune_pti.fn(store_uri, up.align, up.pivots, up.config.pti, "tiny", None, "cpu")
+        stages.call(stages.tune_pti, store_uri, up.align, up.pivots, up.config.pti, TINY)
+    monkeypatch.setattr(stages.pti, "tune_generator", real)
+    resumed = stages.call(stages.tune_pti, store_uri, up.align, up.pivots, up.config.pti, TINY)
     assert resumed.key == up.pti.key and not resumed.reused
     assert resumed.info["resumed_from_step"] == 2 and up.pti.info["resumed_from_step"] == 0
     assert resumed.info["last_loss"] == up.pti.info["last_loss"]
@@ -156,6 +160,6 @@ def test_pti_stage_resumes_from_its_checkpoint(up: Upstream, tmp_path: Path, mon
 
 
 def test_the_checkpoint_interval_is_not_part_of_the_pti_key(up: Upstream) -> None:
-    again = stages.tune_pti.fn(up.store_uri, up.align, up.pivots,
-                               dataclasses.replace(up.config.pti, checkpoint_every=7), "tiny", None, "cpu")
+    again = stages.call(stages.tune_pti, up.store_uri, up.align, up.pivots,
+                               dataclasses.replace(up.config.pti, checkpoint_every=7), TINY)
     assert again.reused and again.key == up.pti.key

@@ -17,7 +17,7 @@ from stitchtime_core.errors import InputError, NoFaceError
 from stitchtime_core.identity import DlibIdentity, load_dlib_identity
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import VideoWriter, iter_frames, probe
-from tasks.metrics import find_quads, measure_pair, measure_videos
+from stitchtime_core.measure import find_quads, measure_pair, measure_videos
 
 FRAMES = 10
 

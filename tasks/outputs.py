@@ -1,0 +1,302 @@
+"""A run's outputs on the user's disk: their names, the checks made before any work, and the JSON beside them.
+
+One run writes one video per edit set: ``--out`` itself for one, ``<out stem>.<label><suffix>`` beside it
+for several, each with its report; the run's summary and config go beside ``--out``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from stitchtime_core.config import RunConfig, ablations_of, to_dict
+from stitchtime_core.errors import InputError
+from stitchtime_core.files import write_output
+from stitchtime_core.video import probe, same_file
+from tasks.stages import StageRef
+from tasks.store import open_store
+
+EditSet = list[tuple[str, float]]
+"""The (direction, strength) pairs applied together to make one output."""
+
+
+def _direction_label(name: str) -> str:
+    path = Path(name)
+    if path.suffix in (".npy", ".pt") or "/" in name or os.sep in name:
+        name = path.stem
+    name = re.sub(r"\s+", "-", name.strip())
+    return re.sub(r"[^A-Za-z0-9._-]+", "", name).strip(".") or "edit"
+
+
+def _strength_label(strength: float) -> str:
+    strength += 0.0  # -0.0 becomes 0.0
+    short = f"{strength:+g}"
+    return short if float(short) == strength else f"{strength:+}"
+
+
+def output_label(edit_set: EditSet) -> str:
+    """A short, filesystem-safe name of an edit set: ``age+2``, ``age-4``, ``age+2_smile+1``, ``sefa3+1.5``.
+
+    A direction file is named by its file stem.
+    """
+    return "_".join(f"{_direction_label(name)}{_strength_label(strength)}" for name, strength in edit_set)
+
+
+def _same_edit(edit_set: EditSet) -> frozenset[tuple[str, float]]:
+    """Edits added together commute: ``age=2+smile=1`` and ``smile=1+age=2`` give the same output."""
+    return frozenset((name, float(strength)) for name, strength in edit_set)
+
+
+def output_paths(out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple[str, Path]]:
+    """(label, path) of each output: ``out`` itself for one edit set, else ``<stem>.<label><suffix>`` beside it.
+
+    Labels are made unique with ``_v2``, ``_v3``… when two edit sets would get the same one.
+
+    Raises:
+        ValueError: no edit set, an empty one, or the same edit set twice.
+    """
+    if not edit_sets or not all(edit_sets):
+        raise ValueError("give at least one edit (NAME=STRENGTH)")
+    seen: set[frozenset[tuple[str, float]]] = set()
+    for edit_set in edit_sets:
+        if _same_edit(edit_set) in seen:
+            raise ValueError(f"the edit {output_label(edit_set)} is asked for twice")
+        seen.add(_same_edit(edit_set))
+    labels: list[str] = []
+    for edit_set in edit_sets:
+        label = base = output_label(edit_set)
+        for n in itertools.count(2):
+            if label.lower() not in (taken.lower() for taken in labels):  # case-insensitive filesystems
+                break
+            label = f"{base}_v{n}"
+        labels.append(label)
+    out = Path(out)
+    if len(edit_sets) == 1:
+        return [(labels[0], out)]
+    return [(label, out.with_name(f"{out.stem}.{label}{out.suffix}")) for label in labels]
+
+
+def report_path(out: str | os.PathLike) -> Path:
+    """Where the report of the output ``out`` goes: ``<out stem>.report.html`` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.report.html")
+
+
+def sidecar_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """Where a run writes its summary and its resolved config: beside ``--out``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.summary.json"), out.with_name(f"{out.stem}.config.json")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary name, so a reader never sees half a file.
+
+    Raises:
+        InputError: ``path`` cannot be written (a full disk, say); no temporary file is left.
+    """
+    write_output(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def check_paths(source: str, out: str | os.PathLike) -> None:
+    """Fail before any work when the input is missing or the output cannot be written."""
+    if not os.path.isfile(source):
+        raise InputError(source, "no such file" if not os.path.exists(source) else "not a file")
+    if not os.access(source, os.R_OK):
+        raise InputError(source, "not readable")
+    out_path = Path(out).resolve()
+    if same_file(out, source):
+        raise InputError(out, "output would overwrite its source")
+    if not out_path.parent.is_dir():
+        raise InputError(out_path.parent, "output folder does not exist")
+    try:  # the real test: permissions, a read-only file system, ACLs (os.access misses some)
+        tempfile.TemporaryFile(dir=out_path.parent).close()
+    except OSError as exc:
+        raise InputError(out_path.parent, f"output folder is not writable ({exc.strerror})") from None
+    if not out_path.suffix:
+        raise InputError(out, "output needs a file extension (e.g. .mp4)")
+
+
+def check_source(source: str) -> None:
+    """Fail before any work when ``source`` is not a video ffprobe can read (:class:`InputError` naming it)."""
+    probe(source)
+
+
+def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple[str, Path]]:
+    """:func:`check_paths` for every output the edit sets make, before any work; returns :func:`output_paths`.
+
+    With several outputs ``--out`` itself is not written (only its summary), so it may name the source.
+    The summary, config and reports written beside the outputs may not name it either.
+    """
+    if not Path(out).suffix:
+        raise InputError(out, "output needs a file extension (e.g. .mp4)")
+    outputs = output_paths(out, edit_sets)
+    for _, path in outputs:
+        check_paths(source, path)
+    for path in [*sidecar_paths(out), *(report_path(path) for _, path in outputs)]:
+        if same_file(path, source):
+            raise InputError(path, "the run's summary, config or report would overwrite its source")
+    return outputs
+
+
+def write_config(path: Path, profile: str, quality: str, config: RunConfig, editing: list[Any]) -> None:
+    """The run's config file: every stage's settings; ``editing`` holds one entry per output, in the order of
+    the summary's outputs."""
+    write_json(path, {"profile": profile, "quality": quality, **to_dict(config),
+                      "editing": [to_dict(entry) for entry in editing]})
+
+
+class Edit(BaseModel):
+    direction: str
+    strength: float
+
+
+class OutputSummary(BaseModel):
+    """One output of a run: its edits, where it went, and its stages (those made for it alone)."""
+
+    edits: list[Edit]
+    label: str
+    output: str
+    seconds: dict[str, float]
+    """What each of its stages took in this run (a reused one: the look-up)."""
+    reused_stages: list[str]
+    artifacts: dict[str, str]
+    """Each of its stages' key in the store."""
+    made_seconds: float
+    """What making this output took when nothing was reused: every stage's time when it was made."""
+    stitching: dict[str, Any]
+    identity: dict[str, Any]
+    report: str
+
+
+class RunSummary(BaseModel):
+    """What a run writes beside ``--out`` (``<out stem>.summary.json``) and its flow returns."""
+
+    input: str
+    flow_run_id: str | None
+    config: str
+    """The run's config file: every stage's settings."""
+    profile: str
+    quality: str
+    device: str
+    store: str
+    ablations: list[str]
+    methods: dict[str, str]
+    frames: int
+    fps: str | float
+    size: list[int]
+    has_audio: bool
+    variable_frame_rate: bool
+    rotation: int
+    edited_frames: int
+    interpolated_frames: list[int]
+    passed_through_frames: list[int]
+    seconds: dict[str, float]
+    """What each shared stage (probe to PTI) took in this run."""
+    total_seconds: float
+    reused_stages: list[str]
+    artifacts: dict[str, str]
+    pti: dict[str, Any]
+    outputs: list[OutputSummary]
+    # With one output, its main facts are at the top as well (the common case reads as before).
+    output: str | None = None
+    stitching: dict[str, Any] | None = None
+    identity: dict[str, Any] | None = None
+    report: str | None = None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> RunSummary:
+        """A run's summary file.
+
+        Raises:
+            OSError: it cannot be read. ValueError: it is not a run summary (naming what is wrong).
+        """
+        return cls.model_validate_json(Path(path).read_text())
+
+    def as_json(self) -> dict[str, Any]:
+        """The summary as the JSON it is written as."""
+        data = self.model_dump(mode="json")
+        if len(self.outputs) != 1:
+            for name in SINGLE_OUTPUT_FIELDS:
+                del data[name]
+        return data
+
+
+SINGLE_OUTPUT_FIELDS = ("output", "stitching", "identity", "report")
+
+
+class AblationRow(BaseModel):
+    """One variant of an ablation table: its scores, cost, and where its output, report and summary are."""
+
+    variant: str
+    tl_id: float | None
+    tg_id: float | None
+    boundary_error: float
+    seconds: float
+    """What the variant costs when nothing is reused: every stage's time when it was made."""
+    output: str
+    report: str
+    summary: str
+
+
+def output_summary(edit_set: EditSet, label: str, path: Path, shared: list[StageRef],
+                   refs: list[StageRef]) -> OutputSummary:
+    """One output's part of the run summary, from the stages run for it (``refs``) and those all outputs share."""
+    by_stage = {ref.stage: ref for ref in refs}
+    return OutputSummary(
+        edits=[Edit(direction=name, strength=strength) for name, strength in edit_set],
+        label=label,
+        output=str(path.resolve()),
+        seconds={ref.stage: round(ref.seconds, 3) for ref in refs},
+        reused_stages=[ref.stage for ref in refs if ref.reused],
+        artifacts={ref.stage: ref.key for ref in refs},
+        made_seconds=round(sum(ref.made_seconds for ref in shared + refs), 3),
+        stitching={k: v for k, v in by_stage["stitch"].info.items() if k != "chunks"},
+        identity=by_stage["measure"].info,
+        report=str(report_path(path).resolve()),
+    )
+
+
+def run_summary(source: str, config_path: Path, *, profile: str, quality: str, device: str, store: str,
+                config: RunConfig, shared: list[StageRef], results: list[OutputSummary], total_seconds: float,
+                flow_run_id: str | None) -> RunSummary:
+    """The run summary written beside ``--out``: the input, settings, every stage's key and seconds, each output."""
+    by_stage = {ref.stage: ref for ref in shared}
+    video, align = by_stage["probe"].info["video"], by_stage["align"].info
+    one = results[0] if len(results) == 1 else None
+    return RunSummary(
+        input=os.path.abspath(source),
+        flow_run_id=flow_run_id,
+        config=str(config_path.resolve()),
+        profile=profile,
+        quality=quality,
+        device=device,
+        store=open_store(store).uri,  # absolute: `stitchtime report` may run from another folder
+        ablations=ablations_of(config),
+        methods={"encoding": config.encoding.method, "pti": config.pti.method,
+                 "stitching": config.stitching.method, "blending": config.blending.method},
+        frames=video["frame_count"],
+        fps=video["fps"],
+        size=[video["width"], video["height"]],
+        has_audio=video["has_audio"],
+        variable_frame_rate=video["variable_frame_rate"],
+        rotation=video["rotation"],
+        edited_frames=align["edited_frames"],
+        interpolated_frames=align["interpolated"],
+        passed_through_frames=align["passed_through"],
+        seconds={ref.stage: round(ref.seconds, 3) for ref in shared},
+        total_seconds=round(total_seconds, 3),
+        reused_stages=[ref.stage for ref in shared if ref.reused]
+                      + [f"{stage}[{result.label}]" for result in results for stage in result.reused_stages],
+        artifacts={ref.stage: ref.key for ref in shared},
+        pti=by_stage["pti"].info,
+        outputs=results,
+        output=one and one.output, stitching=one and one.stitching, identity=one and one.identity,
+        report=one and one.report,
+    )
