@@ -66,14 +66,17 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     quality = quality or default_quality(device)
     config = run_config(profile, quality, overrides)
     store = store or default_store_uri()
-    runtime = stages.Runtime(profile, models_dir, device)
-    resolution = runtime.networks.resolution
-    stages.check_edits(runtime, tuple(edit for edit_set in edit_sets for edit in edit_set))
-    runtime.identity_network  # noqa: B018 - loaded now: a broken ArcFace file fails before the edit
     fan_out = fan_out or os.environ.get(FAN_OUT_ENV) or None
     run_chunks = deployment_runner(fan_out) if fan_out else None  # a wrong name fails now, not after PTI
     placement = placement if placement is not None else parse_placement(os.environ.get(PLACEMENT_ENV))
     check_placement(placement)
+    # A missing or broken model file fails now, before any stage: the networks this process will run load here.
+    runtime = stages.Runtime(profile, models_dir, device)
+    resolution = runtime.networks.resolution
+    if config.encoding.method == "e4e" and "encode" not in placement:
+        runtime.networks.encoder  # noqa: B018
+    stages.check_edits(runtime, tuple(edit for edit_set in edit_sets for edit in edit_set))
+    runtime.identity_network  # noqa: B018
 
     def record(refs: list[stages.StageRef], ref: stages.StageRef, label: str | None = None) -> stages.StageRef:
         refs.append(ref)

@@ -98,7 +98,7 @@ def test_l2_loss_runs_and_lowers_the_boundary_error(case, pti_run):
                            case.boundaries[:1], config=config)
     assert result.stitched.shape == (1, 3, 64, 64) and torch.isfinite(result.stitched).all()
     assert (result.boundary_error_after < result.boundary_error_before).all()
-    with pytest.raises(ValueError, match="'l1' or 'l2'"):
+    with pytest.raises(ValueError, match="stitching.loss must be one of 'l1', 'l2'"):
         stitch_frames(pti_run.result.generator, case.edited_latents[:1], case.crops[:1], case.masks[:1],
                       case.boundaries[:1], config=dataclasses.replace(config, loss="l3"))
 

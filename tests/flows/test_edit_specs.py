@@ -8,7 +8,7 @@ import click
 import pytest
 
 from flows.edit_spec import parse_edit_spec, run_overrides
-from flows.edit_video import check_outputs, output_label, output_paths
+from tasks.outputs import check_outputs, output_label, output_paths
 from stitchtime_core.config import ABLATIONS
 from stitchtime_core.errors import InputError
 

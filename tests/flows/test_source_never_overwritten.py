@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.edit_video import check_outputs
+from tasks.outputs import check_outputs
 from stitchtime_core.errors import InputError
 from stitchtime_core.sample_clip import make_sample_clip
 from tasks import library

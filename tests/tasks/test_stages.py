@@ -41,8 +41,7 @@ class Upstream:
 
 
 def _stitch(up: Upstream, config: StitchingConfig, pti: stages.StageRef | None = None) -> stages.StageRef:
-    edit = up.edit if pti is None else stages.call(stages.edit_pivots, up.store_uri, up.pivots, EDIT, "tiny", None,
-                                                   "cpu")
+    edit = up.edit if pti is None else stages.call(stages.edit_pivots, up.store_uri, up.pivots, EDIT, TINY)
     return stitch_here(up.store_uri, up.align, pti or up.pti, edit, config, TINY, chunk_size=4)
 
 
