@@ -22,6 +22,8 @@ from typing import IO
 
 import click
 
+from stitchtime_core.errors import StitchtimeError
+
 
 def prepare_environment(store: str | None, verbose: bool) -> None:
     """Settings Prefect reads when it is imported: no telemetry, results under the data folder, quiet console."""
@@ -103,3 +105,22 @@ def _stop_server(server: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+
+
+def check_deployment(name: str, *, otherwise: str) -> None:
+    """Fail before any work when the deployment ``FLOW/NAME`` is not on the server this command reports to.
+
+    Raises:
+        StitchtimeError: no such deployment; the message ends with ``otherwise``, what the user can do instead.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            server = PREFECT_API_URL.value() or "Prefect's temporary local server (PREFECT_API_URL is not set)"
+            raise StitchtimeError(f"no deployment {name!r} on {server}; deploy it (see deployments/README.md) "
+                                  f"or {otherwise}") from None

@@ -18,11 +18,9 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
 
+from flows.prefect_server import check_deployment
 from stitchtime_core.errors import StitchtimeError
 from tasks import stages
 
@@ -92,14 +90,8 @@ def check_placement(placement: dict[str, str]) -> None:
     parse_placement(",".join(f"{stage}={deployment}" for stage, deployment in placement.items()))
     if not placement:
         return
-    with get_client(sync_client=True) as client:
-        for deployment in set(placement.values()):
-            try:
-                client.read_deployment_by_name(deployment)
-            except ObjectNotFound:
-                server = PREFECT_API_URL.value() or "Prefect's temporary local server (PREFECT_API_URL is not set)"
-                raise StitchtimeError(f"no deployment {deployment!r} on {server}; deploy it (see "
-                                      f"deployments/README.md) or run the stage in the edit flow") from None
+    for deployment in sorted(set(placement.values())):
+        check_deployment(deployment, otherwise="run the stage in the edit flow")
 
 
 def place(deployment: str, stage: str, arguments: dict[str, Any]) -> dict[str, Any]:

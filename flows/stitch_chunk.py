@@ -27,10 +27,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
+from flows.prefect_server import check_deployment
 from stitchtime_core.errors import StitchtimeError
 from tasks import stages
 
@@ -116,13 +115,7 @@ def deployment_runner(name: str, *, resubmits: int = 2, poll_seconds: float = 2.
             raise StitchtimeError(f"{CHUNK_TIMEOUT_ENV}={os.environ[CHUNK_TIMEOUT_ENV]!r}: expected seconds") from None
     if "/" not in name:
         raise StitchtimeError(f"stitch deployment {name!r}: expected FLOW/DEPLOYMENT, e.g. stitch-chunk/gpu")
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            server = PREFECT_API_URL.value() or "Prefect's temporary local server (PREFECT_API_URL is not set)"
-            raise StitchtimeError(f"no deployment {name!r} on {server}; deploy it (see deployments/README.md) "
-                                  f"or stitch in-process") from None
+    check_deployment(name, otherwise="stitch in-process")
 
     def run(chunks: list[stages.StitchChunk], progress: Callable[[int], None]) -> dict[str, Any]:
         return _run_on_deployment(name, chunks, progress, resubmits=resubmits, poll_seconds=poll_seconds,
