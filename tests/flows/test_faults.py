@@ -33,6 +33,7 @@ import boto3
 import click
 import numpy as np
 import pytest
+import safetensors.torch
 from click.testing import CliRunner
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
@@ -406,11 +407,23 @@ def s3_through_proxy(s3_env, cli_env: dict[str, str], reference: dict) -> Iterat
         listing = s3.list_objects_v2(Bucket=s3_env.bucket, Prefix=f"{prefix}/")
         return any(PurePosixPath(o["Key"]).match(pattern) for o in listing.get("Contents", []))
 
+    def pti_checkpoint_step() -> int | None:
+        """The step of the stored PTI checkpoint, None while there is none."""
+        listing = s3.list_objects_v2(Bucket=s3_env.bucket, Prefix=f"{prefix}/")
+        for key in (o["Key"] for o in listing.get("Contents", [])):
+            if PurePosixPath(key).match("*/pti/*/checkpoint.safetensors"):
+                try:
+                    body = s3.get_object(Bucket=s3_env.bucket, Key=key)["Body"].read()
+                except s3.exceptions.NoSuchKey:  # deleted in between: PTI is done
+                    return None
+                return int(safetensors.torch.load(body)["step"])
+        return None
+
     env = {**cli_env, **s3_env.env, "AWS_ENDPOINT_URL": proxy.url, "AWS_CONFIG_FILE": os.devnull,
            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
     try:
         yield {"proxy": proxy, "env": env, "store": f"s3://{s3_env.bucket}/{prefix}", "objects": objects,
-               "has": has}
+               "has": has, "pti_checkpoint_step": pti_checkpoint_step}
     finally:
         proxy.stop()
 
@@ -429,7 +442,8 @@ def test_a_run_rides_out_a_short_s3_outage_and_a_long_one_stops_it_until_the_nex
     proc = start_cli(args, s3["env"], tmp_path)
     try:
         # 1. Away for a few seconds during PTI: a retry of the PTI task goes on from the checkpoint.
-        wait_for(lambda: s3["has"]("*/pti/*/checkpoint.safetensors"), proc)
+        # A checkpoint of the first steps, so that steps are left to meet the outage (PTI takes 15).
+        wait_for(lambda: (step := s3["pti_checkpoint_step"]()) is not None and step < 10, proc)
         s3["proxy"].stop()
         time.sleep(OUTAGE)
         s3["proxy"].start()
