@@ -75,7 +75,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     resolution = runtime.networks.resolution
     if config.encoding.method == "e4e" and "encode" not in placement:
         runtime.networks.encoder  # noqa: B018
-    stages.check_edits(runtime, tuple(edit for edit_set in edit_sets for edit in edit_set))
+    stages.resolve_edits(runtime, tuple(edit for edit_set in edit_sets for edit in edit_set))
     runtime.identity_network  # noqa: B018
 
     def record(refs: list[stages.StageRef], ref: stages.StageRef, label: str | None = None) -> stages.StageRef:

@@ -28,7 +28,7 @@ from tasks.stages.edit import edit_pivots
 from tasks.stages.encode import encode_pivots
 from tasks.stages.landmarks import detect_landmarks
 from tasks.stages.measure import measure_output
-from tasks.stages.networks import Runtime, check_edits
+from tasks.stages.networks import Runtime, resolve_edits
 from tasks.stages.probe import probe_video
 from tasks.stages.pti import tune_pti
 from tasks.stages.render import deliver_output, render_output
@@ -54,7 +54,7 @@ def stored(stage: str, store_uri: str, **arguments: Any) -> StageRef | None:
 
 
 __all__ = ["MARKER", "ORDER", "PLACEABLE", "ChunkRunner", "Runtime", "StageRef", "StitchChunk", "StitchPlan",
-           "align_faces", "call", "check_edits", "default_device", "deliver_output", "detect_landmarks",
-           "edit_pivots", "encode_pivots", "fan_out", "from_parameters", "gather_stitch", "measure_output",
-           "plan_stitch", "probe_video", "render_output", "run", "short_key", "stitch_chunk", "stitch_chunks",
+           "align_faces", "call", "default_device", "deliver_output", "detect_landmarks", "edit_pivots",
+           "encode_pivots", "fan_out", "from_parameters", "gather_stitch", "measure_output", "plan_stitch",
+           "probe_video", "render_output", "resolve_edits", "run", "short_key", "stitch_chunk", "stitch_chunks",
            "stored", "to_parameters", "tune_pti"]

@@ -6,9 +6,9 @@ import os
 from typing import Any
 
 from stitchtime_core.config import EditingConfig
-from stitchtime_core.editing import edit_latents, resolve_direction
+from stitchtime_core.editing import edit_latents
 from stitchtime_core.errors import StitchtimeError
-from tasks.stages.networks import Runtime
+from tasks.stages.networks import Runtime, resolve_edits
 from tasks.stages.base import Ingredients, Stage, StageRef, content_hash, stage_task
 from tasks.store import open_store
 
@@ -25,13 +25,12 @@ def ingredients(pivots: StageRef, config: EditingConfig, runtime: Runtime) -> In
 def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, runtime: Runtime) -> StageRef:
     """Edited latents w_i + δw (paper section 3.3)."""
     store = open_store(store_uri)
-    models, device = runtime.networks, runtime.device
+    device = runtime.device
 
     def produce(key: str) -> dict[str, Any]:
         w = store.get_tensors(f"{pivots.key}/pivots.safetensors", device=device)["pivots"]
         try:
-            directions = [(resolve_direction(name, G=models.generator, named=models.directions), strength)
-                          for name, strength in config.edits]
+            directions = resolve_edits(runtime, config.edits)
         except ValueError as exc:
             raise StitchtimeError(str(exc)) from None
         store.put_tensors(f"{key}/latents.safetensors", {"latents": edit_latents(w, directions).cpu()})

@@ -63,14 +63,15 @@ class Runtime:
         return identity_network(self.profile, self.models_dir, self.device)
 
 
-def check_edits(runtime: Runtime, edits: tuple[tuple[str, float], ...]) -> None:
-    """Resolve every edit's direction now, so a typo fails before hours of tuning, not after.
+def resolve_edits(runtime: Runtime, edits: tuple[tuple[str, float], ...]) -> list[tuple[torch.Tensor, float]]:
+    """Each edit's direction tensor and strength. The flow calls it before any stage, so a typo fails
+    before hours of tuning, not after; the edit stage calls it for the directions it applies.
 
     Raises:
         ValueError: an unknown direction name or a bad ``sefa:K``.
         InputError: a direction file that is missing or unreadable.
     """
     models = runtime.networks
-    for name, _ in edits:
-        resolve_direction(name, G=models.generator, named=models.directions)
+    return [(resolve_direction(name, G=models.generator, named=models.directions), strength)
+            for name, strength in edits]
 
