@@ -72,7 +72,7 @@ def use_prefect_api() -> None:
          "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
         env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"},
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
-    atexit.register(_stop_server, server)
+    atexit.register(stop_process, server)
     url = f"http://127.0.0.1:{port}/api"
     _wait_for(url, server, log)
     _API_SETTINGS.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
@@ -98,7 +98,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
-def _stop_server(server: subprocess.Popen) -> None:
+def stop_process(server: subprocess.Popen) -> None:
+    """Ask a child process to end, and kill it after 10 s."""
     server.terminate()
     try:
         server.wait(timeout=10)

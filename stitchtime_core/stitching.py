@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, vmap
 
-from stitchtime_core.adam import BatchedAdam
+from stitchtime_core.adam import adam_for, adam_step, keep_rows
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.models.stylegan2 import Generator
 
@@ -128,25 +128,29 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
 
     frames = w.shape[0]
     forward = alone if frames == 1 else vmap(one_frame)
-    params = {name: p.detach().unsqueeze(0).repeat(frames, *[1] * p.ndim).requires_grad_(True)
-              for name, p in synthesis.named_parameters()}
-    adam = BatchedAdam(params, lr=config.lr)
+    names = [name for name, _ in synthesis.named_parameters()]
+    adam = adam_for([p.detach().unsqueeze(0).repeat(frames, *[1] * p.ndim).requires_grad_(True)
+                     for p in synthesis.parameters()], lr=config.lr)
+
+    def params() -> dict[str, torch.Tensor]:
+        return dict(zip(names, adam.param_groups[0]["params"], strict=True))
+
     active = torch.arange(frames, device=w.device)
     stitched = torch.empty_like(edit)
     steps = torch.zeros(frames, dtype=torch.int64)
     for step in range(1, config.steps + 1):
-        image = forward(adam.params, w[active])
+        image = forward(params(), w[active])
         border_loss = _per_frame_distance(image, crop[active], boundary[active], config.loss)
         content_loss = _per_frame_distance(image, edit[active], mask[active], config.loss)
         # Summing the frames' losses gives each frame's weights exactly its own loss's gradient.
-        loss = (border_loss + config.lambda_m * content_loss).sum()
-        adam.step(torch.autograd.grad(loss, list(adam.params.values())))
+        adam_step(adam, (border_loss + config.lambda_m * content_loss).sum())
         steps[active.cpu()] = step
         stopped = border_loss.detach() < config.early_stop_loss
         if stopped.any() and step < config.steps:
             with torch.no_grad():
-                stitched[active[stopped]] = forward(adam.select(stopped), w[active[stopped]])
-            adam.keep(~stopped)
+                stitched[active[stopped]] = forward({k: p.detach()[stopped] for k, p in params().items()},
+                                                    w[active[stopped]])
+            adam = keep_rows(adam, ~stopped)
             left = len(active)
             active = active[~stopped]
             if progress is not None:
@@ -154,7 +158,7 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
             if len(active) == 0:
                 return stitched, steps
     with torch.no_grad():
-        stitched[active] = forward(adam.params, w[active])
+        stitched[active] = forward(params(), w[active])
     if progress is not None:
         progress(len(active))
     return stitched, steps

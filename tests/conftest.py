@@ -17,6 +17,8 @@ from pathlib import Path
 import boto3
 import pytest
 
+from flows.prefect_server import stop_process
+
 # No telemetry from Prefect, and its local results under a temp folder, for every test and subprocess.
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
@@ -65,15 +67,6 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float =
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
     raise RuntimeError(f"server did not answer on {url} within {timeout} s:\n{log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +118,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         s3.create_bucket(Bucket=server.bucket)
         yield server
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture
@@ -158,7 +151,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _wait_until_up(f"http://127.0.0.1:{port}/api/health", proc, log, timeout=90)
         yield f"http://127.0.0.1:{port}/api"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 MOBILE_MODELS = Path(os.environ.get("STITCHTIME_MODELS", Path(__file__).resolve().parents[1] / "models"))

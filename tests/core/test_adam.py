@@ -1,12 +1,12 @@
-"""Adam: the batched one of stitching against torch.optim.Adam (the same numbers), and torch.optim.Adam's
-state kept flat for PTI checkpoints, which resumes exactly."""
+"""Adam: frames leaving stitching's batch keep their own moments, and torch.optim.Adam's state kept flat
+for PTI checkpoints resumes exactly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stitchtime_core.adam import BatchedAdam, adam_for, adam_state, adam_step, load_adam_state
+from stitchtime_core.adam import adam_for, adam_state, adam_step, keep_rows, load_adam_state
 
 
 def _problem(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -19,47 +19,34 @@ def _loss(p: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
     return ((p["a"][:4] @ p["b"][:4, None].expand(4, 7) * p["b"]) - target).square().mean() + p["a"].abs().sum()
 
 
-@pytest.mark.parametrize("lr", [0.1, 3e-4])
-def test_batched_steps_are_torch_optim_adams_to_the_bit(lr: float) -> None:
-    ours, target = _problem(0)
-    theirs = {k: v.clone().requires_grad_(True) for k, v in ours.items()}
-    ours = {k: v.requires_grad_(True) for k, v in ours.items()}
-    adam, reference = BatchedAdam(ours, lr=lr), torch.optim.Adam(list(theirs.values()), lr=lr)
-    for step in range(25):
-        if step == 10:  # a new learning rate
-            adam.lr = reference.param_groups[0]["lr"] = lr / 3
-        adam.step(torch.autograd.grad(_loss(ours, target), list(ours.values())))
-        reference.zero_grad()
-        _loss(theirs, target).backward()
-        reference.step()
-        assert all(torch.equal(ours[k], theirs[k]) for k in ours), step
-    assert adam.steps == 25
-
-
-def test_a_missing_gradient_leaves_its_tensor_alone() -> None:
-    params, _ = _problem(1)
-    before = {k: v.clone() for k, v in params.items()}
-    adam = BatchedAdam(params, lr=0.1)
-    adam.step([torch.ones(5, 4), None])
-    assert torch.equal(params["b"], before["b"]) and not torch.equal(params["a"], before["a"])
-
-
-def test_frames_that_leave_the_batch_keep_their_own_moments() -> None:
+def test_frames_that_leave_the_batch_go_on_as_if_they_had_always_been_alone() -> None:
     g = torch.Generator().manual_seed(3)
     start, target = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
-    batched = BatchedAdam({"x": start.clone().requires_grad_(True)}, lr=0.05)
-    alone = [{"x": start[i:i + 1].clone().requires_grad_(True)} for i in range(3)]
-    singles = [BatchedAdam(p, lr=0.05) for p in alone]
+    batched = adam_for([start.clone().requires_grad_(True)], lr=0.05)
+    alone = [start[i:i + 1].clone().requires_grad_(True) for i in range(3)]
+    singles = [adam_for([x], lr=0.05) for x in alone]
     for step in range(8):
-        if step == 4:  # frame 1 stops: the others go on as if they had always been alone
-            batched.keep(torch.tensor([True, False, True]))
+        if step == 4:  # frame 1 stops after 4 steps, with moments and a step count of its own
+            batched = keep_rows(batched, torch.tensor([True, False, True]))
             del singles[1], alone[1]
         rows = target[[0, 2]] if step >= 4 else target
-        x = batched.params["x"]
-        batched.step(torch.autograd.grad((x - rows).square().sum(), [x]))
-        for p, adam, t in zip(alone, singles, rows):
-            adam.step(torch.autograd.grad((p["x"] - t).square().sum(), [p["x"]]))
-    assert torch.allclose(batched.params["x"], torch.cat([p["x"] for p in alone]), atol=0, rtol=0)
+        x = batched.param_groups[0]["params"][0]
+        adam_step(batched, (x - rows).square().sum())
+        for x1, adam, t in zip(alone, singles, rows):
+            adam_step(adam, (x1 - t).square().sum())
+    kept = batched.param_groups[0]["params"][0]
+    assert kept.shape == (2, 6) and torch.equal(kept, torch.cat(alone))
+
+
+def test_rows_kept_before_the_first_step_start_fresh() -> None:
+    x = torch.randn(4, 3, requires_grad=True)
+    kept = keep_rows(adam_for([x], lr=0.1), torch.tensor([0, 3]))
+    fresh = x.detach()[[0, 3]].clone().requires_grad_(True)
+    reference = adam_for([fresh], lr=0.1)
+    y = kept.param_groups[0]["params"][0]
+    adam_step(kept, y.square().sum())
+    adam_step(reference, fresh.square().sum())
+    assert torch.equal(y, fresh) and not torch.equal(y, x.detach()[[0, 3]])
 
 
 def test_torch_adams_flat_state_resumes_where_it_stopped_and_refuses_other_parameters() -> None:
