@@ -158,6 +158,10 @@ class StitchingConfig:
     """Stop a frame early once its boundary loss falls below this (0 never stops early)."""
     batch_size: int = field(default=8, metadata=POSITIVE)
     """Frames tuned at once, each with its own copy of the weights."""
+    warm_start_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    """0: every frame's tuning starts from θ_p (the paper). N: the frames passed to one call (a chunk) are
+    split into ``batch_size`` runs of neighbours; each run's first frame starts from θ_p and takes
+    ``steps``, each next frame starts from its predecessor's tuned weights (fresh Adam) and takes N."""
     method: Literal["tuning", "none"] = "tuning"
     """"tuning" is the paper's stitching tuning; "none" keeps the raw edit e_i (the "w/o stitching"
     ablation: pair it with blending.method "mask" or "poisson")."""

@@ -10,6 +10,10 @@ Several frames are tuned at once, each with its own weights: the synthesis netwo
 become grouped convolutions), with one Adam state per frame. This gives the same numbers as
 tuning a fresh copy of θ_p per frame, one frame at a time (the reference code), without the copies
 and with a batch's worth of work per kernel launch.
+
+With ``warm_start_steps`` (off by default), neighbouring frames start from each other's tuned weights
+and take fewer steps (:func:`tuning_plan`): less work for the same boundary error (see the README's
+method section for the measurements).
 """
 
 from __future__ import annotations
@@ -91,17 +95,33 @@ def stitch_frames(G: Generator, edited_latents: torch.Tensor, crops: torch.Tenso
         if progress is not None:
             progress(frames)
     else:
-        parts = [_tune_batch(G, edited_latents[part], crops[part], edits[part], masks[part], boundaries[part],
-                             config=config, progress=progress)
-                 for part in _batches(frames, config.batch_size)]
-        stitched = torch.cat([image for image, _ in parts])
-        steps = torch.cat([taken for _, taken in parts])
+        stitched, steps = torch.empty_like(edits), torch.zeros(frames, dtype=torch.int64)
+        tuned = None
+        for plan_rows, warm in tuning_plan(frames, config):
+            rows = torch.tensor(plan_rows, dtype=torch.int64)
+            start = None if not warm else {k: p[:len(rows)] for k, p in tuned.items()}
+            stitched[rows], steps[rows], tuned = _tune_batch(
+                G, edited_latents[rows], crops[rows], edits[rows], masks[rows], boundaries[rows], config=config,
+                steps=config.warm_start_steps if warm else config.steps, start=start, progress=progress,
+                keep_weights=bool(config.warm_start_steps))
     return StitchResult(stitched, edits, boundary_error(edits, crops, boundaries),
                         boundary_error(stitched, crops, boundaries), steps)
 
 
-def _batches(frames: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, frames)) for start in range(0, frames, size)]
+def tuning_plan(frames: int, config: StitchingConfig) -> list[tuple[list[int], bool]]:
+    """The frames tuned together, batch after batch, and whether they start warm (from the weights the
+    previous batch's rows ended with, row for row).
+
+    Without warm starts: ``batch_size`` neighbouring frames at a time, all from θ_p. With them: the frames
+    are split into ``batch_size`` runs of neighbours (the first runs one frame longer where they do not
+    divide evenly); batch t holds the t-th frame of each run still going, so row r of a batch follows row
+    r of the batch before.
+    """
+    if not config.warm_start_steps:
+        return [(list(range(start, min(start + config.batch_size, frames))), False)
+                for start in range(0, frames, config.batch_size)]
+    runs = [list(run) for run in torch.arange(frames).tensor_split(min(config.batch_size, frames))]
+    return [([run[t] for run in runs if t < len(run)], t > 0) for t in range(len(runs[0]) if runs else 0)]
 
 
 def _per_frame_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
@@ -111,10 +131,16 @@ def _per_frame_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, ki
 
 
 def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.Tensor, mask: torch.Tensor,
-                boundary: torch.Tensor, *, config: StitchingConfig,
-                progress: Callable[[int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tune one weight copy per frame of a batch; frames that stop early leave the batch (and are reported
-    to ``progress`` then)."""
+                boundary: torch.Tensor, *, config: StitchingConfig, steps: int,
+                start: dict[str, torch.Tensor] | None, progress: Callable[[int], None] | None,
+                keep_weights: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Tune one weight copy per frame of a batch for up to ``steps`` steps, from θ_p or from ``start``
+    (stacked per-frame synthesis weights); frames that stop early leave the batch (and are reported to
+    ``progress`` then).
+
+    Returns:
+        the stitched images, the steps each frame took, and with ``keep_weights`` each frame's final weights.
+    """
     synthesis = G.synthesis
     buffers = dict(synthesis.named_buffers())
 
@@ -129,36 +155,44 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
     frames = w.shape[0]
     forward = alone if frames == 1 else vmap(one_frame)
     names = [name for name, _ in synthesis.named_parameters()]
-    adam = adam_for([p.detach().unsqueeze(0).repeat(frames, *[1] * p.ndim).requires_grad_(True)
-                     for p in synthesis.parameters()], lr=config.lr)
+    first = start or {name: p.detach().expand(frames, *p.shape) for name, p in synthesis.named_parameters()}
+    adam = adam_for([first[name].clone(memory_format=torch.contiguous_format).requires_grad_(True)
+                     for name in names], lr=config.lr)
+    final = {name: torch.empty_like(first[name]) for name in names} if keep_weights else None
 
     def params() -> dict[str, torch.Tensor]:
         return dict(zip(names, adam.param_groups[0]["params"], strict=True))
 
     active = torch.arange(frames, device=w.device)
     stitched = torch.empty_like(edit)
-    steps = torch.zeros(frames, dtype=torch.int64)
-    for step in range(1, config.steps + 1):
+    taken = torch.zeros(frames, dtype=torch.int64)
+    for step in range(1, steps + 1):
         image = forward(params(), w[active])
         border_loss = _per_frame_distance(image, crop[active], boundary[active], config.loss)
         content_loss = _per_frame_distance(image, edit[active], mask[active], config.loss)
         # Summing the frames' losses gives each frame's weights exactly its own loss's gradient.
         adam_step(adam, (border_loss + config.lambda_m * content_loss).sum())
-        steps[active.cpu()] = step
+        taken[active.cpu()] = step
         stopped = border_loss.detach() < config.early_stop_loss
-        if stopped.any() and step < config.steps:
+        if stopped.any() and step < steps:
+            done = {k: p.detach()[stopped] for k, p in params().items()}
             with torch.no_grad():
-                stitched[active[stopped]] = forward({k: p.detach()[stopped] for k, p in params().items()},
-                                                    w[active[stopped]])
+                stitched[active[stopped]] = forward(done, w[active[stopped]])
+            if final is not None:
+                for k, p in done.items():
+                    final[k][active[stopped]] = p
             adam = keep_rows(adam, ~stopped)
             left = len(active)
             active = active[~stopped]
             if progress is not None:
                 progress(left - len(active))
             if len(active) == 0:
-                return stitched, steps
+                return stitched, taken, final
     with torch.no_grad():
         stitched[active] = forward(params(), w[active])
+    if final is not None:
+        for k, p in params().items():
+            final[k][active] = p.detach()
     if progress is not None:
         progress(len(active))
-    return stitched, steps
+    return stitched, taken, final

@@ -1,0 +1,166 @@
+"""Benchmark: less stitching work for the same result, on a real run's frames.
+
+Reads the stitch stage's inputs of an earlier ``stitchtime edit`` run from its store (θ_p, the edited
+latents, the aligned crops and their landmarks; its summary names them) and stitches its first
+``--frames`` edited frames, chunk by chunk as the stitch stage does, once per variant:
+
+- ``reference``: the reference code's loop (a fresh deep copy of θ_p per frame, batch 1,
+  ``torch.optim.Adam``, every step), at the base settings;
+- each ``--variant``: the base settings with some changed, e.g. ``warm_start_steps=30`` or
+  ``early_stop_loss=0.03``, through :func:`stitchtime_core.stitching.stitch_frames`.
+
+For each: seconds and steps per frame, the final boundary error (mean |s − x| on the boundary), the
+content error (mean |s − e| inside the mask: how far stitching moved the edit), TL-ID (the mean
+identity similarity of neighbouring stitched crops over that of the source crops, dlib's network) and
+the speed-up over the reference loop. The base settings are the run's, with ``--steps``/``--lr`` if given.
+
+    .venv/bin/python benchmarks/stitching.py SUMMARY.json [--models models] [--frames 16] [--chunk 16]
+        [--steps 100] [--lr 3e-4] [--batch 1] [--variant warm_start_steps=30 ...] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import write_report
+
+from stitchtime_core import masks
+from stitchtime_core.config import StitchingConfig
+from stitchtime_core.identity import load_dlib_identity
+from stitchtime_core.models.bisenet import face_mask_from_labels, parse_faces
+from stitchtime_core.stitching import _per_frame_distance, boundary_error, render_edits, stitch_frames
+from stitchtime_core.tensors import images_to_tensor, tensor_to_images
+from tasks.stages import Runtime
+from tasks.stages.align import STAGE as ALIGN
+from tasks.stages.edit import STAGE as EDIT
+from tasks.stages.formats import CropRows, edited_rows, pti_generator
+from tasks.stages.pti import STAGE as PTI
+from tasks.store import open_store
+
+
+@dataclasses.dataclass
+class Frames:
+    """What every variant stitches: one run's first frames, with their edits and masks, chunk by chunk."""
+
+    latents: torch.Tensor
+    crops: torch.Tensor
+    edits: torch.Tensor
+    masks: torch.Tensor
+    boundaries: torch.Tensor
+
+
+def load_frames(summary_path: Path, models: str | None, frames: int,
+                device: str) -> tuple[torch.nn.Module, Frames, StitchingConfig]:
+    summary = json.loads(summary_path.read_text())
+    store = open_store(summary["store"])
+    artifacts = {**summary["artifacts"], **summary["outputs"][0]["artifacts"]}
+    align, pti, edit = (stage.reused(store, artifacts[stage.name]) for stage in (ALIGN, PTI, EDIT))
+    networks = Runtime(summary["profile"], models, device).networks
+    G = pti_generator(store, pti, networks, device)
+    latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"][:frames]
+    crops = images_to_tensor(CropRows(store, align).rows(0, len(latents)), device)
+    edits = render_edits(G, latents)
+    parsed = (None if networks.parser is None
+              else face_mask_from_labels(parse_faces(networks.parser, edits)).cpu().numpy())
+    config = StitchingConfig(**json.loads(Path(summary["config"]).read_text())["stitching"])
+    m, b, _ = masks.stitching_masks(edited_rows(store, align)["crop_landmarks"][:len(latents)], crops.shape[-1],
+                                    border_px_1024=config.border_px, parsed=parsed)
+    as_tensor = lambda a: torch.from_numpy(a).unsqueeze(1).to(device)  # noqa: E731
+    return G, Frames(latents, crops, edits, as_tensor(m), as_tensor(b)), config
+
+
+def reference_loop(G: torch.nn.Module, f: Frames, config: StitchingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference code's per-frame loop, at our loss (the same settings as ``stitch_frames``)."""
+    images = []
+    for i in range(len(f.latents)):
+        one = slice(i, i + 1)
+        synthesis = copy.deepcopy(G.synthesis).requires_grad_(True)
+        optimizer = torch.optim.Adam(synthesis.parameters(), lr=config.lr)
+        for _ in range(config.steps):
+            image = synthesis(f.latents[one], noise_mode="const", force_fp32=True)
+            loss = (_per_frame_distance(image, f.crops[one], f.boundaries[one], config.loss)
+                    + config.lambda_m * _per_frame_distance(image, f.edits[one], f.masks[one], config.loss)).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            images.append(synthesis(f.latents[one], noise_mode="const", force_fp32=True))
+    return torch.cat(images), torch.full((len(f.latents),), config.steps)
+
+
+def ours(G: torch.nn.Module, f: Frames, config: StitchingConfig, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stitch_frames`` chunk by chunk, as the stitch stage calls it."""
+    parts = [stitch_frames(G, f.latents[s], f.crops[s], f.masks[s], f.boundaries[s], config=config, edits=f.edits[s])
+             for s in (slice(start, start + chunk) for start in range(0, len(f.latents), chunk))]
+    return torch.cat([p.stitched for p in parts]), torch.cat([p.steps for p in parts])
+
+
+def tl_id(identity, images: np.ndarray) -> float:
+    """Mean similarity of neighbouring crops' identity embeddings."""
+    embedded = identity.embed(images)
+    return float((embedded[1:] * embedded[:-1]).sum(axis=1).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("summary", type=Path, help="an edit run's summary JSON (its store must still exist)")
+    parser.add_argument("--models", default="models")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=16, help="frames per chunk (the stitch stage's default)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--variant", action="append", default=[],
+                        help="settings changed from the base, e.g. warm_start_steps=30,early_stop_loss=0.03")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    G, f, config = load_frames(args.summary, args.models, args.frames, args.device)
+    base = {"batch_size": args.batch, "warm_start_steps": 0, "early_stop_loss": 0.0,
+            **({"steps": args.steps} if args.steps else {}), **({"lr": args.lr} if args.lr else {})}
+    config = dataclasses.replace(config, **base)
+    identity = load_dlib_identity()
+    source_tl = tl_id(identity, tensor_to_images(f.crops))
+    runs = []
+    variants = ([("reference", {})] if not args.no_reference else []) + [("ours", {})] + [
+        (text, {k: type(getattr(config, k))(v) for k, v in (part.split("=") for part in text.split(","))})
+        for text in args.variant]
+    for name, changes in variants:
+        settings = dataclasses.replace(config, **changes)
+        started = time.perf_counter()
+        if name == "reference":
+            stitched, steps = reference_loop(G, f, settings)
+        else:
+            stitched, steps = ours(G, f, settings, args.chunk)
+        seconds = time.perf_counter() - started
+        run = {"variant": name, "settings": dataclasses.asdict(settings),
+               "seconds_per_frame": round(seconds / len(f.latents), 3),
+               "steps_per_frame": float(steps.float().mean()),
+               "boundary_error": round(float(boundary_error(stitched, f.crops, f.boundaries).mean()), 5),
+               "content_error": round(float(boundary_error(stitched, f.edits, f.masks).mean()), 5),
+               "tl_id": round(tl_id(identity, tensor_to_images(stitched)) / source_tl, 5)}
+        print(json.dumps(run), flush=True)
+        runs.append(run)
+    reference = next((r for r in runs if r["variant"] == "reference"), None)
+    for run in runs:
+        run["speedup"] = round(reference["seconds_per_frame"] / run["seconds_per_frame"], 2) if reference else None
+    write_report(args.out or Path(__file__).parent / "results" / f"stitching-{args.device}.json",
+                 "stitching tuning per frame: variants against the reference loop, on a run's frames", runs,
+                 summary=str(args.summary), frames=len(f.latents), chunk=args.chunk,
+                 boundary_error_raw_edit=round(float(boundary_error(f.edits, f.crops, f.boundaries).mean()), 5),
+                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+
+
+if __name__ == "__main__":
+    main()
