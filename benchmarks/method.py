@@ -29,8 +29,9 @@ the clip's own tensors (``clip_mb``) its memory should not grow with the clip.
 Each measurement runs in a fresh subprocess and reports its peak RSS and, on CUDA, its peak GPU memory.
 Options for our code (the loops run as the reference code does): ``--dtype bf16`` (autocast around forward,
 loss and backward), ``--channels-last`` (the synthesis weights' memory format), ``--compile``
-(``torch.compile`` of the synthesis network). The first, warm-up run (with ``--compile``: compiling) is
-timed apart as ``warmup_seconds``.
+(``torch.compile`` of the synthesis network; ``compiled_graphs`` counts the graphs it made: none for
+batched stitching, as ``torch.func.vmap`` of a compiled module called from eager code runs it eagerly).
+The first, warm-up run (with ``--compile``: compiling) is timed apart as ``warmup_seconds``.
 
     .venv/bin/python benchmarks/method.py [--device cpu|cuda] [--sizes 64 256] [--channels small]
         [--frames 8] [--steps 5] [--batch 8] [--long-frames 32] [--pti-batches 1 4 8] [--pti-steps 3]
@@ -95,6 +96,7 @@ def measure(part: str, size: int, method: str, *, frames: int, batch: int, setti
     with torch.no_grad():
         w = G.mapping(torch.randn(frames, 512, device=device), truncation_psi=0.7)
         crops = render_edits(G, G.mapping(torch.randn(frames, 512, device=device), truncation_psi=0.7))
+        edits = render_edits(G, w) if part == "stitch" else None
     if part == "pti" and method == "ours":
         # As the PTI stage passes them: uint8 on the CPU, a batch moved to the device per step.
         crops = crops.add(1).mul(127.5).round().clamp(0, 255).to("cpu", torch.uint8)
@@ -107,8 +109,10 @@ def measure(part: str, size: int, method: str, *, frames: int, batch: int, setti
     elif method.startswith("ours"):
         _apply_options(G, settings)
         result.update(dtype=settings.dtype, channels_last=settings.channels_last, compile=settings.compile)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # from here on: the tuning, and the tensors it holds
     if part == "stitch":
-        result.update(_stitch(G, w, crops, method=method, batch=batch, settings=settings))
+        result.update(_stitch(G, w, crops, edits, method=method, batch=batch, settings=settings))
     else:
         result.update(_pti(G, w, crops, method=method, batch=batch, settings=settings))
     if method == "reference":
@@ -124,18 +128,17 @@ def measure(part: str, size: int, method: str, *, frames: int, batch: int, setti
     return result | peak_memory(device)
 
 
-def _stitch(G, w, crops, *, method: str, batch: int, settings: Settings) -> dict[str, Any]:
+def _stitch(G, w, crops, edits, *, method: str, batch: int, settings: Settings) -> dict[str, Any]:
     import torch
 
     from stitchtime_core.config import StitchingConfig
-    from stitchtime_core.stitching import boundary_error, render_edits, stitch_frames
+    from stitchtime_core.stitching import boundary_error, stitch_frames
 
     frames, size = crops.shape[0], crops.shape[-1]
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     radius = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt().to(crops.device)
     masks = (radius < size * 0.3).float().expand(frames, 1, size, size).contiguous()
     boundaries = ((radius >= size * 0.3) & (radius < size * 0.35)).float().expand(frames, 1, size, size).contiguous()
-    edits = render_edits(G, w)
     config = StitchingConfig(steps=settings.steps, batch_size=batch, loss=settings.loss)
 
     def run(part: slice, config: StitchingConfig) -> torch.Tensor:
