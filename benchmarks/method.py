@@ -139,7 +139,9 @@ def _stitch(G, w, crops, edits, *, method: str, batch: int, settings: Settings) 
     radius = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt().to(crops.device)
     masks = (radius < size * 0.3).float().expand(frames, 1, size, size).contiguous()
     boundaries = ((radius >= size * 0.3) & (radius < size * 0.35)).float().expand(frames, 1, size, size).contiguous()
-    config = StitchingConfig(steps=settings.steps, batch_size=batch, loss=settings.loss)
+    # Every frame from θ_p, as the loops: these random frames are no neighbours, so warm starts (measured
+    # on a real clip's frames by benchmarks/stitching.py) have nothing to go on from.
+    config = StitchingConfig(steps=settings.steps, batch_size=batch, loss=settings.loss, warm_start=0)
 
     def run(part: slice, config: StitchingConfig) -> torch.Tensor:
         if method.startswith("ours"):

@@ -18,12 +18,13 @@ from typing import Any, Literal
 
 POSITIVE = {"gt": 0}
 NON_NEGATIVE = {"ge": 0}
+FRACTION = {"ge": 0, "le": 1}
 """Bounds of a setting, as its field's metadata: ``field(default=..., metadata=POSITIVE)``."""
 
 
 def _check_settings(config: Any, section: str) -> None:
     """Each setting of ``config`` against its declaration: a ``Literal``'s choices, and the bounds in its
-    field's metadata (:data:`POSITIVE`, :data:`NON_NEGATIVE`).
+    field's metadata (:data:`POSITIVE`, :data:`NON_NEGATIVE`, :data:`FRACTION`).
 
     Raises:
         ValueError: naming the setting as ``section.name``, what it must be and what it is.
@@ -38,6 +39,8 @@ def _check_settings(config: Any, section: str) -> None:
             raise ValueError(f"{name} must be > {spec.metadata['gt']}, got {value!r}")
         if "ge" in spec.metadata and not value >= spec.metadata["ge"]:
             raise ValueError(f"{name} must be >= {spec.metadata['ge']}, got {value!r}")
+        if "le" in spec.metadata and not value <= spec.metadata["le"]:
+            raise ValueError(f"{name} must be <= {spec.metadata['le']}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -158,10 +161,11 @@ class StitchingConfig:
     """Stop a frame early once its boundary loss falls below this (0 never stops early)."""
     batch_size: int = field(default=8, metadata=POSITIVE)
     """Frames tuned at once, each with its own copy of the weights."""
-    warm_start_steps: int = field(default=0, metadata=NON_NEGATIVE)
-    """0: every frame's tuning starts from θ_p (the paper). N: the frames passed to one call (a chunk) are
-    split into ``batch_size`` runs of neighbours; each run's first frame starts from θ_p and takes
-    ``steps``, each next frame starts from its predecessor's tuned weights (fresh Adam) and takes N."""
+    warm_start: float = field(default=0.3, metadata=FRACTION)
+    """0: every frame's tuning starts from θ_p (the paper, the reference code). f > 0: the frames of a
+    chunk are split into ``batch_size`` runs of neighbours; each run's first frame starts from θ_p and
+    takes ``steps``, each next one starts from its predecessor's tuned weights (a fresh Adam) and takes
+    ceil(f·steps). Measured (README, Benchmarks): at 0.3, 2.8x fewer steps with a lower boundary error."""
     method: Literal["tuning", "none"] = "tuning"
     """"tuning" is the paper's stitching tuning; "none" keeps the raw edit e_i (the "w/o stitching"
     ablation: pair it with blending.method "mask" or "poisson")."""
@@ -339,7 +343,7 @@ def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[s
 PREVIEW = RunConfig(
     encoding=EncodingConfig(projection_steps=100, warm_start_steps=10),
     pti=PTIConfig(lr=3e-4, observations_per_frame=4, lambda_r=0.0, lpips_resolution=256),
-    stitching=StitchingConfig(lr=1e-4, steps=10, batch_size=1),
+    stitching=StitchingConfig(lr=1e-4, steps=10, batch_size=1, warm_start=0.5),
 )
 """``--quality preview`` for the real profiles: what a CPU does in minutes per clip instead of hours.
 
@@ -348,6 +352,8 @@ STIT's 3e-5, without the locality regulariser (which doubles a step's cost; STIT
 leaves it off), with LPIPS at 256 px instead of 1024 px (as the projector measures it). Stitching
 tuning takes 10 steps instead of 100, at 1e-4 instead of 3e-4 (on MobileStyleGAN, 10 steps at 3e-4
 soften the face; at 1e-4 the boundary error falls as far and the face stays sharp), one frame at a
-time (on a CPU, several frames at once only add work). Optimisation pivots take 100 steps for the
+time (on a CPU, several frames at once only add work), each frame after a chunk's first going on
+from its neighbour's weights for 5 steps (measured on the mobile profile: 1.9x faster, a lower
+boundary error; 3 steps left it higher). Optimisation pivots take 100 steps for the
 first frame and 10 for each next one, which starts from its neighbour's.
 """

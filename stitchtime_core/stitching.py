@@ -11,13 +11,14 @@ become grouped convolutions), with one Adam state per frame. This gives the same
 tuning a fresh copy of θ_p per frame, one frame at a time (the reference code), without the copies
 and with a batch's worth of work per kernel launch.
 
-With ``warm_start_steps`` (off by default), neighbouring frames start from each other's tuned weights
+With ``warm_start`` (``StitchingConfig``), neighbouring frames start from each other's tuned weights
 and take fewer steps (:func:`tuning_plan`): less work for the same boundary error (see the README's
 method section for the measurements).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,10 +103,15 @@ def stitch_frames(G: Generator, edited_latents: torch.Tensor, crops: torch.Tenso
             start = None if not warm else {k: p[:len(rows)] for k, p in tuned.items()}
             stitched[rows], steps[rows], tuned = _tune_batch(
                 G, edited_latents[rows], crops[rows], edits[rows], masks[rows], boundaries[rows], config=config,
-                steps=config.warm_start_steps if warm else config.steps, start=start, progress=progress,
-                keep_weights=bool(config.warm_start_steps))
+                steps=warm_steps(config) if warm else config.steps, start=start, progress=progress,
+                keep_weights=config.warm_start > 0)
     return StitchResult(stitched, edits, boundary_error(edits, crops, boundaries),
                         boundary_error(stitched, crops, boundaries), steps)
+
+
+def warm_steps(config: StitchingConfig) -> int:
+    """Steps of a frame that starts from its neighbour's tuned weights: ceil(warm_start·steps), at least 1."""
+    return max(1, math.ceil(config.warm_start * config.steps - 1e-9))  # 0.3·100 is 30.000000000000004
 
 
 def tuning_plan(frames: int, config: StitchingConfig) -> list[tuple[list[int], bool]]:
@@ -117,7 +123,7 @@ def tuning_plan(frames: int, config: StitchingConfig) -> list[tuple[list[int], b
     divide evenly); batch t holds the t-th frame of each run still going, so row r of a batch follows row
     r of the batch before.
     """
-    if not config.warm_start_steps:
+    if not config.warm_start:
         return [(list(range(start, min(start + config.batch_size, frames))), False)
                 for start in range(0, frames, config.batch_size)]
     runs = [list(run) for run in torch.arange(frames).tensor_split(min(config.batch_size, frames))]

@@ -35,9 +35,11 @@ from tasks.store import ArtifactStore, open_store
 STAGE = Stage("stitch", version=3)
 
 
-def ingredients(align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig,
-                runtime: Runtime) -> Ingredients:
-    return [align.key, pti.key, edit.key, runtime.networks.parser_identity], config
+def ingredients(align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig, runtime: Runtime,
+                chunk_size: int) -> Ingredients:
+    # With warm starts a frame goes on from its neighbour's weights within its chunk: the chunks shape the result.
+    chunking = [f"chunk_size={chunk_size}"] if config.warm_start else []
+    return [align.key, pti.key, edit.key, runtime.networks.parser_identity, *chunking], config
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class StitchChunk:
     """The stitch stage's key: the chunk is stored under it."""
     start: int
     stop: int
+    chunk_size: int
+    """The stage's chunk size (the last chunk may be shorter): with warm starts, part of its key."""
     align: StageRef
     pti: StageRef
     edit: StageRef
@@ -72,17 +76,17 @@ class StitchChunk:
     def to_parameters(self) -> dict[str, Any]:
         """The chunk as plain JSON values (stage references and the config as dicts; the store's absolute URI)."""
         return {"store": open_store(self.store_uri).uri, "key": self.key, "start": self.start, "stop": self.stop,
-                "align": dataclasses.asdict(self.align), "pti": dataclasses.asdict(self.pti),
+                "chunk_size": self.chunk_size, "align": dataclasses.asdict(self.align), "pti": dataclasses.asdict(self.pti),
                 "edit": dataclasses.asdict(self.edit), "stitching": to_dict(self.config), "profile": self.profile,
                 "models_dir": self.models_dir}
 
     @classmethod
-    def from_parameters(cls, store: str, key: str, start: int, stop: int, align: dict[str, Any],
+    def from_parameters(cls, store: str, key: str, start: int, stop: int, chunk_size: int, align: dict[str, Any],
                         pti: dict[str, Any], edit: dict[str, Any], stitching: dict[str, Any], profile: str,
                         models_dir: str | None) -> StitchChunk:
         """Rebuild a chunk from :meth:`to_parameters`."""
-        return cls(store, key, int(start), int(stop), StageRef(**align), StageRef(**pti), StageRef(**edit),
-                   StitchingConfig(**stitching), profile, models_dir)
+        return cls(store, key, int(start), int(stop), int(chunk_size), StageRef(**align), StageRef(**pti),
+                   StageRef(**edit), StitchingConfig(**stitching), profile, models_dir)
 
 
 ChunkRunner = Callable[[list[StitchChunk], Callable[[int], None]], dict[str, Any]]
@@ -128,14 +132,14 @@ def plan_stitch(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     started = time.time()
     store = open_store(store_uri)
-    made_of = ingredients(align, pti, edit, config, runtime)
+    made_of = ingredients(align, pti, edit, config, runtime, chunk_size)
     key = STAGE.key(made_of)
     done = STAGE.reused(store, key)
     if done is not None:
         return done
     frames = int(align.info["edited_frames"])
-    chunks = tuple(StitchChunk(store_uri, key, start, min(start + chunk_size, frames), align, pti, edit, config,
-                               runtime.profile, runtime.models_dir) for start in range(0, frames, chunk_size))
+    chunks = tuple(StitchChunk(store_uri, key, start, min(start + chunk_size, frames), chunk_size, align, pti, edit,
+                               config, runtime.profile, runtime.models_dir) for start in range(0, frames, chunk_size))
     parsing = runtime.networks.parser_identity != "landmarks"
     return StitchPlan(key, made_of, chunks, tuple(chunk for chunk in chunks if not store.exists(chunk.artifact)),
                       "bisenet" if parsing else "landmarks", started)
@@ -211,7 +215,7 @@ def stitch_chunk(chunk: StitchChunk, *, device: str) -> dict[str, Any]:
     if not store.exists(chunk.artifact):
         runtime = chunk.runtime(device)
         models = runtime.networks
-        key = STAGE.key(ingredients(chunk.align, chunk.pti, chunk.edit, chunk.config, runtime))
+        key = STAGE.key(ingredients(chunk.align, chunk.pti, chunk.edit, chunk.config, runtime, chunk.chunk_size))
         if key != chunk.key:
             raise StitchtimeError(f"stitch chunk {chunk.artifact}: this worker's models or stitchtime version give "
                                   f"the key {key}; it must run the same stitchtime and model files as the flow")

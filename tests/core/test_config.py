@@ -59,6 +59,8 @@ def test_defaults_are_the_papers():
     assert stitching.steps == 100
     assert stitching.lambda_m == 0.01
     assert stitching.loss == "l1"  # eqs. 2-3 are L1 distances
+    # Not the paper's (each frame from θ_p): measured to hold its result in a third of the steps.
+    assert stitching.warm_start == 0.3
     assert alignment.center_sigma == 1
     assert alignment.axes_sigma == 3
     assert EditingConfig().edits == ()
@@ -136,6 +138,8 @@ def test_config_hash_changes_with_every_field():
                 new = value + "x"
             elif isinstance(value, tuple):
                 new = (("age", 1.0),)
+            elif f.metadata.get("le") == 1:
+                new = value / 2
             else:
                 new = value + 1
             changed_part = dataclasses.replace(part, **{f.name: new})
@@ -223,9 +227,10 @@ def test_every_choice_and_bound_is_checked_from_its_declaration():
                 with pytest.raises(ValueError, match=rf"{name} must be one of '"):
                     with_overrides(RunConfig(), {section.name: {spec.name: "nonsense"}})
                 checked += 1
-            for bound, bad, sign in (("gt", "0", ">"), ("ge", "-1", ">=")):
+            for bound, bad, sign in (("gt", "0", ">"), ("ge", "-1", ">="), ("le", "2", "<=")):
                 if bound in spec.metadata:
-                    with pytest.raises(ValueError, match=rf"{name} must be {sign} 0, got"):
+                    limit = spec.metadata[bound]
+                    with pytest.raises(ValueError, match=rf"{name} must be {sign} {limit}, got"):
                         with_overrides(RunConfig(), {section.name: {spec.name: bad}})
                     checked += 1
     assert checked >= 20  # every method, loss and detector choice, and every count and rate

@@ -10,13 +10,13 @@ import torch
 from stitchtime_core import masks
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.editing import edit_latents
-from stitchtime_core.stitching import boundary_error, stitch_frames, tuning_plan
+from stitchtime_core.stitching import boundary_error, stitch_frames, tuning_plan, warm_steps
 
 FRAMES = 3
 """Frames stitched per test: each tunes its own copy, so more frames only cost time."""
 
-STITCH_TEST_CONFIG = StitchingConfig(steps=20)
-"""The paper's learning rate and λ_m, a fifth of its steps."""
+STITCH_TEST_CONFIG = StitchingConfig(steps=20, warm_start=0)
+"""The paper's learning rate and λ_m, a fifth of its steps, every frame from θ_p."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,7 @@ def test_wrong_latent_shape_raises(case, pti_run):
 def _naive_stitch(G, latents, crops, edits, masks_, boundaries, config, *, warm=False):
     """The reference code's loop: a fresh copy of θ_p per frame, batch 1, torch.optim.Adam. With ``warm``,
     each frame after the first goes on from the copy its predecessor ended with (a fresh Adam), for
-    ``warm_start_steps``."""
+    ``warm_steps(config)``."""
     import copy
 
     from stitchtime_core.losses import masked_distance
@@ -155,7 +155,7 @@ def _naive_stitch(G, latents, crops, edits, masks_, boundaries, config, *, warm=
         synthesis = copy.deepcopy(synthesis if warm and i else G.synthesis).requires_grad_(True)
         optimizer = torch.optim.Adam(synthesis.parameters(), lr=config.lr)
         w, one = latents[i:i + 1], slice(i, i + 1)
-        for _ in range(config.warm_start_steps if warm and i else config.steps):
+        for _ in range(warm_steps(config) if warm and i else config.steps):
             image = synthesis(w, noise_mode="const")
             loss = (masked_distance(image, crops[one], boundaries[one], kind=config.loss)
                     + config.lambda_m * masked_distance(image, edits[one], masks_[one], kind=config.loss))
@@ -229,22 +229,23 @@ def test_progress_counts_each_frame_once_as_it_finishes(case, pti_run):
 
 
 def test_the_warm_start_plan_follows_runs_of_neighbours():
-    config = dataclasses.replace(STITCH_TEST_CONFIG, warm_start_steps=5, batch_size=3)
+    config = dataclasses.replace(STITCH_TEST_CONFIG, warm_start=0.5, batch_size=3)
     # Runs 0-2, 3-4, 5-6: each batch holds the next frame of every run still going.
     assert tuning_plan(7, config) == [([0, 3, 5], False), ([1, 4, 6], True), ([2], True)]
     assert tuning_plan(2, config) == [([0, 1], False)]
-    assert tuning_plan(7, dataclasses.replace(config, warm_start_steps=0)) == [([0, 1, 2], False),
+    assert tuning_plan(7, dataclasses.replace(config, warm_start=0)) == [([0, 1, 2], False),
                                                                              ([3, 4, 5], False), ([6], False)]
 
 
 def test_warm_started_frames_go_on_from_their_neighbours_tuned_weights(case, pti_run):
-    config = dataclasses.replace(STITCH_TEST_CONFIG, steps=6, warm_start_steps=2, batch_size=1)
+    config = dataclasses.replace(STITCH_TEST_CONFIG, steps=6, warm_start=0.3, batch_size=1)
+    assert warm_steps(config) == 2 and warm_steps(dataclasses.replace(config, steps=100)) == 30
     G = pti_run.result.generator
     inputs = (case.edited_latents, case.crops, case.masks, case.boundaries)
     naive = _naive_stitch(G, case.edited_latents, case.crops, case.edits, case.masks, case.boundaries, config,
                           warm=True)
     warm = stitch_frames(G, *inputs, config=config, edits=case.edits)
-    cold = stitch_frames(G, *inputs, config=dataclasses.replace(config, warm_start_steps=0), edits=case.edits)
+    cold = stitch_frames(G, *inputs, config=dataclasses.replace(config, warm_start=0), edits=case.edits)
     assert warm.steps.tolist() == [6, 2, 2]
     assert torch.equal(warm.stitched[0], cold.stitched[0])  # the first frame of a run starts from θ_p
     # Adam's rounding, as in the test above; warm and cold frames differ far more than that.

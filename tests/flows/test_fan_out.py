@@ -152,7 +152,7 @@ def client_deployment(env: dict[str, str], name: str):  # noqa: ANN201 - a Prefe
 
 def test_a_chunk_survives_the_trip_through_flow_run_parameters(tmp_path: Path) -> None:
     ref = stages.StageRef("align", "align/abc", False, 1.5, {"crop_chunks": ["align/abc/crops-00000.safetensors"]})
-    chunk = stages.StitchChunk(str(tmp_path / "store"), "stitch/def", 3, 6, ref, ref, ref,
+    chunk = stages.StitchChunk(str(tmp_path / "store"), "stitch/def", 3, 6, 3, ref, ref, ref,
                                StitchingConfig(steps=7, loss="l2"), "tiny", None)
     parameters = json.loads(json.dumps(chunk.to_parameters()))  # what the API stores and a worker gets
     assert parameters["store"] == (tmp_path / "store").as_uri()  # absolute: workers run elsewhere

@@ -162,3 +162,14 @@ def test_the_checkpoint_interval_is_not_part_of_the_pti_key(up: Upstream) -> Non
     again = stages.call(stages.tune_pti, up.store_uri, up.align, up.pivots,
                                dataclasses.replace(up.config.pti, checkpoint_every=7), TINY)
     assert again.reused and again.key == up.pti.key
+
+
+def test_with_warm_starts_the_chunk_size_is_part_of_the_stitch_key(up: Upstream) -> None:
+    # A warm-started frame goes on from its neighbour in the same chunk: other chunks, another result.
+    config = up.config.stitching
+    assert config.warm_start > 0
+    warm = {size: stages.call(stages.plan_stitch, up.store_uri, up.align, up.pti, up.edit, config, TINY, size).key
+            for size in (4, 5)}
+    cold = {size: stages.call(stages.plan_stitch, up.store_uri, up.align, up.pti, up.edit,
+                              dataclasses.replace(config, warm_start=0), TINY, size).key for size in (4, 5)}
+    assert warm[4] != warm[5] and cold[4] == cold[5] and cold[4] not in warm.values()
