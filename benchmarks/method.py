@@ -170,7 +170,7 @@ def reference_stitching(G, w, crops, edits, masks, boundaries, *, config) -> Any
     """
     import torch
 
-    from stitchtime_core.losses import masked_distance
+    from stitchtime_core.stitching import masked_distances
 
     stitched = []
     for i in range(w.shape[0]):
@@ -179,8 +179,10 @@ def reference_stitching(G, w, crops, edits, masks, boundaries, *, config) -> Any
         optimizer = torch.optim.Adam(tuned.parameters(), lr=config.lr)
         for _ in range(config.steps):
             image = tuned.synthesis(w[one], noise_mode="const", force_fp32=True)
-            loss = (masked_distance(image, crops[one], boundaries[one], kind=config.loss)
-                    + config.lambda_m * masked_distance(image, edits[one], masks[one], kind=config.loss))
+            distance = lambda a, b, m: masked_distances(a, b, m, kind=config.loss,  # noqa: E731
+                                                        normalise=config.normalise).sum()
+            loss = distance(image, crops[one], boundaries[one]) + config.lambda_m * distance(image, edits[one],
+                                                                                             masks[one])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -39,7 +39,7 @@ from stitchtime_core import masks
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.identity import load_dlib_identity
 from stitchtime_core.models.bisenet import face_mask_from_labels, parse_faces
-from stitchtime_core.stitching import _per_frame_distance, boundary_error, render_edits, stitch_frames
+from stitchtime_core.stitching import boundary_error, masked_distances, render_edits, stitch_frames
 from stitchtime_core.tensors import images_to_tensor, tensor_to_images
 from tasks.stages import Runtime
 from tasks.stages.align import STAGE as ALIGN
@@ -89,8 +89,10 @@ def reference_loop(G: torch.nn.Module, f: Frames, config: StitchingConfig) -> tu
         optimizer = torch.optim.Adam(synthesis.parameters(), lr=config.lr)
         for _ in range(config.steps):
             image = synthesis(f.latents[one], noise_mode="const", force_fp32=True)
-            loss = (_per_frame_distance(image, f.crops[one], f.boundaries[one], config.loss)
-                    + config.lambda_m * _per_frame_distance(image, f.edits[one], f.masks[one], config.loss)).sum()
+            distance = lambda a, b, m: masked_distances(a, b, m, kind=config.loss,  # noqa: E731
+                                                        normalise=config.normalise).sum()
+            loss = distance(image, f.crops[one], f.boundaries[one]) + config.lambda_m * distance(
+                image, f.edits[one], f.masks[one])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -39,7 +39,7 @@ def ablate_video(source: str, out_dir: str, edit: list[tuple[str, float]], profi
                  store: str | None = None, device: str = "cpu", models_dir: str | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None, chunk_size: int = 16,
                  fan_out: str | None = None, quality: str | None = None,
-                 placement: dict[str, str] | None = None) -> dict[str, Any]:
+                 placement: dict[str, str] | None = None, preset: str = "paper") -> dict[str, Any]:
     """Run one edit with the full method and with every ablation, and tabulate them.
 
     Args:
@@ -47,7 +47,7 @@ def ablate_video(source: str, out_dir: str, edit: list[tuple[str, float]], profi
         out_dir: an existing folder for the outputs, their summaries and reports, and the table.
         edit: one edit set, the (direction, strength) pairs applied together.
         overrides: settings on top of every variant's (an ablation's own settings are applied first).
-        profile, store, device, models_dir, chunk_size, fan_out, quality, placement: as for ``edit_video``.
+        profile, store, device, models_dir, chunk_size, fan_out, quality, placement, preset: as for ``edit_video``.
 
     Returns:
         ``{"source", "edit", "rows": [{"variant", "tl_id", "tg_id", "boundary_error", "seconds",
@@ -63,8 +63,7 @@ def ablate_video(source: str, out_dir: str, edit: list[tuple[str, float]], profi
             settings.setdefault(stage, {}).update(fields)
         summary = edit_video(source, str(out), [edit], profile=profile, store=store, device=device,
                              models_dir=models_dir, overrides=settings, chunk_size=chunk_size, fan_out=fan_out,
-                             placement=placement,
-                             quality=quality)
+                             placement=placement, quality=quality, preset=preset)
         [output] = RunSummary.model_validate(summary).outputs
         rows.append(AblationRow(variant=variant, tl_id=output.identity["tl_id"], tg_id=output.identity["tg_id"],
                                 boundary_error=output.stitching["boundary_error_after"], seconds=output.made_seconds,

@@ -12,7 +12,7 @@ import click
 
 from flows.edit_spec import parse_edits, parse_places, parse_setting, run_overrides
 from flows.prefect_server import prepare_environment, use_prefect_api
-from stitchtime_core.config import ABLATIONS
+from stitchtime_core.config import ABLATIONS, PRESETS
 
 EXAMPLES = """
 \b
@@ -59,7 +59,7 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
               store: str | None, device: str, models: str | None, ablations: tuple[str, ...],
               settings: list[tuple[str, str, str]], as_json: bool, verbose: bool, fan_out: str | None = None,
               placement: dict[str, str] | None = None,
-              quality: str | None = None) -> dict:
+              quality: str | None = None, preset: str = "paper") -> dict:
     overrides = run_overrides(ablations, settings)
     prepare_environment(store, verbose)
     from flows.edit_video import edit_video
@@ -74,7 +74,8 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
         check_source(source)  # and so does a file that is no video
         use_prefect_api()
         summary = edit_video(source, out, edit_sets, profile=profile, store=store, device=device, models_dir=models,
-                             overrides=overrides, fan_out=fan_out, quality=quality, placement=placement)
+                             overrides=overrides, fan_out=fan_out, quality=quality, placement=placement,
+                             preset=preset)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # bad settings, edit names or repeated edits, found before any stage ran
@@ -89,6 +90,8 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
                        f"source {_score(identity.get('source_similarity'))}; report: {output['report']}")
         if summary["ablations"]:
             click.echo(f"ablations:    {', '.join(summary['ablations'])}")
+        if summary["preset"] != "paper":
+            click.echo(f"preset:       {summary['preset']}")
         click.echo(f"summary:      {sidecar_paths(out)[0].resolve()}")
     return summary
 
@@ -151,6 +154,11 @@ def _run_options(*, skip: tuple[str, ...] = ()):
             "--quality", type=click.Choice(["preview", "paper"]), default=None,
             help="paper: the paper's settings (section 3.5); preview: far fewer PTI and stitching steps, for "
                  "CPUs. Default: paper on cuda, preview on cpu. --set overrides either."),
+        "preset": click.option(
+            "--preset", type=click.Choice(list(PRESETS)), default="paper", show_default=True,
+            help="Whose behaviour to follow: paper (the paper where it speaks, the reference code where it is "
+                 "silent) or stit-code (the reference code exactly: L2, no warm starts, 300 PTI passes ...). "
+                 "--quality's step counts apply after it, --set last. Every difference: README, method section."),
         "store": click.option(
             "--store", default=None,
             help="Artifact store: a folder, file://PATH or s3://BUCKET/PREFIX (default: ./stitchtime-data)."),
@@ -207,8 +215,8 @@ _edit_option = click.option(
               help="Output video file. With several outputs each is OUT-STEM.LABEL.EXT beside it "
                    "(clip.age-4.mp4, clip.age+2_smile+1.mp4); the run summary is OUT-STEM.summary.json.")
 @_run_options()
-def edit(source: str, edit_sets: list, out: str, profile: str, quality: str | None, store: str | None, device: str,
-         models: str | None, face: str | None, detector: str | None, ablations: tuple[str, ...],
+def edit(source: str, edit_sets: list, out: str, profile: str, quality: str | None, preset: str, store: str | None,
+         device: str, models: str | None, face: str | None, detector: str | None, ablations: tuple[str, ...],
          settings: tuple[str, ...], fan_out: str | None, placement: dict[str, str] | None, as_json: bool,
          verbose: bool) -> None:
     """Edit the face in SOURCE and write --out with the same frames, frame rate and sound.
@@ -219,8 +227,7 @@ def edit(source: str, edit_sets: list, out: str, profile: str, quality: str | No
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
     _run_edit(source, out, edit_sets, profile=profile, store=store, device=device, models=models,
               ablations=ablations, settings=parsed, as_json=as_json, verbose=verbose, fan_out=fan_out,
-              placement=placement,
-              quality=quality)
+              placement=placement, quality=quality, preset=preset)
 
 
 BATCH_EXAMPLES = """
@@ -239,7 +246,7 @@ Examples:
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1),
               help="Videos edited at once.")
 @_run_options()
-def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: str, quality: str | None,
+def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: str, quality: str | None, preset: str,
           store: str | None, device: str, models: str | None, face: str | None, detector: str | None,
           ablations: tuple[str, ...], settings: tuple[str, ...], fan_out: str | None,
           placement: dict[str, str] | None, as_json: bool,
@@ -265,8 +272,7 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
         use_prefect_api()
         summary = edit_library(source, dest, edit_sets, profile=profile, store=store, device=device,
                                models_dir=models, overrides=overrides, concurrency=concurrency, fan_out=fan_out,
-                               placement=placement,
-                               quality=quality)
+                               placement=placement, quality=quality, preset=preset)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:
@@ -341,7 +347,8 @@ Examples:
               help="Folder for the outputs, summaries, reports and the table (default: SOURCE-STEM-ablation/ beside "
                    "SOURCE); created if missing.")
 @_run_options(skip=("ablations",))
-def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, quality: str | None, store: str | None,
+def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, quality: str | None, preset: str,
+           store: str | None,
            device: str, models: str | None, face: str | None, detector: str | None, settings: tuple[str, ...],
            fan_out: str | None, placement: dict[str, str] | None, as_json: bool, verbose: bool) -> None:
     """Edit SOURCE with the full method and with each of the paper's ablations, and compare them.
@@ -372,7 +379,7 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, qual
         use_prefect_api()
         table = ablate_video(source, str(folder), edit_sets[0], profile=profile, store=store, device=device,
                              models_dir=models, overrides=overrides, fan_out=fan_out, quality=quality,
-                             placement=placement)
+                             placement=placement, preset=preset)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:

@@ -29,14 +29,14 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
                  store: str | None = None, device: str = "cpu", models_dir: str | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None, concurrency: int = 2,
                  chunk_size: int = 16, fan_out: str | None = None, quality: str | None = None,
-                 placement: dict[str, str] | None = None) -> dict[str, Any]:
+                 placement: dict[str, str] | None = None, preset: str = "paper") -> dict[str, Any]:
     """Edit every video under ``source`` into ``dest`` under the same relative name.
 
     Args:
         source: a folder or an ``s3://bucket/prefix`` holding videos (any depth).
         dest: a folder or an ``s3://bucket/prefix`` for the outputs, their summaries and the batch's.
         edits: edit sets, one output per set, as :func:`flows.edit_video.edit_video` takes them.
-        profile, store, device, models_dir, overrides, chunk_size, fan_out, quality, placement: as for
+        profile, store, device, models_dir, overrides, chunk_size, fan_out, quality, placement, preset: as for
             ``edit_video``; every video shares the store, so a re-run does only what is missing.
         concurrency: how many videos run at once.
 
@@ -70,7 +70,7 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
             return _failed(shown, name, clash, str(clash), time.perf_counter())
         return _edit_one(name, outs[name], source=source, dest=dest, edits=edits, profile=profile, store=store,
                          device=device, models_dir=models_dir, overrides=overrides, chunk_size=chunk_size,
-                         fan_out=fan_out, quality=quality, placement=placement)
+                         fan_out=fan_out, quality=quality, placement=placement, preset=preset)
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         # Each thread runs its subflow in a copy of this flow's context, so Prefect nests it here.
@@ -78,7 +78,8 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
         videos = [future.result() for future in futures]
     counts = {status: sum(v["status"] == status for v in videos) for status in ("done", "skipped", "failed")}
     summary = {"source": source, "dest": dest, "edits": [[list(e) for e in s] for s in edits], "profile": profile,
-               "quality": quality or default_quality(device), "videos": videos, "counts": counts, "total_seconds": round(time.perf_counter() - started, 3)}
+               "quality": quality or default_quality(device), "preset": preset, "videos": videos, "counts": counts,
+               "total_seconds": round(time.perf_counter() - started, 3)}
     _write_summary(dest, summary)
     for video in videos:
         if video["status"] == "failed":

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from flows.run_stage import PLACEMENT_ENV, check_placement, parse_placement, place, placed_ref
 from flows.stitch_chunk import FAN_OUT_ENV, deployment_runner
-from stitchtime_core.config import PROFILES, EditingConfig, StitchingConfig, default_quality, run_config
+from stitchtime_core.config import PROFILES, StitchingConfig, default_quality, run_config
 from tasks import outputs, report, stages
 from tasks.store import default_store_uri
 
@@ -29,7 +29,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
                store: str | None = None, device: str = "cpu", models_dir: str | None = None,
                overrides: dict[str, dict[str, Any]] | None = None, chunk_size: int = 16,
                fan_out: str | None = None, quality: str | None = None,
-               placement: dict[str, str] | None = None) -> dict[str, Any]:
+               placement: dict[str, str] | None = None, preset: str = "paper") -> dict[str, Any]:
     """Edit the face in ``source`` once per edit set, each output with the source's frames, rate and audio.
 
     Args:
@@ -44,7 +44,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
         store: artifact store URI (``file://…`` or ``s3://bucket/prefix``); default ./stitchtime-data.
         device: "cpu" or "cuda".
         models_dir: folder of model files for the mobile and ffhq profiles.
-        overrides: ``{stage: {setting: value}}`` on top of the profile's defaults at ``quality``.
+        overrides: ``{stage: {setting: value}}`` on top of the preset and the profile's defaults at ``quality``.
         chunk_size: frames per stitch-tuning chunk.
         fan_out: the stitch-chunk deployment (``stitch-chunk/gpu``) that runs each chunk as a flow run on
             GPU workers; default ``$STITCHTIME_STITCH_DEPLOYMENT``; unset or empty stitches in this process.
@@ -54,6 +54,8 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
             work pool: ``{"encode": "run-stage/gpu", "pti": "run-stage/gpu"}``; default
             ``$STITCHTIME_PLACEMENT`` (``encode=run-stage/gpu,pti=run-stage/gpu``); unset or empty runs
             them here (see :mod:`flows.run_stage`).
+        preset: whose behaviour the run follows: "paper" or "stit-code" (the reference code's); see
+            ``stitchtime_core.config.PRESETS``.
 
     Returns:
         the run summary (also written to ``<out stem>.summary.json``).
@@ -64,7 +66,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     paths = outputs.check_outputs(source, out, edit_sets)
     started = time.perf_counter()
     quality = quality or default_quality(device)
-    config = run_config(profile, quality, overrides)
+    config = run_config(profile, quality, overrides, preset=preset)
     store = store or default_store_uri()
     fan_out = fan_out or os.environ.get(FAN_OUT_ENV) or None
     run_chunks = deployment_runner(fan_out) if fan_out else None  # a wrong name fails now, not after PTI
@@ -98,7 +100,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
 
     results, editing = [], []
     for edit_set, (label, path) in zip(edit_sets, paths):
-        settings = dataclasses.replace(config, editing=EditingConfig(edits=tuple(edit_set)))
+        settings = dataclasses.replace(config, editing=dataclasses.replace(config.editing, edits=tuple(edit_set)))
         refs: list[stages.StageRef] = []
         edit = record(refs, run(stages.edit_pivots, store, pivots, settings.editing, runtime), label)
         stitch = record(refs, _stitch(store, align, pti, edit, settings.stitching, runtime, chunk_size, run_chunks),
@@ -112,8 +114,9 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
         results.append(outputs.output_summary(edit_set, label, path, shared, refs))
 
     summary_path, config_path = outputs.sidecar_paths(out)
-    outputs.write_config(config_path, profile, quality, config, editing)
-    summary = outputs.run_summary(source, config_path, profile=profile, quality=quality, device=device, store=store,
+    outputs.write_config(config_path, profile, quality, preset, config, editing)
+    summary = outputs.run_summary(source, config_path, profile=profile, quality=quality, preset=preset,
+                                  device=device, store=store,
                                   config=config, shared=shared, results=results,
                                   total_seconds=time.perf_counter() - started,
                                   flow_run_id=str(flow_run.id) if flow_run.id else None)

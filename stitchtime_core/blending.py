@@ -54,6 +54,36 @@ def feather(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     return np.clip(blurred, 0.0, 1.0)
 
 
+def feather_square(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """The reference code's feathering (STIT's ``paste_image_mask``): erode with a (2r + 1)² square, then blur
+    with a (2r + 1)² Gaussian whose σ OpenCV derives from the size, 0.3·(r − 1) + 0.8 (8 at r = 25).
+
+    The mask is taken as the reference takes it, an 8-bit image (values rounded to 1/255), and so is the
+    result. The erosion counts outside the image as 0; the blur mirrors the image at its edge (OpenCV's default).
+
+    Args:
+        mask: float [H, W] in [0, 1], the paste mask m^d.
+        radius_px: r in pixels of this mask (scale the 1024 px setting to the crop first); 0 returns the mask.
+
+    Returns:
+        float32 [H, W] in [0, 1], multiples of 1/255.
+
+    Raises:
+        ValueError: the mask is not 2-D or ``radius_px`` is negative.
+    """
+    m = np.asarray(mask, dtype=np.float32)
+    if m.ndim != 2:
+        raise ValueError(f"mask must have shape [H, W], got {list(m.shape)}")
+    if radius_px < 0:
+        raise ValueError(f"radius_px must be >= 0, got {radius_px}")
+    image = np.rint(np.clip(m, 0.0, 1.0) * 255).astype(np.uint8)
+    if radius_px > 0:
+        side = (2 * radius_px + 1, 2 * radius_px + 1)
+        eroded = cv2.erode(image, np.ones(side), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        image = cv2.GaussianBlur(eroded, side, sigmaX=0)
+    return image.astype(np.float32) / 255
+
+
 def paste_back(
     frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray
 ) -> np.ndarray:

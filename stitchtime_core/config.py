@@ -124,6 +124,12 @@ class PTIConfig:
     reference code; LPIPS at 1024 px costs about as much as the generator's backward pass)."""
     seed: int = 0
     """Seeds frame order and the regulariser's random codes."""
+    frame_order: Literal["shuffled", "fixed"] = "shuffled"
+    """"shuffled": each pass over the frames in a new random order; "fixed": always in frame order (the
+    reference code)."""
+    regularizer_noise: Literal["const", "none"] = "const"
+    """The noise the regulariser's images are rendered with: "const", the stored noise, as the reconstruction
+    is rendered; "none", no noise (the reference code)."""
     checkpoint_every: int = field(default=100, metadata=NON_NEGATIVE)
     """Save the tuned generator and optimiser every this many steps, so a stopped run resumes there
     (0: never). Not part of the stage's cache key: it does not change the result."""
@@ -141,6 +147,13 @@ class EditingConfig:
     edits: tuple[tuple[str, float], ...] = ()
     """(direction, strength) pairs applied together: a profile's direction name,
     ``sefa:K`` or a direction file."""
+    halve_files: Literal["equal-rows", "all"] = "equal-rows"
+    """Which direction files move the pivots by strength / 2: "equal-rows", only [num_ws, w_dim] files whose
+    rows are all equal (the reference code's own files); "all", every file (the reference code applies
+    ``factor / 2`` of the first row of whatever file it reads)."""
+
+    def __post_init__(self) -> None:
+        _check_settings(self, "editing")
 
 
 @dataclass(frozen=True)
@@ -155,10 +168,26 @@ class StitchingConfig:
     """λ_m: weight of the loss that keeps the edit inside the mask."""
     loss: Literal["l1", "l2"] = "l1"
     """The paper's L1, or the reference code's L2."""
+    normalise: Literal["mask", "pixels"] = "mask"
+    """What a masked loss is divided by: "mask", the mask's area (the sum over channels and pixels of the
+    masked error over the sum of the mask: the reference code's ``masked_l2``); "pixels", all 3·H·W values."""
     border_px: int = 50
     """Width of the boundary b = m ⊕ dilate(m), in pixels at 1024 px, scaled to the model size."""
     early_stop_loss: float = field(default=0.0, metadata=NON_NEGATIVE)
     """Stop a frame early once its boundary loss falls below this (0 never stops early)."""
+    early_stop_check: Literal["before", "after"] = "before"
+    """"before": the boundary loss of the current weights is checked before the update and a frame below
+    ``early_stop_loss`` stops without stepping (the reference code); "after": the update is taken first."""
+    segment: Literal["edit", "crop"] = "edit"
+    """The image BiSeNet parses for the masks: the edit e_i (the paper's Fig. 3) or the original crop x_i
+    (the reference code's ``calc_masks``)."""
+    parse_resize: Literal["nearest", "antialias"] = "nearest"
+    """How that image is brought to BiSeNet's 512 px: nearest-neighbour (the reference code) or antialiased."""
+    mask_shape: Literal["square", "disc"] = "square"
+    """"square" (the reference code's ``create_masks``): the masks are made on the 512 px labels, b is the
+    face dilated by a (2·border/2 + 1)² square minus the face, plus the face within border/2 px of the crop
+    edge; the content mask is m − b; all are resized to the crop bilinearly, so their edges are soft.
+    "disc": at the crop's size, b = dilate(m) by a disc minus m, content = m, every mask in {0, 1}."""
     batch_size: int = field(default=8, metadata=POSITIVE)
     """Frames tuned at once, each with its own copy of the weights."""
     warm_start: float = field(default=0.3, metadata=FRACTION)
@@ -182,8 +211,14 @@ class BlendingConfig:
     """"feather": through the dilated mask m^d with a Gaussian edge (the paper); "mask": a hard paste
     inside the segmentation mask m; "poisson": Poisson blending (OpenCV seamlessClone) inside m.
     The last two are the paper's blending baselines."""
+    feather_shape: Literal["square", "disc"] = "square"
+    """"square" (the reference code's ``paste_image_mask``): m^d is eroded by a (2r + 1)² square and blurred
+    by a (2r + 1)² Gaussian whose σ follows OpenCV's rule, 0.3·(r − 1) + 0.8, r = ``feather_radius_px``;
+    "disc": eroded by a disc of r = ceil(2σ) and blurred with σ = ``feather_px``, so the edge stays inside m^d."""
+    feather_radius_px: int = field(default=25, metadata=NON_NEGATIVE)
+    """r of the "square" feathering, pixels at 1024 px, scaled to the crop (the reference code: 50 // 2)."""
     feather_px: float = field(default=12.0, metadata=NON_NEGATIVE)
-    """Gaussian feathering of the mask edge (sigma, pixels at 1024 px, scaled to the crop)."""
+    """σ of the "disc" feathering (pixels at 1024 px, scaled to the crop)."""
 
     def __post_init__(self) -> None:
         _check_settings(self, "blending")
@@ -335,9 +370,48 @@ def profile_defaults(profile: str, quality: str = "paper") -> RunConfig:
     return PREVIEW if quality == "preview" else RunConfig()
 
 
-def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
-    """The profile's defaults at a quality, then the user's overrides; the edits are set per output."""
-    return with_overrides(profile_defaults(profile, quality), overrides or {})
+def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[str, Any]] | None = None, *,
+               preset: str = "paper") -> RunConfig:
+    """A preset's settings, then those the profile and quality change (step counts, learning rates: what
+    :func:`profile_defaults` sets apart from the paper's), then the user's overrides; the edits are set per output.
+
+    So ``--quality preview`` shortens a ``stit-code`` run as it shortens a ``paper`` one, and ``--set`` wins.
+
+    Raises:
+        ValueError: an unknown profile, quality or preset, or a bad override.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = with_overrides(RunConfig(), PRESETS[preset])
+    config = with_overrides(config, _differences(profile_defaults(profile, quality), RunConfig()))
+    return with_overrides(config, overrides or {})
+
+
+def _differences(config: RunConfig, base: RunConfig) -> dict[str, dict[str, Any]]:
+    """``{stage: {setting: value}}`` of the settings where ``config`` differs from ``base``."""
+    new, old = to_dict(config), to_dict(base)
+    return {stage: changed for stage in new
+            if (changed := {name: value for name, value in new[stage].items() if value != old[stage][name]})}
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    "stit-code": {
+        "alignment": {"detector_upsample": 0, "detect_max_side": 0},
+        "pti": {"observations_per_frame": 300, "lambda_r": 0.0, "frame_order": "fixed", "regularizer_noise": "none"},
+        "editing": {"halve_files": "all"},
+        "stitching": {"loss": "l2", "warm_start": 0.0, "segment": "crop"},
+    },
+}
+"""Which behaviour a run follows (``--preset``); the README's method section tables every difference.
+
+``paper``: the paper where it speaks (L1, λ_R = 0.1, PTI until each frame is seen 80 times, BiSeNet on the
+edited image as its Fig. 3), the reference code where it is silent (loss normalisation, early-stop order,
+mask shapes, feathering), and stitchtime's own choices where a measurement or a convention says so (warm
+starts, ...). ``stit-code``: the reference code (rotemtzaban/STIT) as it runs with its own defaults:
+faces detected on the full frame without upsampling, L2, no warm starts, 300 PTI passes in frame order
+without the regulariser, the original crop segmented, every direction file halved.
+"""
 
 
 PREVIEW = RunConfig(

@@ -10,7 +10,8 @@ Strength conventions: an InterFaceGAN-style [w_dim] or [1, w_dim] direction, and
 [num_ws, w_dim] one, move every pivot by ``strength * direction``. A [num_ws, w_dim] file whose rows
 are all equal is the reference code's layout (STIT's ``editings/w_directions/*.npy``); STIT takes
 its first row and applies ``factor / 2`` of it, and so do we, so ``--edit age=4`` gives the same
-edit as STIT's ``--edit_range 4 4 1``.
+edit as STIT's ``--edit_range 4 4 1``. STIT halves any other file too; ``editing.halve_files`` "all"
+(the ``stit-code`` preset) does so as well.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def sefa_directions(G: Generator) -> torch.Tensor:
 
 
 def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int,
-                        stylegan2_layers: tuple[int, ...] | None = None) -> torch.Tensor:
+                        stylegan2_layers: tuple[int, ...] | None = None, halve: str = "equal-rows") -> torch.Tensor:
     """Read a direction from ``.npy`` or ``.pt`` without unpickling objects.
 
     Args:
@@ -52,6 +53,8 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int,
         num_ws, w_dim: the generator's W+ shape.
         stylegan2_layers: for a generator whose W+ is not StyleGAN2's, the StyleGAN2 entry each of its
             ``num_ws`` styles reads; an [18, w_dim] file is then mapped through it.
+        halve: which files are halved (``EditingConfig.halve_files``): "equal-rows", only a per-layer file
+            whose rows are all equal (then read as its first row, see the module docstring); "all", every one.
 
     Returns:
         [num_ws, w_dim].
@@ -91,8 +94,11 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int,
                                f"{' or '.join(f'[{n}, {w_dim}]' for n in per_layer)} for this generator")
     if array.shape[0] in per_layer and array.shape[0] > 1 and torch.equal(array, array[:1].expand_as(array)):
         array = array[:1] / 2  # the reference code's layout and factor/2 convention (module docstring)
-    elif array.shape[0] == 18 and stylegan2_layers is not None:
-        array = array[list(stylegan2_layers)]
+    else:
+        if array.shape[0] == 18 and stylegan2_layers is not None:
+            array = array[list(stylegan2_layers)]
+        if halve == "all":  # the reference code halves whatever file it reads
+            array = array / 2
     return array.expand(num_ws, w_dim).clone()
 
 
@@ -112,8 +118,10 @@ def _npy_dtype(path: Path) -> np.dtype:
             raise InputError(path, "not a readable direction file (not an .npy file)") from None
 
 
-def resolve_direction(spec: str, *, G: Generator, named: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The direction an ``--edit`` names: a profile name, ``sefa:K`` or a file path.
+def resolve_direction(spec: str, *, G: Generator, named: dict[str, torch.Tensor],
+                      halve: str = "equal-rows") -> torch.Tensor:
+    """The direction an ``--edit`` names: a profile name, ``sefa:K`` or a file path (read with ``halve``, see
+    :func:`load_direction_file`).
 
     Returns:
         [num_ws, w_dim] on the generator's device.
@@ -128,7 +136,7 @@ def resolve_direction(spec: str, *, G: Generator, named: dict[str, torch.Tensor]
         return sefa_directions(G)[int(index)].to(device)
     if Path(spec).suffix in (".npy", ".pt") or Path(spec).exists():
         return load_direction_file(spec, num_ws=G.num_ws, w_dim=G.w_dim,
-                                   stylegan2_layers=G.stylegan2_layers).to(device)
+                                   stylegan2_layers=G.stylegan2_layers, halve=halve).to(device)
     names = ", ".join(sorted(named)) or "none"
     raise ValueError(f"unknown edit direction {spec!r}: not a profile direction ({names}), sefa:K or a file")
 

@@ -67,18 +67,3 @@ def _trunk_state(trunk: nn.Module, features: dict[str, torch.Tensor]) -> dict[st
     slice_of = {index: name for name, part in trunk.named_children() for index, _ in part.named_children()}
     return {f"{slice_of[key.split('.')[0]]}.{key}": tensor for key, tensor in features.items()}
 
-
-def masked_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, *, kind: str = "l1") -> torch.Tensor:
-    """Mean over all pixels of |a⊙m − b⊙m| (or its square): the paper's L1(s⊙b, x⊙b).
-
-    Args:
-        a, b: [batch, 3, H, W].
-        mask: [batch, 1, H, W] or [1, 1, H, W] in [0, 1].
-        kind: "l1" (the paper) or "l2" (the reference code).
-    """
-    diff = (a - b) * mask
-    if kind == "l1":
-        return diff.abs().mean()
-    if kind == "l2":
-        return diff.square().mean()
-    raise ValueError(f"kind must be 'l1' or 'l2', got {kind!r}")

@@ -1,8 +1,9 @@
 """Face masks in crop coordinates and the stitching boundary b = m XOR dilate(m) (paper section 3.4).
 
 The paper segments the face with a parsing network; :func:`landmark_face_mask` is the
-landmark-only mask used where no parsing network is loaded (the tiny profile, tests). All masks
-here are float32 [size, size] arrays with values in {0, 1}.
+landmark-only mask used where no parsing network is loaded (the tiny profile, tests). The masks of
+:func:`stitching_masks` are float32 [size, size] arrays with values in {0, 1} (``mask_shape`` "disc");
+:func:`square_masks` makes the reference code's, soft-edged (``mask_shape`` "square").
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 FOREHEAD_LIFT = 0.5
 """How far the eyebrows are lifted to close the mask over the forehead, as a fraction of the
@@ -138,12 +141,61 @@ def stitching_masks(crop_landmarks: np.ndarray, size: int, *, border_px_1024: fl
         (masks m, boundaries b = dilate(m) XOR m, each float32 [N, size, size] in {0, 1}; bool [N],
         True where m came from the landmarks). The dilated mask m^d used for pasting is m + b.
     """
-    if parsed is None:
-        masks = np.stack([landmark_face_mask(lm, size) for lm in crop_landmarks]).astype(np.float32)
-        from_landmarks = np.ones(len(masks), bool)
-    else:
-        masks, from_landmarks = parsed_or_landmark_masks(parsed, crop_landmarks)
+    masks, from_landmarks = face_masks(crop_landmarks, size, parsed=parsed)
     return masks, boundaries_of(masks, border_px_1024=border_px_1024), from_landmarks
+
+
+def face_masks(crop_landmarks: np.ndarray, size: int, *, parsed: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Face masks m at ``size``: parsed where given and found, from the landmarks elsewhere.
+
+    Args:
+        crop_landmarks: float [N, 68, 2] landmarks in pixels of a ``size`` crop.
+        parsed: float [N, size, size] face masks from a parsing network, or None.
+
+    Returns:
+        (float32 [N, size, size] masks in {0, 1}, bool [N] True where the mask came from the landmarks).
+    """
+    if parsed is not None:
+        return parsed_or_landmark_masks(parsed, crop_landmarks)
+    masks = np.stack([landmark_face_mask(lm, size) for lm in crop_landmarks]).astype(np.float32)
+    return masks.reshape(len(crop_landmarks), size, size), np.ones(len(masks), bool)
+
+
+def square_masks(faces: torch.Tensor, size: int, *, border_px_1024: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference code's stitching masks (STIT's ``create_masks`` as ``calc_masks`` calls it).
+
+    On the face masks as given (BiSeNet's 512 px there), with r = ``border_px_1024`` // 2: the full mask is the
+    face dilated by a (2r + 1)² square; the boundary b is the full mask minus the face, together with the face
+    within r px of the crop's edge (so the crop's edge is pulled to the original there too); the content mask
+    is the face minus b. Each is then resized to ``size`` bilinearly (corners aligned), so its edge is soft.
+
+    Args:
+        faces: float [N, S, S] face masks in {0, 1}.
+        size: the crop side of the results.
+        border_px_1024: the stitching border at 1024 px (``StitchingConfig.border_px``).
+
+    Returns:
+        (face m, content, boundary b, full mask m^d), each float32 [N, 1, size, size] in [0, 1].
+
+    Raises:
+        ValueError: the masks are not [N, S, S] or the border is negative.
+    """
+    if faces.ndim != 3 or faces.shape[1] != faces.shape[2]:
+        raise ValueError(f"faces must be [N, S, S], got {list(faces.shape)}")
+    if border_px_1024 < 0:
+        raise ValueError(f"border_px_1024 must be >= 0, got {border_px_1024}")
+    r, side = border_px_1024 // 2, faces.shape[-1]
+    face = faces[:, None].float()
+    full = F.max_pool2d(face, 2 * r + 1, stride=1, padding=r)  # outside the image counts as nothing
+    near_edge = torch.ones(side, side, device=faces.device)
+    near_edge[r:side - r, r:side - r] = 0
+    border = torch.maximum(torch.minimum(near_edge, face), full - face).clamp(0, 1)
+    content = (face - border).clamp(0, 1)
+    face, content, border, full = (F.interpolate(m, (size, size), mode="bilinear", align_corners=True)
+                                   for m in (face, content, border, full))
+    return face, content, border, full
 
 
 def boundaries_of(masks: np.ndarray, *, border_px_1024: float) -> np.ndarray:

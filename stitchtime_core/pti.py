@@ -55,17 +55,36 @@ def locality_codes(G: Generator, pivots: torch.Tensor, *, alpha: float, psi: flo
                    generator: torch.Generator) -> torch.Tensor:
     """PTI's regulariser codes: each pivot moved a distance α towards a random w (truncated at ψ)."""
     z = torch.randn([pivots.shape[0], G.z_dim], generator=generator).to(pivots.device)
+    return codes_towards(G, pivots, z, alpha=alpha, psi=psi)
+
+
+def codes_towards(G: Generator, pivots: torch.Tensor, z: torch.Tensor, *, alpha: float, psi: float) -> torch.Tensor:
+    """Each pivot [N, num_ws, w_dim] moved a distance α towards the w of its z [N, z_dim] (truncated at ψ)."""
     w = G.mapping(z, truncation_psi=psi)
     direction = w - pivots
     norm = direction.flatten(1).norm(dim=1).clamp_min(1e-8).reshape(-1, 1, 1)
     return pivots + alpha * direction / norm
 
 
+def locality_loss(G: Generator, tuned: Generator, codes: torch.Tensor, *, config: PTIConfig,
+                  lpips_fn: nn.Module) -> torch.Tensor:
+    """L_R before its weight λ_R: MSE + LPIPS between the tuned and the original generator's images at the
+    regulariser's ``codes`` [N, num_ws, w_dim], rendered with ``config.regularizer_noise``."""
+    with torch.no_grad():
+        original = G.synthesis(codes, noise_mode=config.regularizer_noise, force_fp32=True)
+    moved = tuned.synthesis(codes, noise_mode=config.regularizer_noise, force_fp32=True)
+    return F.mse_loss(moved, original) + _lpips(lpips_fn, moved, original, config.lpips_resolution).mean()
+
+
 def frame_order(num_frames: int, config: PTIConfig) -> torch.Tensor:
-    """The frame index of every sample of every step: whole shuffled passes over the frames."""
+    """The frame index of every sample of every step: whole passes over the frames, each shuffled anew
+    (``frame_order`` "shuffled") or in frame order ("fixed")."""
     rng = torch.Generator().manual_seed(config.seed)
     total = pti_steps(num_frames, config) * config.batch_size
-    return torch.cat([torch.randperm(num_frames, generator=rng) for _ in range(math.ceil(total / num_frames))])
+    passes = range(math.ceil(total / num_frames))
+    if config.frame_order == "fixed":
+        return torch.arange(num_frames).repeat(len(passes))
+    return torch.cat([torch.randperm(num_frames, generator=rng) for _ in passes])
 
 
 def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, config: PTIConfig,
@@ -124,11 +143,7 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
         if config.lambda_r > 0:
             rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             codes = locality_codes(G, w, alpha=config.locality_alpha, psi=config.locality_psi, generator=rng)
-            with torch.no_grad():
-                original = G.synthesis(codes, noise_mode="const", force_fp32=True)
-            moved = tuned.synthesis(codes, noise_mode="const", force_fp32=True)
-            loss = loss + config.lambda_r * (F.mse_loss(moved, original)
-                                             + _lpips(lpips_fn, moved, original, config.lpips_resolution).mean())
+            loss = loss + config.lambda_r * locality_loss(G, tuned, codes, config=config, lpips_fn=lpips_fn)
         adam_step(adam, loss)
         losses.append(float(loss.detach()))
         if progress is not None:

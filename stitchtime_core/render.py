@@ -8,8 +8,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from stitchtime_core.blending import feather, paste_back, paste_mask, paste_poisson
+from stitchtime_core.blending import feather, feather_square, paste_back, paste_mask, paste_poisson
 from stitchtime_core.config import BlendingConfig, OutputConfig
+from stitchtime_core.masks import scaled_px
 from stitchtime_core.video import VideoInfo, VideoWriter, iter_frames
 
 
@@ -19,9 +20,9 @@ class CropPaste(NamedTuple):
     crop: np.ndarray
     """uint8 [S, S, 3] the stitched crop."""
     mask: np.ndarray
-    """float [S, S] in {0, 1}: the segmentation mask m."""
+    """float [S, S] in [0, 1]: the segmentation mask m (soft-edged with ``stitching.mask_shape`` "square")."""
     paste_mask: np.ndarray
-    """float [S, S] in {0, 1}: the dilated mask m^d = m + boundary."""
+    """float [S, S] in [0, 1]: the dilated mask m^d = m + boundary."""
 
 
 def blend_frame(frame: np.ndarray, item: CropPaste, quad: np.ndarray, blending: BlendingConfig) -> np.ndarray:
@@ -34,7 +35,11 @@ def blend_frame(frame: np.ndarray, item: CropPaste, quad: np.ndarray, blending: 
         return paste_mask(frame, item.crop, item.mask, quad)
     if blending.method == "poisson":
         return paste_poisson(frame, item.crop, item.mask, quad)
-    soft = feather(item.paste_mask, blending.feather_px * item.crop.shape[0] / 1024)
+    size = item.crop.shape[0]
+    if blending.feather_shape == "square":
+        soft = feather_square(item.paste_mask, scaled_px(blending.feather_radius_px, size))
+    else:
+        soft = feather(item.paste_mask, blending.feather_px * size / 1024)
     return paste_back(frame, item.crop, soft, quad)
 
 

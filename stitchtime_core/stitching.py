@@ -130,10 +130,28 @@ def tuning_plan(frames: int, config: StitchingConfig) -> list[tuple[list[int], b
     return [([run[t] for run in runs if t < len(run)], t > 0) for t in range(len(runs[0]) if runs else 0)]
 
 
-def _per_frame_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """[frames]: the mean over each frame's pixels of |a⊙m − b⊙m| (or its square)."""
-    diff = (a - b) * mask
-    return (diff.abs() if kind == "l1" else diff.square()).mean(dim=(1, 2, 3))
+def masked_distances(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, *, kind: str,
+                     normalise: str) -> torch.Tensor:
+    """Each frame's masked L1 or L2 distance |a⊙m − b⊙m|: the stitching losses of eqs. 2-3.
+
+    Args:
+        a, b: [frames, 3, H, W].
+        mask: [frames, 1, H, W] in [0, 1].
+        kind: "l1" or "l2" (the square of the difference).
+        normalise: "mask": the sum over channels and pixels divided by the mask's sum (the reference code's
+            ``masked_l2``); "pixels": the mean over all 3·H·W values.
+
+    Returns:
+        [frames].
+    """
+    # a⊙m − b⊙m as the reference computes it: (a − b)⊙m rounds differently, and Adam's first steps, which
+    # divide each gradient by its own size, turn that into different weights where gradients are tiny.
+    diff = a * mask - b * mask
+    error = diff.abs() if kind == "l1" else diff.square()
+    if normalise == "pixels":
+        return error.mean(dim=(1, 2, 3))
+    # An empty mask has nothing to pull on: 0, where the reference code divides 0 by 0.
+    return error.sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1e-12)
 
 
 def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.Tensor, mask: torch.Tensor,
@@ -151,8 +169,10 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
     buffers = dict(synthesis.named_buffers())
 
     def one_frame(params: dict[str, torch.Tensor], ws: torch.Tensor) -> torch.Tensor:
+        # Unfused modulation, as in the reference code, which tunes G in training mode: the same numbers up to
+        # rounding, which Adam's first steps (each gradient over its own size) would otherwise magnify.
         return functional_call(synthesis, (params, buffers), (ws[None],),
-                               {"noise_mode": "const", "force_fp32": True})[0]
+                               {"noise_mode": "const", "force_fp32": True, "fused_modconv": False})[0]
 
     def alone(params: dict[str, torch.Tensor], ws: torch.Tensor) -> torch.Tensor:
         # One frame needs no vmap, whose batching rules copy activations between layouts (2x slower on a CPU).
@@ -172,18 +192,31 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
     active = torch.arange(frames, device=w.device)
     stitched = torch.empty_like(edit)
     taken = torch.zeros(frames, dtype=torch.int64)
+    before = config.early_stop_check == "before"
+
+    def distance(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return masked_distances(a, b, m, kind=config.loss, normalise=config.normalise)
+
     for step in range(1, steps + 1):
         image = forward(params(), w[active])
-        border_loss = _per_frame_distance(image, crop[active], boundary[active], config.loss)
-        content_loss = _per_frame_distance(image, edit[active], mask[active], config.loss)
-        # Summing the frames' losses gives each frame's weights exactly its own loss's gradient.
-        adam_step(adam, (border_loss + config.lambda_m * content_loss).sum())
-        taken[active.cpu()] = step
+        border_loss = distance(image, crop[active], boundary[active])
+        loss = border_loss + config.lambda_m * distance(image, edit[active], mask[active])
         stopped = border_loss.detach() < config.early_stop_loss
-        if stopped.any() and step < steps:
+        if before and stopped.any():
+            # Checked before the update (the reference code): these frames stop with the weights and image
+            # they have now (indexing copies them before the step) and take no part in it.
+            stitched[active[stopped]] = image.detach()[stopped]
             done = {k: p.detach()[stopped] for k, p in params().items()}
-            with torch.no_grad():
-                stitched[active[stopped]] = forward(done, w[active[stopped]])
+            loss = loss[~stopped]
+        if len(loss):
+            # Summing the frames' losses gives each frame's weights exactly its own loss's gradient.
+            adam_step(adam, loss.sum())
+            taken[active[~stopped].cpu() if before else active.cpu()] = step
+        if stopped.any() and (before or step < steps):
+            if not before:
+                done = {k: p.detach()[stopped] for k, p in params().items()}
+                with torch.no_grad():
+                    stitched[active[stopped]] = forward(done, w[active[stopped]])
             if final is not None:
                 for k, p in done.items():
                     final[k][active[stopped]] = p

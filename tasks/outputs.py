@@ -145,10 +145,10 @@ def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet])
     return outputs
 
 
-def write_config(path: Path, profile: str, quality: str, config: RunConfig, editing: list[Any]) -> None:
+def write_config(path: Path, profile: str, quality: str, preset: str, config: RunConfig, editing: list[Any]) -> None:
     """The run's config file: every stage's settings; ``editing`` holds one entry per output, in the order of
     the summary's outputs."""
-    write_json(path, {"profile": profile, "quality": quality, **to_dict(config),
+    write_json(path, {"profile": profile, "quality": quality, "preset": preset, **to_dict(config),
                       "editing": [to_dict(entry) for entry in editing]})
 
 
@@ -184,6 +184,8 @@ class RunSummary(BaseModel):
     """The run's config file: every stage's settings."""
     profile: str
     quality: str
+    preset: str = "paper"
+    """Whose behaviour the settings start from (``stitchtime_core.config.PRESETS``); older summaries lack it."""
     device: str
     store: str
     ablations: list[str]
@@ -263,7 +265,7 @@ def output_summary(edit_set: EditSet, label: str, path: Path, shared: list[Stage
     )
 
 
-def run_summary(source: str, config_path: Path, *, profile: str, quality: str, device: str, store: str,
+def run_summary(source: str, config_path: Path, *, profile: str, quality: str, preset: str, device: str, store: str,
                 config: RunConfig, shared: list[StageRef], results: list[OutputSummary], total_seconds: float,
                 flow_run_id: str | None) -> RunSummary:
     """The run summary written beside ``--out``: the input, settings, every stage's key and seconds, each output."""
@@ -276,6 +278,7 @@ def run_summary(source: str, config_path: Path, *, profile: str, quality: str, d
         config=str(config_path.resolve()),
         profile=profile,
         quality=quality,
+        preset=preset,
         device=device,
         store=open_store(store).uri,  # absolute: `stitchtime report` may run from another folder
         ablations=ablations_of(config),

@@ -220,20 +220,23 @@ def load_bisenet(path: str | os.PathLike, *, device: torch.device | str = "cpu")
     return net.to(device).eval().requires_grad_(False)
 
 
-def parse_faces(net: BiSeNet, crops: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+def parse_faces(net: BiSeNet, crops: torch.Tensor, *, batch_size: int = 8, resize: str = "antialias",
+                size: int | None = None) -> torch.Tensor:
     """Per-pixel class labels of face crops, computed as the reference computes them.
 
-    Each crop is resized to 512 px (bilinear, antialiased like the reference's PIL resize),
-    normalised with the ImageNet mean and std, and labelled by the argmax of the main head;
-    the labels are resized back to the crop's size with nearest-neighbour sampling.
+    Each crop is resized to 512 px, normalised with the ImageNet mean and std, and labelled by the
+    argmax of the main head; the labels are resized to ``size`` with nearest-neighbour sampling.
 
     Args:
         net: a BiSeNet in eval mode, on the crops' device.
         crops: [N, 3, H, W] RGB in [-1, 1].
         batch_size: how many crops go through the network at once, > 0.
+        resize: how the crops come to 512 px: "antialias" (bilinear, antialiased like a PIL resize) or
+            "nearest" (STIT's ``calc_masks``).
+        size: the labels' side (None: the crops' own size; 512: the network's, unresized).
 
     Returns:
-        int64 [N, H, W] class indices into :data:`CLASS_NAMES`.
+        int64 [N, size, size] class indices into :data:`CLASS_NAMES`.
 
     Raises:
         ValueError: the crops are not [N, 3, H, W] or ``batch_size`` is not positive.
@@ -242,14 +245,18 @@ def parse_faces(net: BiSeNet, crops: torch.Tensor, *, batch_size: int = 8) -> to
         raise ValueError(f"crops must be [N, 3, H, W], got {list(crops.shape)}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    height, width = crops.shape[2:]
+    if resize not in ("antialias", "nearest"):
+        raise ValueError(f"resize must be 'antialias' or 'nearest', got {resize!r}")
+    height, width = crops.shape[2:] if size is None else (size, size)
     mean = torch.tensor(IMAGENET_MEAN, device=crops.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=crops.device).view(1, 3, 1, 1)
     labels = []
     with torch.no_grad():
         for batch in crops.split(batch_size):
             images = batch.float().clamp(-1, 1).add(1).div(2)
-            if (height, width) != (INPUT_SIZE, INPUT_SIZE):
+            if images.shape[2:] != (INPUT_SIZE, INPUT_SIZE) and resize == "nearest":
+                images = F.interpolate(images, (INPUT_SIZE, INPUT_SIZE), mode="nearest")
+            elif images.shape[2:] != (INPUT_SIZE, INPUT_SIZE):
                 images = F.interpolate(images, (INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False,
                                        antialias=True)
             found = net((images - mean) / std).argmax(dim=1, keepdim=True)

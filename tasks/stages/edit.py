@@ -30,7 +30,7 @@ def edit_pivots(store_uri: str, pivots: StageRef, config: EditingConfig, runtime
     def produce(key: str) -> dict[str, Any]:
         w = store.get_tensors(f"{pivots.key}/pivots.safetensors", device=device)["pivots"]
         try:
-            directions = resolve_edits(runtime, config.edits)
+            directions = resolve_edits(runtime, config.edits, halve=config.halve_files)
         except ValueError as exc:
             raise StitchtimeError(str(exc)) from None
         store.put_tensors(f"{key}/latents.safetensors", {"latents": edit_latents(w, directions).cpu()})

@@ -125,8 +125,9 @@ class StitchedChunks:
             if self.next_index >= len(self.keys):
                 raise IndexError(f"row {index} is past the stitched chunks")
             data = self.store.get_tensors(self.keys[self.next_index])
-            self.chunk = (data["stitched"].numpy(), data["masks"].numpy().astype(np.float32),
-                          data["paste_masks"].numpy().astype(np.float32))
+            # Masks are stored as 8-bit images, 255 inside.
+            self.chunk = (data["stitched"].numpy(), data["masks"].numpy().astype(np.float32) / 255,
+                          data["paste_masks"].numpy().astype(np.float32) / 255)
             self.raw_edits = dict(zip(data["raw_edit_rows"].tolist(), data["raw_edits"].numpy()))
             self.start, self.stop = self.stop, self.stop + len(self.chunk[0])
             self.next_index += 1

@@ -63,7 +63,8 @@ class Runtime:
         return identity_network(self.profile, self.models_dir, self.device)
 
 
-def resolve_edits(runtime: Runtime, edits: tuple[tuple[str, float], ...]) -> list[tuple[torch.Tensor, float]]:
+def resolve_edits(runtime: Runtime, edits: tuple[tuple[str, float], ...], *,
+                  halve: str = "equal-rows") -> list[tuple[torch.Tensor, float]]:
     """Each edit's direction tensor and strength. The flow calls it before any stage, so a typo fails
     before hours of tuning, not after; the edit stage calls it for the directions it applies.
 
@@ -72,6 +73,6 @@ def resolve_edits(runtime: Runtime, edits: tuple[tuple[str, float], ...]) -> lis
         InputError: a direction file that is missing or unreadable.
     """
     models = runtime.networks
-    return [(resolve_direction(name, G=models.generator, named=models.directions), strength)
+    return [(resolve_direction(name, G=models.generator, named=models.directions, halve=halve), strength)
             for name, strength in edits]
 

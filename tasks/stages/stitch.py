@@ -20,7 +20,7 @@ import torch
 from stitchtime_core import masks
 from stitchtime_core.config import StitchingConfig, to_dict
 from stitchtime_core.errors import StitchtimeError
-from stitchtime_core.models.bisenet import face_mask_from_labels, parse_faces
+from stitchtime_core.models.bisenet import INPUT_SIZE, face_mask_from_labels, parse_faces
 from stitchtime_core.models.profiles import Networks
 from stitchtime_core.models.stylegan2 import Generator
 from stitchtime_core.report import choose_keyframes
@@ -32,7 +32,7 @@ from tasks.stages.base import Ingredients, Stage, StageRef, retrying, short_key,
 from tasks.stages.formats import CHUNK_NUMBERS, CropRows, edited_rows, pti_generator
 from tasks.store import ArtifactStore, open_store
 
-STAGE = Stage("stitch", version=3)
+STAGE = Stage("stitch", version=4)  # 4: masks stored as 8-bit images (0-255), soft-edged when "square"
 
 
 def ingredients(align: StageRef, pti: StageRef, edit: StageRef, config: StitchingConfig, runtime: Runtime,
@@ -120,8 +120,9 @@ def plan_stitch(store_uri: str, align: StageRef, pti: StageRef, edit: StageRef, 
                 runtime: Runtime, chunk_size: int = 16) -> StageRef | StitchPlan:
     """The stored stitch stage, or the plan of its chunks: masks and stitching tuning of every frame.
 
-    Masks come from BiSeNet run on the edited images, as the reference code does, when the profile
-    has face-parsing weights; from the landmarks otherwise (and for frames where parsing finds no face).
+    Masks come from BiSeNet run on the edited images (the paper) or the original crops (the reference code:
+    ``config.segment``) when the profile has face-parsing weights; from the landmarks otherwise (and for
+    frames where parsing finds no face).
     The flow stitches the plan's missing chunks here (:func:`stitch_chunks`) or on GPU workers (the
     ``stitch-chunk`` flow, :func:`stitch_chunk`), then :func:`gather_stitch` records the stage.
 
@@ -253,20 +254,42 @@ class _StitchInputs:
 def _stitch_chunk(G: Generator, parser: torch.nn.Module | None, latents: torch.Tensor, crops: np.ndarray,
                   crop_points: np.ndarray, *, config: StitchingConfig, device: str,
                   progress: Callable[[int], None], keyframes: list[int]) -> dict[str, torch.Tensor]:
-    """One chunk's stitched crops, masks m and paste masks m^d, its numbers, and the raw edits of its
-    ``keyframes`` (rows within the chunk), ready to store; ``progress`` is called with the frames just stitched."""
+    """One chunk's stitched crops, masks m and paste masks m^d (8-bit, 255 = inside), its numbers, and the raw
+    edits of its ``keyframes`` (rows within the chunk), ready to store; ``progress`` is called with the frames
+    just stitched."""
     x = images_to_tensor(crops, device)
     edits = render_edits(G, latents, batch_size=config.batch_size)
-    parsed = None if parser is None else face_mask_from_labels(parse_faces(parser, edits)).cpu().numpy()
-    m, b, from_landmarks = masks.stitching_masks(crop_points, x.shape[-1], border_px_1024=config.border_px,
-                                                 parsed=parsed)
-    as_tensor = lambda a: torch.from_numpy(a).unsqueeze(1).to(device)  # noqa: E731
-    result = stitch_frames(G, latents, x, as_tensor(m), as_tensor(b), config=config, edits=edits, progress=progress)
+    m, content, b, paste, from_landmarks = _masks(parser, edits if config.segment == "edit" else x, crop_points,
+                                                  config)
+    result = stitch_frames(G, latents, x, content, b, config=config, edits=edits, progress=progress)
+    as_image = lambda t: t[:, 0].mul(255).round().to(torch.uint8).cpu()  # noqa: E731
     return {"stitched": torch.from_numpy(tensor_to_images(result.stitched)),
-            "masks": torch.from_numpy(m).to(torch.uint8),
-            "paste_masks": torch.from_numpy(m + b).to(torch.uint8),
+            "masks": as_image(m),
+            "paste_masks": as_image(paste),
             "landmark_masks": torch.from_numpy(from_landmarks),
             "raw_edits": torch.from_numpy(tensor_to_images(edits[keyframes])),
             "steps": result.steps.cpu(),
             "boundary_error_before": result.boundary_error_before.cpu(),
             "boundary_error_after": result.boundary_error_after.cpu()}
+
+
+def _masks(parser: torch.nn.Module | None, images: torch.Tensor, crop_points: np.ndarray,
+           config: StitchingConfig) -> tuple[torch.Tensor, ...]:
+    """The face m, content mask, boundary b and paste mask m^d of each of ``images`` (each [N, 1, S, S] on their
+    device, in [0, 1]) as ``config.mask_shape`` makes them, and bool [N], True where m came from the landmarks."""
+    size = images.shape[-1]
+    if config.mask_shape == "square":  # made on BiSeNet's 512 px labels, as the reference code
+        size, points = INPUT_SIZE, crop_points * (INPUT_SIZE / images.shape[-1])
+    else:
+        points = crop_points
+    parsed = None if parser is None else face_mask_from_labels(
+        parse_faces(parser, images, resize=config.parse_resize, size=size)).cpu().numpy()
+    faces, from_landmarks = masks.face_masks(points, size, parsed=parsed)
+    faces = torch.from_numpy(faces).to(images.device)
+    if config.mask_shape == "square":
+        m, content, b, paste = masks.square_masks(faces, images.shape[-1], border_px_1024=config.border_px)
+        return m, content, b, paste, from_landmarks
+    m = faces[:, None]
+    b = torch.from_numpy(masks.boundaries_of(faces.cpu().numpy(), border_px_1024=config.border_px))[:, None]
+    b = b.to(images.device)
+    return m, m, b, m + b, from_landmarks

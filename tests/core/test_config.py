@@ -26,7 +26,7 @@ from stitchtime_core.config import (
     to_dict,
     with_overrides,
 )
-from stitchtime_core.config import default_quality, profile_defaults
+from stitchtime_core.config import PREVIEW, default_quality, profile_defaults, run_config
 
 STAGE_CONFIGS = (AlignmentConfig, EncodingConfig, PTIConfig, EditingConfig, StitchingConfig, BlendingConfig,
                  OutputConfig)
@@ -127,13 +127,16 @@ def test_config_hash_changes_with_every_field():
     changed = 0
     for stage in dataclasses.fields(RunConfig):
         part = getattr(base, stage.name)
+        hints = typing.get_type_hints(type(part))
         for f in dataclasses.fields(part):
             value = getattr(part, f.name)
             # Validated strings get another allowed value.
             if f.name == "method":
                 new = _OTHER_METHOD[stage.name]
-            elif f.name in ("loss", "detector", "face"):
-                new = {"loss": "l2", "detector": "cnn", "face": "1"}[f.name]
+            elif typing.get_origin(hints[f.name]) is typing.Literal:
+                new = next(choice for choice in typing.get_args(hints[f.name]) if choice != value)
+            elif f.name == "face":
+                new = "1"
             elif isinstance(value, str):
                 new = value + "x"
             elif isinstance(value, tuple):
@@ -196,13 +199,37 @@ def test_quality_presets():
     differing = {(stage, name) for stage in paper for name in paper[stage] if preview[stage][name] != paper[stage][name]}
     assert differing == {("encoding", "projection_steps"), ("encoding", "warm_start_steps"), ("pti", "lr"),
                          ("pti", "observations_per_frame"), ("pti", "lambda_r"), ("pti", "lpips_resolution"),
-                         ("stitching", "lr"), ("stitching", "steps"), ("stitching", "batch_size")}
+                         ("stitching", "lr"), ("stitching", "steps"), ("stitching", "batch_size"),
+                         ("stitching", "warm_start")}
     assert preview["pti"]["observations_per_frame"] < paper["pti"]["observations_per_frame"]
     assert preview["stitching"]["steps"] < paper["stitching"]["steps"]
     assert profile_defaults("tiny", "preview") == profile_defaults("tiny", "paper")  # tiny is sized for CPUs
     assert default_quality("cuda") == "paper" and default_quality("cpu") == "preview"
     with pytest.raises(ValueError, match="unknown quality"):
         profile_defaults("mobile", "draft")
+
+
+def test_presets_and_how_they_combine_with_quality_and_overrides():
+    assert run_config("ffhq", "paper") == run_config("ffhq", "paper", preset="paper") == RunConfig()
+    code = run_config("ffhq", "paper", preset="stit-code")
+    # The reference code's own defaults: L2, no warm starts, 300 passes in frame order without the
+    # regulariser (its train.py), the original crop segmented, every direction file halved.
+    assert (code.stitching.loss, code.stitching.warm_start, code.stitching.segment) == ("l2", 0, "crop")
+    assert (code.pti.observations_per_frame, code.pti.lambda_r, code.pti.frame_order) == (300, 0, "fixed")
+    assert code.pti.regularizer_noise == "none" and code.editing.halve_files == "all"
+    assert (code.alignment.detector_upsample, code.alignment.detect_max_side) == (0, 0)
+    # Where the paper is silent both presets follow the reference code.
+    for config in (RunConfig(), code):
+        assert (config.stitching.normalise, config.stitching.early_stop_check) == ("mask", "before")
+        assert (config.stitching.mask_shape, config.stitching.parse_resize) == ("square", "nearest")
+        assert (config.blending.feather_shape, config.blending.feather_radius_px) == ("square", 25)
+    # The quality's step counts come after the preset, the user's settings last.
+    preview = run_config("mobile", "preview", {"stitching": {"steps": "7"}}, preset="stit-code")
+    assert preview.pti.observations_per_frame == PREVIEW.pti.observations_per_frame
+    assert preview.stitching.loss == "l2" and preview.stitching.steps == 7
+    assert run_config("tiny", "paper", preset="stit-code").pti.observations_per_frame == 32
+    with pytest.raises(ValueError, match="unknown preset 'stit'"):
+        run_config("ffhq", "paper", preset="stit")
 
 
 def test_ablations_are_settings_and_are_recognised():

@@ -100,3 +100,22 @@ def test_ablations_become_settings_and_an_explicit_set_wins() -> None:
     assert run_overrides(("poisson", "poisson"), []) == ABLATIONS["poisson"]
     with pytest.raises(click.UsageError, match="no-stitching and --ablation poisson both set blending.method"):
         run_overrides(("no-stitching", "poisson"), [])
+
+
+def test_every_run_command_takes_a_preset_and_the_config_file_records_it(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from flows.cli import main
+    from stitchtime_core.config import run_config
+    from tasks.outputs import write_config
+
+    for command in ("edit", "batch", "ablate"):
+        assert "--preset [paper|stit-code]" in CliRunner().invoke(main, [command, "--help"]).output
+    refused = CliRunner().invoke(main, ["edit", "x.mp4", "--edit", "age=1", "--out", "y.mp4", "--preset", "stit"])
+    assert refused.exit_code == 2 and "'stit' is not one of 'paper', 'stit-code'" in refused.output
+    path = tmp_path / "run.config.json"
+    write_config(path, "tiny", "preview", "stit-code", run_config("tiny", "preview", preset="stit-code"), [])
+    written = json.loads(path.read_text())
+    assert written["preset"] == "stit-code" and written["stitching"]["loss"] == "l2"
