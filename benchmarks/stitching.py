@@ -35,10 +35,8 @@ import torch
 
 from common import write_report
 
-from stitchtime_core import masks
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.identity import load_dlib_identity
-from stitchtime_core.models.bisenet import face_mask_from_labels, parse_faces
 from stitchtime_core.stitching import boundary_error, masked_distances, render_edits, stitch_frames
 from stitchtime_core.tensors import images_to_tensor, tensor_to_images
 from tasks.stages import Runtime
@@ -46,6 +44,7 @@ from tasks.stages.align import STAGE as ALIGN
 from tasks.stages.edit import STAGE as EDIT
 from tasks.stages.formats import CropRows, edited_rows, pti_generator
 from tasks.stages.pti import STAGE as PTI
+from tasks.stages.stitch import stitch_masks
 from tasks.store import open_store
 
 
@@ -71,13 +70,13 @@ def load_frames(summary_path: Path, models: str | None, frames: int,
     latents = store.get_tensors(f"{edit.key}/latents.safetensors", device=device)["latents"][:frames]
     crops = images_to_tensor(CropRows(store, align).rows(0, len(latents)), device)
     edits = render_edits(G, latents)
-    parsed = (None if networks.parser is None
-              else face_mask_from_labels(parse_faces(networks.parser, edits)).cpu().numpy())
-    config = StitchingConfig(**json.loads(Path(summary["config"]).read_text())["stitching"])
-    m, b, _ = masks.stitching_masks(edited_rows(store, align)["crop_landmarks"][:len(latents)], crops.shape[-1],
-                                    border_px_1024=config.border_px, parsed=parsed)
-    as_tensor = lambda a: torch.from_numpy(a).unsqueeze(1).to(device)  # noqa: E731
-    return G, Frames(latents, crops, edits, as_tensor(m), as_tensor(b)), config
+    ran = json.loads(Path(summary["config"]).read_text())["stitching"]
+    known = {spec.name for spec in dataclasses.fields(StitchingConfig)}  # a run of an older stitchtime
+    config = StitchingConfig(**{name: value for name, value in ran.items() if name in known})
+    # The masks as the stitch stage makes them, at this stitchtime's settings for what the run did not set.
+    _, content, b, _, _ = stitch_masks(networks.parser, edits if config.segment == "edit" else crops,
+                                       edited_rows(store, align)["crop_landmarks"][:len(latents)], config)
+    return G, Frames(latents, crops, edits, content, b), config
 
 
 def reference_loop(G: torch.nn.Module, f: Frames, config: StitchingConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +87,7 @@ def reference_loop(G: torch.nn.Module, f: Frames, config: StitchingConfig) -> tu
         synthesis = copy.deepcopy(G.synthesis).requires_grad_(True)
         optimizer = torch.optim.Adam(synthesis.parameters(), lr=config.lr)
         for _ in range(config.steps):
-            image = synthesis(f.latents[one], noise_mode="const", force_fp32=True)
+            image = synthesis(f.latents[one], noise_mode="const", force_fp32=True, fused_modconv=False)
             distance = lambda a, b, m: masked_distances(a, b, m, kind=config.loss,  # noqa: E731
                                                         normalise=config.normalise).sum()
             loss = distance(image, f.crops[one], f.boundaries[one]) + config.lambda_m * distance(

@@ -376,6 +376,7 @@ def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[s
     :func:`profile_defaults` sets apart from the paper's), then the user's overrides; the edits are set per output.
 
     So ``--quality preview`` shortens a ``stit-code`` run as it shortens a ``paper`` one, and ``--set`` wins.
+    A quality's warm starts are a behaviour, not a length: where the preset turns them off, they stay off.
 
     Raises:
         ValueError: an unknown profile, quality or preset, or a bad override.
@@ -384,6 +385,8 @@ def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[s
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     config = with_overrides(RunConfig(), PRESETS[preset])
     config = with_overrides(config, _differences(profile_defaults(profile, quality), RunConfig()))
+    if PRESETS[preset].get("stitching", {}).get("warm_start") == 0:
+        config = with_overrides(config, {"stitching": {"warm_start": 0.0}})
     return with_overrides(config, overrides or {})
 
 

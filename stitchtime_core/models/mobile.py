@@ -212,8 +212,10 @@ class MobileSynthesisNetwork(nn.Module):
             for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])))
         self.to_img = WaveletImage(channels[-1], w_dim=w_dim)
 
-    def forward(self, ws: torch.Tensor, *, noise_mode: str = "const", force_fp32: bool = False) -> torch.Tensor:
-        """Args: ws [batch, num_ws, w_dim]; ``force_fp32`` is accepted for StyleGAN2's signature (always fp32).
+    def forward(self, ws: torch.Tensor, *, noise_mode: str = "const", force_fp32: bool = False,
+                fused_modconv: bool = True) -> torch.Tensor:
+        """Args: ws [batch, num_ws, w_dim]; ``force_fp32`` and ``fused_modconv`` are accepted for StyleGAN2's
+        signature (always fp32; the modulation is one way only).
 
         Returns:
             [batch, 3, img_resolution, img_resolution].

@@ -76,8 +76,9 @@ class StitchChunk:
     def to_parameters(self) -> dict[str, Any]:
         """The chunk as plain JSON values (stage references and the config as dicts; the store's absolute URI)."""
         return {"store": open_store(self.store_uri).uri, "key": self.key, "start": self.start, "stop": self.stop,
-                "chunk_size": self.chunk_size, "align": dataclasses.asdict(self.align), "pti": dataclasses.asdict(self.pti),
-                "edit": dataclasses.asdict(self.edit), "stitching": to_dict(self.config), "profile": self.profile,
+                "chunk_size": self.chunk_size, "align": dataclasses.asdict(self.align),
+                "pti": dataclasses.asdict(self.pti), "edit": dataclasses.asdict(self.edit),
+                "stitching": to_dict(self.config), "profile": self.profile,
                 "models_dir": self.models_dir}
 
     @classmethod
@@ -259,8 +260,8 @@ def _stitch_chunk(G: Generator, parser: torch.nn.Module | None, latents: torch.T
     just stitched."""
     x = images_to_tensor(crops, device)
     edits = render_edits(G, latents, batch_size=config.batch_size)
-    m, content, b, paste, from_landmarks = _masks(parser, edits if config.segment == "edit" else x, crop_points,
-                                                  config)
+    m, content, b, paste, from_landmarks = stitch_masks(parser, edits if config.segment == "edit" else x,
+                                                        crop_points, config)
     result = stitch_frames(G, latents, x, content, b, config=config, edits=edits, progress=progress)
     as_image = lambda t: t[:, 0].mul(255).round().to(torch.uint8).cpu()  # noqa: E731
     return {"stitched": torch.from_numpy(tensor_to_images(result.stitched)),
@@ -273,7 +274,7 @@ def _stitch_chunk(G: Generator, parser: torch.nn.Module | None, latents: torch.T
             "boundary_error_after": result.boundary_error_after.cpu()}
 
 
-def _masks(parser: torch.nn.Module | None, images: torch.Tensor, crop_points: np.ndarray,
+def stitch_masks(parser: torch.nn.Module | None, images: torch.Tensor, crop_points: np.ndarray,
            config: StitchingConfig) -> tuple[torch.Tensor, ...]:
     """The face m, content mask, boundary b and paste mask m^d of each of ``images`` (each [N, 1, S, S] on their
     device, in [0, 1]) as ``config.mask_shape`` makes them, and bool [N], True where m came from the landmarks."""

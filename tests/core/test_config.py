@@ -227,6 +227,8 @@ def test_presets_and_how_they_combine_with_quality_and_overrides():
     preview = run_config("mobile", "preview", {"stitching": {"steps": "7"}}, preset="stit-code")
     assert preview.pti.observations_per_frame == PREVIEW.pti.observations_per_frame
     assert preview.stitching.loss == "l2" and preview.stitching.steps == 7
+    # ... but a quality does not turn on what the preset turns off: the reference code has no warm starts.
+    assert preview.stitching.warm_start == 0 and run_config("mobile", "preview").stitching.warm_start == 0.5
     assert run_config("tiny", "paper", preset="stit-code").pti.observations_per_frame == 32
     with pytest.raises(ValueError, match="unknown preset 'stit'"):
         run_config("ffhq", "paper", preset="stit")
