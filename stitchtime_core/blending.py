@@ -37,12 +37,7 @@ def feather(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     Raises:
         ValueError: the mask is not 2-D or ``sigma_px`` is negative.
     """
-    m = np.asarray(mask, dtype=np.float32)
-    if m.ndim != 2:
-        raise ValueError(f"mask must have shape [H, W], got {list(m.shape)}")
-    if sigma_px < 0:
-        raise ValueError(f"sigma_px must be >= 0, got {sigma_px}")
-    m = np.clip(m, 0.0, 1.0)
+    m = np.clip(_checked_mask(mask, sigma_px=sigma_px), 0.0, 1.0)
     if sigma_px == 0:
         return m.copy()
     r = math.ceil(2 * sigma_px)
@@ -52,6 +47,17 @@ def feather(mask: np.ndarray, sigma_px: float) -> np.ndarray:
         eroded, (2 * r + 1, 2 * r + 1), sigmaX=sigma_px, sigmaY=sigma_px, borderType=cv2.BORDER_CONSTANT
     )
     return np.clip(blurred, 0.0, 1.0)
+
+
+def _checked_mask(mask: np.ndarray, **amount: float) -> np.ndarray:
+    """The mask as float32 [H, W], refused when it is not 2-D or the feathering amount is negative."""
+    m = np.asarray(mask, dtype=np.float32)
+    if m.ndim != 2:
+        raise ValueError(f"mask must have shape [H, W], got {list(m.shape)}")
+    for name, value in amount.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    return m
 
 
 def feather_square(mask: np.ndarray, radius_px: int) -> np.ndarray:
@@ -71,11 +77,7 @@ def feather_square(mask: np.ndarray, radius_px: int) -> np.ndarray:
     Raises:
         ValueError: the mask is not 2-D or ``radius_px`` is negative.
     """
-    m = np.asarray(mask, dtype=np.float32)
-    if m.ndim != 2:
-        raise ValueError(f"mask must have shape [H, W], got {list(m.shape)}")
-    if radius_px < 0:
-        raise ValueError(f"radius_px must be >= 0, got {radius_px}")
+    m = _checked_mask(mask, radius_px=radius_px)
     image = np.rint(np.clip(m, 0.0, 1.0) * 255).astype(np.uint8)
     if radius_px > 0:
         side = (2 * radius_px + 1, 2 * radius_px + 1)

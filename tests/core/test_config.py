@@ -60,7 +60,7 @@ def test_defaults_are_the_papers():
     assert stitching.lambda_m == 0.01
     assert stitching.loss == "l1"  # eqs. 2-3 are L1 distances
     # Not the paper's (each frame from θ_p): measured to hold its result in a third of the steps.
-    assert stitching.warm_start == 0.3
+    assert stitching.warm_start == 0.5
     assert alignment.center_sigma == 1
     assert alignment.axes_sigma == 3
     assert EditingConfig().edits == ()
@@ -196,11 +196,11 @@ def test_profile_defaults():
 def test_quality_presets():
     assert profile_defaults("mobile", "paper") == profile_defaults("ffhq", "paper") == RunConfig()
     preview, paper = to_dict(profile_defaults("mobile", "preview")), to_dict(RunConfig())
-    differing = {(stage, name) for stage in paper for name in paper[stage] if preview[stage][name] != paper[stage][name]}
+    differing = {(stage, name) for stage in paper for name in paper[stage]
+                 if preview[stage][name] != paper[stage][name]}
     assert differing == {("encoding", "projection_steps"), ("encoding", "warm_start_steps"), ("pti", "lr"),
                          ("pti", "observations_per_frame"), ("pti", "lambda_r"), ("pti", "lpips_resolution"),
-                         ("stitching", "lr"), ("stitching", "steps"), ("stitching", "batch_size"),
-                         ("stitching", "warm_start")}
+                         ("stitching", "lr"), ("stitching", "steps"), ("stitching", "batch_size")}
     assert preview["pti"]["observations_per_frame"] < paper["pti"]["observations_per_frame"]
     assert preview["stitching"]["steps"] < paper["stitching"]["steps"]
     assert profile_defaults("tiny", "preview") == profile_defaults("tiny", "paper")  # tiny is sized for CPUs
@@ -227,7 +227,7 @@ def test_presets_and_how_they_combine_with_quality_and_overrides():
     preview = run_config("mobile", "preview", {"stitching": {"steps": "7"}}, preset="stit-code")
     assert preview.pti.observations_per_frame == PREVIEW.pti.observations_per_frame
     assert preview.stitching.loss == "l2" and preview.stitching.steps == 7
-    # ... but a quality does not turn on what the preset turns off: the reference code has no warm starts.
+    # The reference code has no warm starts, at any quality.
     assert preview.stitching.warm_start == 0 and run_config("mobile", "preview").stitching.warm_start == 0.5
     assert run_config("tiny", "paper", preset="stit-code").pti.observations_per_frame == 32
     with pytest.raises(ValueError, match="unknown preset 'stit'"):
