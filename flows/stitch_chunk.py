@@ -48,8 +48,8 @@ CHUNK_TIMEOUT = 3600.0
 
 
 @flow(name="stitch-chunk", retries=2, retry_delay_seconds=10, persist_result=False)
-def stitch_chunk(store: str, key: str, start: int, stop: int, align: dict[str, Any], pti: dict[str, Any],
-                 edit: dict[str, Any], stitching: dict[str, Any], profile: str = "tiny",
+def stitch_chunk(store: str, key: str, start: int, stop: int, chunk_size: int, align: dict[str, Any],
+                 pti: dict[str, Any], edit: dict[str, Any], stitching: dict[str, Any], profile: str = "tiny",
                  models_dir: str | None = None, device: str | None = None) -> dict[str, Any]:
     """Stitching tuning of rows ``[start, stop)`` of one video's edited frames, stored in the artifact store.
 
@@ -62,6 +62,7 @@ def stitch_chunk(store: str, key: str, start: int, stop: int, align: dict[str, A
         key: the stitch stage's key; the chunk is written to ``<key>/chunk-<start>-<stop>.safetensors``.
         start: first row (among the edited frames) of the chunk.
         stop: one past the chunk's last row.
+        chunk_size: the stage's chunk size (with warm starts, part of the stage's key).
         align: the align stage's reference (a ``StageRef`` as a dict).
         pti: the PTI stage's reference.
         edit: the edit stage's reference.
@@ -75,8 +76,8 @@ def stitch_chunk(store: str, key: str, start: int, stop: int, align: dict[str, A
         ``{"chunk", "computed", "frames", "seconds", "device", "visible_devices", "host"}``.
     """
     logger = get_run_logger()
-    chunk = stages.StitchChunk.from_parameters(store, key, start, stop, align, pti, edit, stitching, profile,
-                                               models_dir)
+    chunk = stages.StitchChunk.from_parameters(store, key, start, stop, chunk_size, align, pti, edit, stitching,
+                                               profile, models_dir)
     device = device or stages.default_device()
     where = {"device": device, "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
              "host": socket.gethostname()}

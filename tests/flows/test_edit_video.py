@@ -107,7 +107,7 @@ def test_summary_and_config_are_written_beside_the_output(first_run: dict, clip:
     config = json.loads(out.with_name("edited.config.json").read_text())
     assert config["pti"]["observations_per_frame"] == 4 and config["stitching"]["steps"] == 3
     assert config["stitching"]["lambda_m"] == 0.01 and config["pti"]["lambda_l2"] == 10.0
-    assert config["editing"] == [{"edits": [["age", 2.0]]}]  # one entry per output
+    assert config["editing"] == [{"edits": [["age", 2.0]], "halve_files": "equal-rows"}]  # one entry per output
 
 
 def test_identity_metrics_and_the_report_come_with_the_output(first_run: dict, clip: Path, cli_env: dict[str, str],
@@ -330,7 +330,8 @@ def test_several_strengths_share_every_stage_up_to_pti(strengths_run: dict, clip
          "clip.summary.json", "clip.config.json"])
     assert json.loads((folder / "clip.summary.json").read_text()) == summary
     config = json.loads((folder / "clip.config.json").read_text())
-    assert config["editing"] == [{"edits": [["age", -2.0]]}, {"edits": [["age", 2.0]]}]
+    assert config["editing"] == [{"edits": [["age", -2.0]], "halve_files": "equal-rows"},
+                                 {"edits": [["age", 2.0]], "halve_files": "equal-rows"}]
 
     # The shared stages ran once: one line each on stderr, one artifact each in the store.
     data = workdir / "strengths-data"
