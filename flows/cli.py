@@ -12,7 +12,7 @@ import click
 
 from flows.edit_spec import parse_edits, parse_places, parse_setting, run_overrides
 from flows.prefect_server import prepare_environment, use_prefect_api
-from stitchtime_core.config import ABLATIONS, PRESETS
+from stitchtime_core.config import ABLATIONS, PRESETS, RunConfig, SettingError, default_quality, run_config
 
 EXAMPLES = """
 \b
@@ -55,23 +55,84 @@ def _ablation_help() -> str:
             + ". Repeatable; a --set of the same setting wins. The summary records which were used.")
 
 
+def _starting(what: str) -> None:
+    """The command's first line, at once: loading the networks and starting Prefect take seconds more."""
+    click.echo(f"stitchtime: starting {what}", err=True)
+
+
+class BadSetting(click.ClickException):
+    """A setting, strength or option value that is not allowed: one ``Error:`` line, exit status 2 (as
+    for a usage error), found before the Prefect server or any stage starts."""
+
+    exit_code = 2
+
+
+def _option(setting: str, settings: list[tuple[str, str, str]]) -> str:
+    """The command-line option that gave ``setting`` (``stage.name``), as the user wrote it."""
+    for stage, name, value in reversed(settings):
+        if f"{stage}.{name}" == setting:
+            if setting in ("alignment.face", "alignment.detector"):
+                return f"--{name} {value}"
+            return f"--set {setting}={value}"
+    return setting
+
+
+def checked_config(profile: str, quality: str | None, device: str, preset: str,
+                   overrides: dict[str, dict[str, str]], settings: list[tuple[str, str, str]], *,
+                   out: str | None = None, source: str | None = None) -> RunConfig:
+    """A run's settings, checked before anything starts: every setting against its allowed range, ffmpeg
+    asked whether it can write ``out``'s container (``.mkv`` when None) with the output settings and
+    ``source``'s audio, and a ``--face X,Y`` point inside ``source``'s frame.
+
+    Raises:
+        BadSetting: naming the option and what is wrong.
+        StitchtimeError: ``source`` is not a video ffprobe can read, or ffmpeg is missing.
+    """
+    from stitchtime_core.video import check_encoding, probe
+
+    try:
+        config = run_config(profile, quality or default_quality(device), overrides, preset=preset)
+    except SettingError as exc:
+        raise BadSetting(f"{_option(exc.setting, settings)}: {exc}") from None
+    except ValueError as exc:  # an unknown stage or setting, a value of the wrong type
+        raise BadSetting(str(exc)) from None
+    info = probe(source) if source else None
+    try:
+        check_encoding(out or "output.mkv", config.output, audio_source=source if info and info.has_audio else None)
+    except ValueError as exc:
+        raise BadSetting(f"{out}: {exc}" if out else str(exc)) from None
+    point = config.alignment.face.replace(" ", "").split(",")
+    if info and len(point) == 2:
+        x, y = (float(value) for value in point)
+        if not (0 <= x < info.width and 0 <= y < info.height):
+            raise BadSetting(f"--face {config.alignment.face}: the point lies outside the frame of {source} "
+                             f"({info.width}x{info.height} px; X from 0 to {info.width - 1}, Y from 0 to "
+                             f"{info.height - 1})")
+    return config
+
+
 def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *, profile: str,
               store: str | None, device: str, models: str | None, ablations: tuple[str, ...],
               settings: list[tuple[str, str, str]], as_json: bool, verbose: bool, fan_out: str | None = None,
               placement: dict[str, str] | None = None,
               quality: str | None = None, preset: str = "paper") -> dict:
+    _starting(f"to edit {source}")
     overrides = run_overrides(ablations, settings)
+    from stitchtime_core.errors import StitchtimeError
+    from tasks.outputs import check_outputs, sidecar_paths
+
+    try:  # before Prefect starts, so a wrong path, a file that is no video or a bad setting fails at once
+        check_outputs(source, out, edit_sets)
+        checked_config(profile, quality, device, preset, overrides, settings, out=out, source=source)
+    except StitchtimeError as exc:
+        raise click.ClickException(str(exc)) from None
     prepare_environment(store, verbose)
     from flows.edit_video import edit_video
-    from stitchtime_core.errors import StitchtimeError
-    from tasks.outputs import check_outputs, check_source, sidecar_paths
     from tasks.store import open_store
 
     try:
         if store:
             open_store(store)  # a bad URI fails now, before it is recorded as a flow-run parameter
-        check_outputs(source, out, edit_sets)  # before Prefect starts, so a wrong path fails at once
-        check_source(source)  # and so does a file that is no video
         use_prefect_api()
         summary = edit_video(source, out, edit_sets, profile=profile, store=store, device=device, models_dir=models,
                              overrides=overrides, fan_out=fan_out, quality=quality, placement=placement,
@@ -98,16 +159,22 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C: 128 + SIGINT, as a shell reports a command that SIGINT stopped."""
+TERMINATED = 143
+"""Exit status after SIGTERM (``kill``, a scheduler stopping a job): 128 + SIGTERM."""
 
 
 class _Commands(click.Group):
     """The command group; Ctrl-C ends any command with one line and status 130, instead of click's
-    "Aborted!" and status 1. Prefect has marked the flow run Crashed by then; a run's finished stages
-    and PTI checkpoint are in the store, so the same command goes on where it stopped.
+    "Aborted!" and status 1, and SIGTERM the same way with status 143. Prefect has marked the flow run
+    Crashed by then; a run's finished stages and PTI checkpoint are in the store, so the same command
+    goes on where it stopped.
+
+    SIGTERM is turned into the KeyboardInterrupt that Ctrl-C raises, so that every clean-up runs (temporary
+    files, ffmpeg, the temporary Prefect server) instead of the process ending on the spot.
 
     The KeyboardInterrupt does not always come out as such: Prefect's task engine, interrupted between
     two tasks, may raise an error of its own in its clean-up ("Task run is not set"), which the command
-    would report as a usage error. So Ctrl-C is also noted when it arrives, and any error after it is
+    would report as a usage error. So the signal is also noted when it arrives, and any error after it is
     the interrupt.
     """
 
@@ -119,7 +186,8 @@ class _Commands(click.Group):
             signal.default_int_handler(signum, frame)
 
         main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
-        previous = signal.signal(signal.SIGINT, note_interrupt) if main_thread else None
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {signum: signal.signal(signum, note_interrupt) for signum in handled} if main_thread else {}
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
@@ -128,8 +196,11 @@ class _Commands(click.Group):
             if not interrupted:
                 raise
         finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if interrupted[0] == signal.SIGTERM:
+            click.echo("Terminated (SIGTERM): run the same command again to go on where it stopped.", err=True)
+            ctx.exit(TERMINATED)
         click.echo("Interrupted: run the same command again to go on where it stopped.", err=True)
         ctx.exit(INTERRUPTED)
 
@@ -259,7 +330,9 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     """
     parsed = [parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
+    _starting(f"to edit the videos under {source}")
     overrides = run_overrides(ablations, parsed)
+    checked_config(profile, quality, device, preset, overrides, parsed)  # each video's container: by its run
     prepare_environment(store, verbose)
     from flows.edit_library import edit_library, exit_status
     from stitchtime_core.errors import StitchtimeError
@@ -363,18 +436,25 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, qual
                                  param_hint="--edit")
     parsed = [parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
+    _starting(f"to edit {source} with the full method and each ablation")
     overrides = run_overrides((), parsed)
     folder = Path(out_dir) if out_dir else Path(source).with_name(f"{Path(source).stem}-ablation")
+    from stitchtime_core.errors import StitchtimeError
+
+    try:
+        if not Path(source).is_file():  # before the folder is made
+            raise StitchtimeError(f"{source}: no such file")
+        variant = Path(folder, f"{Path(source).stem}.full{Path(source).suffix or '.mp4'}")
+        checked_config(profile, quality, device, preset, overrides, parsed, out=str(variant), source=source)
+    except StitchtimeError as exc:
+        raise click.ClickException(str(exc)) from None
     prepare_environment(store, verbose)
     from flows.ablate import ablate_video
-    from stitchtime_core.errors import StitchtimeError
     from tasks.store import open_store
 
     try:
         if store:
             open_store(store)  # a bad URI fails now, before it is recorded as a flow-run parameter
-        if not Path(source).is_file():  # before the folder is made
-            raise StitchtimeError(f"{source}: no such file")
         folder.mkdir(parents=True, exist_ok=True)
         use_prefect_api()
         table = ablate_video(source, str(folder), edit_sets[0], profile=profile, store=store, device=device,

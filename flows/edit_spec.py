@@ -8,7 +8,7 @@ import re
 
 import click
 
-from stitchtime_core.config import ABLATIONS
+from stitchtime_core.config import ABLATIONS, check_strength
 
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _STRENGTHS = rf"{_NUMBER}(?:,{_NUMBER})*"
@@ -36,7 +36,13 @@ def parse_edit_spec(text: str) -> list[list[tuple[str, float]]]:
         if not name.strip() or name.startswith("+") or "=" in name:
             raise click.BadParameter(f"{text!r}: expected NAME=STRENGTH[,STRENGTH...][+NAME=STRENGTH...], "
                                      f"{_EDIT_EXAMPLES}")
-        terms.insert(0, (name, [float(s) for s in match["strengths"].split(",")]))
+        strengths = [float(s) for s in match["strengths"].split(",")]
+        for strength in strengths:
+            try:
+                check_strength(name, strength)
+            except ValueError as exc:
+                raise click.BadParameter(f"{text!r}: {exc}") from None
+        terms.insert(0, (name, strengths))
         rest = match["rest"]
     names = [name for name, _ in terms]
     for name in names:

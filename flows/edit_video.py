@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from flows.run_stage import PLACEMENT_ENV, check_placement, parse_placement, place, placed_ref
 from flows.stitch_chunk import FAN_OUT_ENV, deployment_runner
 from stitchtime_core.config import PROFILES, StitchingConfig, default_quality, run_config
+from stitchtime_core import video
 from tasks import outputs, report, stages
 from tasks.store import default_store_uri
 
@@ -67,6 +68,9 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     started = time.perf_counter()
     quality = quality or default_quality(device)
     config = run_config(profile, quality, overrides, preset=preset)
+    # Whether ffmpeg can write the output is asked now, not after an hour of PTI.
+    audio = source if video.probe(source).has_audio else None
+    video.check_encoding(out, config.output, audio_source=audio)
     store = store or default_store_uri()
     fan_out = fan_out or os.environ.get(FAN_OUT_ENV) or None
     run_chunks = deployment_runner(fan_out) if fan_out else None  # a wrong name fails now, not after PTI
@@ -88,41 +92,49 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
                  os.path.basename(source))
         return ref
 
-    shared: list[stages.StageRef] = []
-    run = stages.run
-    probe = record(shared, run(stages.probe_video, store, source))
-    landmarks = record(shared, run(stages.detect_landmarks, store, source, probe, config.alignment))
-    align = record(shared, run(stages.align_faces, store, source, probe, landmarks, config.alignment, resolution))
-    pivots = record(shared, _placed(placement, "encode", store_uri=store, align=align, config=config.encoding,
-                                    runtime=runtime))
-    pti = record(shared, _placed(placement, "pti", store_uri=store, align=align, pivots=pivots, config=config.pti,
-                                 runtime=runtime))
-
-    results, editing = [], []
-    for edit_set, (label, path) in zip(edit_sets, paths):
-        settings = dataclasses.replace(config, editing=dataclasses.replace(config.editing, edits=tuple(edit_set)))
-        refs: list[stages.StageRef] = []
-        edit = record(refs, run(stages.edit_pivots, store, pivots, settings.editing, runtime), label)
-        stitch = record(refs, _stitch(store, align, pti, edit, settings.stitching, runtime, chunk_size, run_chunks),
-                        label)
-        render = record(refs, run(stages.render_output, store, source, probe, align, stitch, settings.blending,
-                                  settings.output, str(path)), label)
-        if render.reused:
-            stages.deliver_output(store, render, str(path))
-        record(refs, run(stages.measure_output, store, source, str(path), align, render, runtime), label)
-        editing.append(settings.editing)
-        results.append(outputs.output_summary(edit_set, label, path, shared, refs))
-
     summary_path, config_path = outputs.sidecar_paths(out)
-    outputs.write_config(config_path, profile, quality, preset, config, editing)
-    summary = outputs.run_summary(source, config_path, profile=profile, quality=quality, preset=preset,
-                                  device=device, store=store,
-                                  config=config, shared=shared, results=results,
-                                  total_seconds=time.perf_counter() - started,
-                                  flow_run_id=str(flow_run.id) if flow_run.id else None)
-    outputs.write_json(summary_path, summary.as_json())
-    for index in range(len(results)):
-        report.write_report(str(summary_path), index)
+    finals = [*(path for _, path in paths), *(outputs.report_path(path) for _, path in paths), config_path,
+              summary_path]
+    # Every output is written under a temporary name and renamed when all are complete: a failure leaves none.
+    with outputs.PendingOutputs(finals) as pending:
+        shared: list[stages.StageRef] = []
+        run = stages.run
+        probe = record(shared, run(stages.probe_video, store, source))
+        landmarks = record(shared, run(stages.detect_landmarks, store, source, probe, config.alignment))
+        align = record(shared, run(stages.align_faces, store, source, probe, landmarks, config.alignment,
+                                   resolution))
+        pivots = record(shared, _placed(placement, "encode", store_uri=store, align=align,
+                                        config=config.encoding, runtime=runtime))
+        pti = record(shared, _placed(placement, "pti", store_uri=store, align=align, pivots=pivots,
+                                     config=config.pti, runtime=runtime))
+
+        results, editing = [], []
+        for edit_set, (label, path) in zip(edit_sets, paths):
+            settings = dataclasses.replace(config,
+                                           editing=dataclasses.replace(config.editing, edits=tuple(edit_set)))
+            refs: list[stages.StageRef] = []
+            edit = record(refs, run(stages.edit_pivots, store, pivots, settings.editing, runtime), label)
+            stitch = record(refs, _stitch(store, align, pti, edit, settings.stitching, runtime, chunk_size,
+                                          run_chunks), label)
+            written = str(pending.path(path))
+            render = record(refs, run(stages.render_output, store, source, probe, align, stitch,
+                                      settings.blending, settings.output, written), label)
+            if render.reused:
+                stages.deliver_output(store, render, written)
+            record(refs, run(stages.measure_output, store, source, written, align, render, runtime), label)
+            editing.append(settings.editing)
+            results.append(outputs.output_summary(edit_set, label, path, shared, refs))
+
+        outputs.write_config(pending.path(config_path), profile, quality, preset, config, editing)
+        summary = outputs.run_summary(source, config_path, profile=profile, quality=quality, preset=preset,
+                                      device=device, store=store,
+                                      config=config, shared=shared, results=results,
+                                      total_seconds=time.perf_counter() - started,
+                                      flow_run_id=str(flow_run.id) if flow_run.id else None)
+        outputs.write_json(pending.path(summary_path), summary.as_json())
+        for index in range(len(results)):
+            report.write_report(str(summary_path), index, pending=pending.temps)
+        pending.commit()
     return summary.as_json()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -19,28 +20,48 @@ from typing import Any, Literal
 POSITIVE = {"gt": 0}
 NON_NEGATIVE = {"ge": 0}
 FRACTION = {"ge": 0, "le": 1}
-"""Bounds of a setting, as its field's metadata: ``field(default=..., metadata=POSITIVE)``."""
+"""Bounds of a setting, as its field's metadata: ``field(default=..., metadata=POSITIVE)``; combine them
+with ``le``: ``metadata={"ge": 0, "le": 512}``."""
+
+MAX_STRENGTH = 100.0
+"""The largest edit strength accepted, either sign: far beyond any useful edit (the reference code's examples
+go to ±8), small enough that the edited codes stay finite in float32."""
+
+
+class SettingError(ValueError):
+    """A setting whose value is not allowed; ``setting`` names it as ``stage.name``."""
+
+    def __init__(self, setting: str, problem: str):
+        self.setting = setting
+        super().__init__(f"{setting} {problem}")
+
+    def __reduce__(self):  # pickled with both arguments (Prefect pickles errors)
+        return type(self), (self.setting, str(self).removeprefix(f"{self.setting} "))
 
 
 def _check_settings(config: Any, section: str) -> None:
-    """Each setting of ``config`` against its declaration: a ``Literal``'s choices, and the bounds in its
-    field's metadata (:data:`POSITIVE`, :data:`NON_NEGATIVE`, :data:`FRACTION`).
+    """Each setting of ``config`` against its declaration: a ``Literal``'s choices, a float is finite, and the
+    bounds in its field's metadata (:data:`POSITIVE`, :data:`NON_NEGATIVE`, :data:`FRACTION`, ``le``).
 
     Raises:
-        ValueError: naming the setting as ``section.name``, what it must be and what it is.
+        SettingError: naming the setting as ``section.name``, what it must be and what it is.
     """
     hints = typing.get_type_hints(type(config))
     for spec in dataclasses.fields(config):
         value, kind, name = getattr(config, spec.name), hints[spec.name], f"{section}.{spec.name}"
         if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
             choices = ", ".join(repr(choice) for choice in typing.get_args(kind))
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+            raise SettingError(name, f"must be one of {choices}, got {value!r}")
+        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SettingError(name, f"must be a number, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise SettingError(name, f"must be a finite number, got {value!r}")
         if "gt" in spec.metadata and not value > spec.metadata["gt"]:
-            raise ValueError(f"{name} must be > {spec.metadata['gt']}, got {value!r}")
+            raise SettingError(name, f"must be > {spec.metadata['gt']}, got {value!r}")
         if "ge" in spec.metadata and not value >= spec.metadata["ge"]:
-            raise ValueError(f"{name} must be >= {spec.metadata['ge']}, got {value!r}")
+            raise SettingError(name, f"must be >= {spec.metadata['ge']}, got {value!r}")
         if "le" in spec.metadata and not value <= spec.metadata["le"]:
-            raise ValueError(f"{name} must be <= {spec.metadata['le']}, got {value!r}")
+            raise SettingError(name, f"must be <= {spec.metadata['le']}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -60,18 +81,18 @@ class AlignmentConfig:
     max_gap: int = field(default=5, metadata=NON_NEGATIVE)
     """Runs of at most this many frames without the face get interpolated landmarks and are edited;
     longer runs pass through unedited."""
-    center_sigma: float = 1.0
+    center_sigma: float = field(default=1.0, metadata={"ge": 0, "le": 100})
     """Gaussian low-pass over time of the crop centre, in frames at 25 fps (reference code: 1);
     scaled with the clip's frame rate."""
-    axes_sigma: float = 3.0
+    axes_sigma: float = field(default=3.0, metadata={"ge": 0, "le": 100})
     """Gaussian low-pass over time of the crop's x/y axes, in frames at 25 fps (reference code: 3)."""
-    scale: float = field(default=1.0, metadata=POSITIVE)
+    scale: float = field(default=1.0, metadata={"gt": 0, "le": 4})
     """Crop size relative to the FFHQ crop (1.0 is the FFHQ crop)."""
 
     def __post_init__(self) -> None:
         _check_settings(self, "alignment")
         if not re.fullmatch(r"largest|\d+|\d+(\.\d+)?,\d+(\.\d+)?", self.face.replace(" ", "")):
-            raise ValueError(f"alignment.face must be 'largest', an index N or a pixel X,Y; got {self.face!r}")
+            raise SettingError("alignment.face", f"must be 'largest', an index N or a pixel X,Y; got {self.face!r}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +109,7 @@ class EncodingConfig:
     """Optimisation steps per frame when ``method`` is "optimization" (PTI's ``first_inv_steps``)."""
     projection_lr: float = field(default=5e-3, metadata=POSITIVE)
     """Peak learning rate of the projector (PTI's ``first_inv_lr``)."""
-    projection_noise_weight: float = 1e5
+    projection_noise_weight: float = field(default=1e5, metadata=NON_NEGATIVE)
     """Weight of the projector's noise regularisation (stylegan2-ada's ``regularize_noise_weight``)."""
     warm_start_steps: int = field(default=0, metadata=NON_NEGATIVE)
     """0: every frame is projected on its own from the average latent (the reference). N > 0: frames
@@ -109,20 +130,20 @@ class PTIConfig:
     """Train until each frame has been seen this many times."""
     batch_size: int = field(default=1, metadata=POSITIVE)
     """Frames per optimisation step."""
-    lambda_lpips: float = 1.0
+    lambda_lpips: float = field(default=1.0, metadata=NON_NEGATIVE)
     """Weight of LPIPS(c_i, r_i)."""
-    lambda_l2: float = 10.0
+    lambda_l2: float = field(default=10.0, metadata=NON_NEGATIVE)
     """λ_L2: weight of the pixel-wise MSE(c_i, r_i)."""
-    lambda_r: float = 0.1
+    lambda_r: float = field(default=0.1, metadata=NON_NEGATIVE)
     """λ_R: weight of PTI's locality regulariser."""
-    locality_alpha: float = 30.0
+    locality_alpha: float = field(default=30.0, metadata=NON_NEGATIVE)
     """The regulariser's code is the pivot moved this far towards a random w."""
-    locality_psi: float = 0.5
+    locality_psi: float = field(default=0.5, metadata=FRACTION)
     """Truncation of the random w drawn from the original mapping network."""
     lpips_resolution: int = field(default=0, metadata=NON_NEGATIVE)
     """Images are area-downsampled to this size before LPIPS (0: the generator's own size, as the
     reference code; LPIPS at 1024 px costs about as much as the generator's backward pass)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0, "le": 2**63 - 1})
     """Seeds frame order and the regulariser's random codes."""
     frame_order: Literal["shuffled", "fixed"] = "shuffled"
     """"shuffled": each pass over the frames in a new random order; "fixed": always in frame order (the
@@ -154,6 +175,19 @@ class EditingConfig:
 
     def __post_init__(self) -> None:
         _check_settings(self, "editing")
+        for name, strength in self.edits:
+            check_strength(name, strength)
+
+
+def check_strength(name: str, strength: float) -> None:
+    """Refuse an edit strength that is not finite or beyond :data:`MAX_STRENGTH` either way.
+
+    Raises:
+        SettingError: naming the direction and the strength.
+    """
+    if not (math.isfinite(strength) and abs(strength) <= MAX_STRENGTH):
+        raise SettingError(f"the strength of {name}", f"must be a finite number from {-MAX_STRENGTH:g} to "
+                                                      f"{MAX_STRENGTH:g}, got {strength:g}")
 
 
 @dataclass(frozen=True)
@@ -164,14 +198,14 @@ class StitchingConfig:
     """Adam learning rate."""
     steps: int = field(default=100, metadata=POSITIVE)
     """Optimisation steps per frame."""
-    lambda_m: float = 0.01
+    lambda_m: float = field(default=0.01, metadata=NON_NEGATIVE)
     """λ_m: weight of the loss that keeps the edit inside the mask."""
     loss: Literal["l1", "l2"] = "l1"
     """The paper's L1, or the reference code's L2."""
     normalise: Literal["mask", "pixels"] = "mask"
     """What a masked loss is divided by: "mask", the mask's area (the sum over channels and pixels of the
     masked error over the sum of the mask: the reference code's ``masked_l2``); "pixels", all 3·H·W values."""
-    border_px: int = 50
+    border_px: int = field(default=50, metadata={"gt": 0, "le": 512})
     """Width of the boundary b = m ⊕ dilate(m), in pixels at 1024 px, scaled to the model size."""
     early_stop_loss: float = field(default=0.0, metadata=NON_NEGATIVE)
     """Stop a frame early once its boundary loss falls below this (0 never stops early)."""
@@ -216,9 +250,9 @@ class BlendingConfig:
     """"square" (the reference code's ``paste_image_mask``): m^d is eroded by a (2r + 1)² square and blurred
     by a (2r + 1)² Gaussian whose σ follows OpenCV's rule, 0.3·(r − 1) + 0.8, r = ``feather_radius_px``;
     "disc": eroded by a disc of r = ceil(2σ) and blurred with σ = ``feather_px``, so the edge stays inside m^d."""
-    feather_radius_px: int = field(default=25, metadata=NON_NEGATIVE)
+    feather_radius_px: int = field(default=25, metadata={"ge": 0, "le": 512})
     """r of the "square" feathering, pixels at 1024 px, scaled to the crop (the reference code: 50 // 2)."""
-    feather_px: float = field(default=12.0, metadata=NON_NEGATIVE)
+    feather_px: float = field(default=12.0, metadata={"ge": 0, "le": 512})
     """σ of the "disc" feathering (pixels at 1024 px, scaled to the crop)."""
 
     def __post_init__(self) -> None:
@@ -230,10 +264,14 @@ class OutputConfig:
     """Encoding of the edited video; the source's audio is copied as it is."""
 
     codec: str = "libx264"
-    crf: int = 18
-    """Constant rate factor: lower is better quality and larger files."""
+    crf: int = field(default=18, metadata={"ge": 0, "le": 63})
+    """Constant rate factor: lower is better quality and larger files (libx264: 0-51; VP9, AV1: 0-63). ffmpeg
+    is asked at the start of a run whether it can encode with these settings."""
     preset: str = "medium"
     pix_fmt: str = "yuv420p"
+
+    def __post_init__(self) -> None:
+        _check_settings(self, "output")
 
 
 @dataclass(frozen=True)
@@ -287,14 +325,15 @@ def with_overrides(config: RunConfig, overrides: dict[str, dict[str, Any]]) -> R
     """
     data = to_dict(config)
     for stage, fields in overrides.items():
-        if stage not in data:
-            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(data)}")
         for name, value in fields.items():
+            if stage not in data:
+                raise SettingError(f"{stage}.{name}", f"is not a setting: there is no stage {stage!r}; stages are "
+                                                      f"{', '.join(data)}")
             if name not in data[stage]:
-                raise ValueError(f"unknown setting {stage}.{name}; {stage} has {', '.join(data[stage])}")
+                raise SettingError(f"{stage}.{name}", f"is not a setting; {stage} has {', '.join(data[stage])}")
             current = data[stage][name]
             if isinstance(current, bool) or not isinstance(current, (int, float, str)):
-                raise ValueError(f"{stage}.{name} cannot be set from the command line")
+                raise SettingError(f"{stage}.{name}", "cannot be set from the command line")
             data[stage][name] = _convert(value, type(current), f"{stage}.{name}")
     return RunConfig.from_dict(data)
 
@@ -311,7 +350,7 @@ def _convert(value: Any, kind: type, name: str) -> Any:
             return int(number)
         return number
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}") from None
+        raise SettingError(name, f"must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}") from None
 
 
 ABLATIONS: dict[str, dict[str, dict[str, str]]] = {

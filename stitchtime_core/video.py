@@ -427,6 +427,44 @@ def _even_size(width: int, height: int, pix_fmt: str) -> tuple[int, int]:
     return width, height
 
 
+def check_encoding(out: str | os.PathLike, config: OutputConfig, *,
+                   audio_source: str | os.PathLike | None = None) -> None:
+    """Ask ffmpeg whether it can write the video ``out`` with ``config``, before any work: it encodes one
+    black frame with the codec, crf, preset and pixel format (a Matroska file, which holds any codec), then
+    copies that frame, and a moment of ``audio_source``'s audio, into a file of ``out``'s name (its
+    extension picks the container), as :class:`VideoWriter` does. Two short ffmpeg runs in a temporary
+    folder, deleted after; ``out`` itself is not touched.
+
+    Raises:
+        ValueError: ffmpeg cannot encode with ``config`` (an unknown codec, preset or pixel format, a crf
+            out of the codec's range), or cannot write that container with this codec and audio; the
+            message names the settings or the container, and gives ffmpeg's reason.
+        StitchtimeError: ffmpeg is not installed.
+    """
+    with tempfile.TemporaryDirectory(prefix="stitchtime-encoding-") as folder:
+        muxed = Path(folder, Path(out).name)
+        encoded = Path(folder, f"{muxed.name}.encoded.mkv")
+        suffix = muxed.suffix
+        command = [ffmpeg_binary(), "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i", "color=c=black:s=64x64:r=25",
+                   "-frames:v", "1", "-c:v", config.codec, "-crf", str(config.crf), "-preset", config.preset,
+                   "-pix_fmt", config.pix_fmt, os.fspath(encoded)]
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise ValueError(f"output.codec={config.codec}, output.crf={config.crf}, output.preset={config.preset}, "
+                             f"output.pix_fmt={config.pix_fmt}: ffmpeg cannot encode with these settings "
+                             f"({_first_error_line(result.stderr, encoded)})")
+        command = [ffmpeg_binary(), "-v", "error", "-nostdin", "-y", "-i", os.fspath(encoded)]
+        if audio_source is not None:
+            command += ["-t", "0.1", "-i", os.fspath(audio_source), "-map", "0:v:0", "-map", "1:a?"]
+        command += ["-c", "copy", os.fspath(muxed)]
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if result.returncode != 0 or _output_failed(result.stderr):
+            audio = " and the source's audio" if audio_source is not None else ""
+            reason = _first_error_line(result.stderr, muxed).replace(os.fspath(muxed), muxed.name)
+            raise ValueError(f"ffmpeg cannot write a {suffix or 'file without an extension'} file holding "
+                             f"{config.codec} video{audio} ({reason})")
+
+
 class VideoWriter:
     """Encode RGB frames into a video file atomically, copying the audio of a source video.
 

@@ -11,17 +11,19 @@ import json
 import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from stitchtime_core.config import RunConfig, ablations_of, to_dict
 from stitchtime_core.errors import InputError
 from stitchtime_core.files import write_output
-from stitchtime_core.video import probe, same_file
-from tasks.stages import StageRef
-from tasks.store import open_store
+from stitchtime_core.video import same_file
+
+if TYPE_CHECKING:  # the command line checks outputs with this module before Prefect and torch are imported
+    from tasks.stages import StageRef
 
 EditSet = list[tuple[str, float]]
 """The (direction, strength) pairs applied together to make one output."""
@@ -123,11 +125,6 @@ def check_paths(source: str, out: str | os.PathLike) -> None:
         raise InputError(out, "output needs a file extension (e.g. .mp4)")
 
 
-def check_source(source: str) -> None:
-    """Fail before any work when ``source`` is not a video ffprobe can read (:class:`InputError` naming it)."""
-    probe(source)
-
-
 def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple[str, Path]]:
     """:func:`check_paths` for every output the edit sets make, before any work; returns :func:`output_paths`.
 
@@ -143,6 +140,74 @@ def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet])
         if same_file(path, source):
             raise InputError(path, "the run's summary, config or report would overwrite its source")
     return outputs
+
+
+class PendingOutputs:
+    """The files of one run, written under hidden temporary names beside their final ones and renamed to them
+    together once every one is complete, the summary last: a reader (a batch asking whether a video is done)
+    sees a run's whole set of outputs or none of it.
+
+    Use it as a context manager around the run: a failure inside the block (Ctrl-C included) deletes the
+    temporary files and leaves the final names as they were; an :class:`InputError` about a temporary file
+    (a full disk) is raised again naming the final one. :meth:`commit` first deletes an earlier run's
+    summary at the final name, so that set stops counting as done before any of its files is replaced;
+    if a rename fails part way, every final name of the set is deleted.
+
+    Args:
+        finals: the final paths, the run's summary last.
+    """
+
+    def __init__(self, finals: list[Path]):
+        token = uuid.uuid4().hex[:12]
+        self.temps = {os.path.realpath(final): os.path.realpath(final.with_name(f".{final.stem}.partial-{token}"
+                                                                               f"{final.suffix}"))
+                      for final in finals}
+        """Final path -> where the run writes it until :meth:`commit` (both real paths, as :meth:`path` looks
+        them up); the suffix stays, as ffmpeg picks the container by it."""
+
+    def path(self, final: str | os.PathLike) -> Path:
+        """Where the file to go to ``final`` is written until :meth:`commit`."""
+        return Path(self.temps[os.path.realpath(final)])
+
+    def commit(self) -> None:
+        """Rename every file to its final name, the summary last.
+
+        Raises:
+            InputError: a file is missing (never written) or cannot be renamed; then no final name of the set
+                is left.
+        """
+        finals = list(self.temps)
+        missing = [final for final in finals if not os.path.isfile(self.temps[final])]
+        if missing:
+            raise InputError(missing[0], "was not written: the run's outputs are left out")
+        done: list[str] = []
+        try:
+            Path(finals[-1]).unlink(missing_ok=True)
+            for final in finals:
+                os.replace(self.temps[final], final)
+                done.append(final)
+        except OSError as exc:
+            for final in finals:
+                Path(final).unlink(missing_ok=True)
+            raise InputError(exc.filename or finals[len(done)], f"cannot be written ({exc.strerror})") from None
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Delete the temporary files that are left."""
+        for temp in self.temps.values():
+            Path(temp).unlink(missing_ok=True)
+
+    def __enter__(self) -> PendingOutputs:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: object) -> None:
+        self.discard()
+        if isinstance(exc, InputError):  # a file that could not be written is named as the user knows it
+            finals = {temp: final for final, temp in self.temps.items()}
+            final = finals.get(os.path.realpath(exc.path))
+            if final is not None:
+                raise InputError(final, exc.problem) from None
 
 
 def write_config(path: Path, profile: str, quality: str, preset: str, config: RunConfig, editing: list[Any]) -> None:
@@ -269,6 +334,8 @@ def run_summary(source: str, config_path: Path, *, profile: str, quality: str, p
                 config: RunConfig, shared: list[StageRef], results: list[OutputSummary], total_seconds: float,
                 flow_run_id: str | None) -> RunSummary:
     """The run summary written beside ``--out``: the input, settings, every stage's key and seconds, each output."""
+    from tasks.store import open_store
+
     by_stage = {ref.stage: ref for ref in shared}
     video, align = by_stage["probe"].info["video"], by_stage["align"].info
     one = results[0] if len(results) == 1 else None

@@ -35,13 +35,17 @@ def identity_section(store_uri: str, measure_ref: StageRef) -> dict[str, Any]:
 
 
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)
-def write_report(summary_path: str, index: int, *, ablations: list[dict[str, Any]] | None = None) -> str:
+def write_report(summary_path: str, index: int, *, ablations: list[dict[str, Any]] | None = None,
+                 pending: dict[str, str] | None = None) -> str:
     """Write the HTML report of output ``index`` of a run beside it, and a Prefect markdown artifact.
 
     Args:
         summary_path: the run's summary (``<out stem>.summary.json``); it names the run's config file.
         index: which of the summary's ``outputs``.
         ablations: rows of the ablation table (variant, tl_id, tg_id, boundary_error, seconds), if any.
+        pending: final path -> where that file is until the run's outputs are renamed together
+            (:attr:`tasks.outputs.PendingOutputs.temps`): the summary and config are read there, the report
+            written there.
 
     Returns:
         the report's path.
@@ -50,12 +54,13 @@ def write_report(summary_path: str, index: int, *, ablations: list[dict[str, Any
         OSError: the summary or config cannot be read; ValueError: they are not a run's.
         InputError: the report cannot be written (a full disk, say); no temporary file is left.
     """
-    summary = RunSummary.read(summary_path)
-    config = json.loads(Path(summary.config).read_text())
+    where = lambda path: Path((pending or {}).get(os.path.realpath(path), path))  # noqa: E731
+    summary = RunSummary.read(where(summary_path))
+    config = json.loads(where(summary.config).read_text())
     output = summary.outputs[index]
     path = report_path(output.output)
     html = render_report(report_data(summary, index, config, ablations=ablations))
-    write_output(path, html)
+    write_output(where(path), html)
     if TaskRunContext.get() or FlowRunContext.get():  # outside a run (stitchtime report) there is none to make
         create_markdown_artifact(markdown=_markdown(summary, output, path),
                                  key=artifact_key(f"report {output.label}"),

@@ -101,13 +101,21 @@ class Stage:
         return StageRef(self.name, key, False, seconds, info, seconds)
 
 
+DETERMINISTIC = (ValueError, TypeError, ArithmeticError, LookupError, AssertionError, AttributeError,
+                 NotImplementedError)
+"""Errors that come of the code and its inputs, not of the moment: a retry would fail the same way (a value out of
+range, a NaN that JSON refuses, an overflow)."""
+
+
 def _retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
-    """Retry failures that may pass (a store that is down, the network); never a bad input, a missing
-    bucket or refused credentials, which fail the same way again."""
+    """Retry failures that may pass (a store that is down, the network, a device out of memory); never a bad
+    input, a missing bucket, refused credentials or a :data:`DETERMINISTIC` error, which fail the same way again."""
     try:
         state.result()
     except StitchtimeError as exc:
         return isinstance(exc, StoreError) and exc.transient
+    except DETERMINISTIC:
+        return False
     except Exception:  # noqa: BLE001 - anything else may be transient
         return True
     return False

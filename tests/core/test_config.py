@@ -6,6 +6,7 @@ import dataclasses
 import typing
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ from stitchtime_core.config import (
     to_dict,
     with_overrides,
 )
-from stitchtime_core.config import PREVIEW, default_quality, profile_defaults, run_config
+from stitchtime_core.config import MAX_STRENGTH, PREVIEW, SettingError, default_quality, profile_defaults, run_config
 
 STAGE_CONFIGS = (AlignmentConfig, EncodingConfig, PTIConfig, EditingConfig, StitchingConfig, BlendingConfig,
                  OutputConfig)
@@ -166,8 +167,8 @@ def test_with_overrides_converts_command_line_strings():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"stiching": {"steps": "5"}}, "unknown stage"),
-    ({"pti": {"learning_rate": "1"}}, "unknown setting pti.learning_rate"),
+    ({"stiching": {"steps": "5"}}, "stiching.steps is not a setting: there is no stage 'stiching'"),
+    ({"pti": {"learning_rate": "1"}}, "pti.learning_rate is not a setting; pti has lr, "),
     ({"pti": {"observations_per_frame": "many"}}, "must be an int"),
     ({"pti": {"batch_size": "1.5"}}, "must be an int"),
     ({"stitching": {"lr": "fast"}}, "must be a float"),
@@ -256,10 +257,29 @@ def test_every_choice_and_bound_is_checked_from_its_declaration():
                 with pytest.raises(ValueError, match=rf"{name} must be one of '"):
                     with_overrides(RunConfig(), {section.name: {spec.name: "nonsense"}})
                 checked += 1
-            for bound, bad, sign in (("gt", "0", ">"), ("ge", "-1", ">="), ("le", "2", "<=")):
+            for bound, step, sign in (("gt", 0, ">"), ("ge", -1, ">="), ("le", 1, "<=")):
                 if bound in spec.metadata:
                     limit = spec.metadata[bound]
-                    with pytest.raises(ValueError, match=rf"{name} must be {sign} {limit}, got"):
-                        with_overrides(RunConfig(), {section.name: {spec.name: bad}})
+                    with pytest.raises(SettingError, match=rf"{name} must be {sign} {limit}, got") as error:
+                        with_overrides(RunConfig(), {section.name: {spec.name: str(limit + step)}})
+                    assert error.value.setting == name
                     checked += 1
-    assert checked >= 20  # every method, loss and detector choice, and every count and rate
+            if hints[spec.name] is float:
+                for bad in ("nan", "inf", "-inf", "1e400"):
+                    with pytest.raises(SettingError, match=rf"{name} must be a finite number, got"):
+                        with_overrides(RunConfig(), {section.name: {spec.name: bad}})
+                checked += 1
+    assert checked >= 60  # every method, loss and detector choice, every count, rate and weight
+
+
+def test_edit_strengths_are_finite_and_bounded():
+    assert EditingConfig(edits=(("age", -MAX_STRENGTH), ("smile", MAX_STRENGTH))).edits[0] == ("age", -100.0)
+    for bad in (float("nan"), float("inf"), 1e30, -MAX_STRENGTH - 0.5):
+        with pytest.raises(SettingError, match=r"the strength of age must be a finite number from -100 to 100"):
+            EditingConfig(edits=(("age", bad),))
+
+
+def test_a_setting_error_survives_pickling_with_its_setting():
+    # Prefect pickles the errors of tasks and flows.
+    error = pickle.loads(pickle.dumps(SettingError("pti.lr", "must be > 0, got -1")))
+    assert (error.setting, str(error)) == ("pti.lr", "pti.lr must be > 0, got -1")

@@ -240,6 +240,27 @@ def test_ctrl_c_is_reported_as_such_even_when_clean_up_turns_it_into_another_err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI's handler is gone again
 
 
+def test_sigterm_ends_a_command_as_ctrl_c_does_with_its_own_status() -> None:
+    group = _Commands()
+    cleaned = []
+
+    @group.command()
+    def work() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the signal lands here
+        finally:
+            cleaned.append(True)  # clean-ups run: SIGTERM raises KeyboardInterrupt, it does not end the process
+
+    previous = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    result = CliRunner().invoke(group, ["work"])
+    assert time.monotonic() - started < 5 and cleaned == [True]
+    assert result.exit_code == 143 and result.output.strip() == (
+        "Terminated (SIGTERM): run the same command again to go on where it stopped.")
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_ctrl_c_during_pti_stops_at_once_and_the_next_start_goes_on_from_the_checkpoint(
         clip: Path, cli_env: dict[str, str], reference: dict, tmp_path: Path) -> None:
     store, out = tmp_path / "store", tmp_path / "out" / "edited.mp4"
@@ -266,6 +287,25 @@ def test_ctrl_c_during_pti_stops_at_once_and_the_next_start_goes_on_from_the_che
     assert summary["pti"]["resumed_from_step"] in (5, 10)
     np.testing.assert_array_equal(frames(out), frames(reference["out"]))  # PTI resumed exactly
     assert_no_partial_artifact(folder_files(store), reference)
+
+
+def test_sigterm_during_pti_stops_the_run_with_one_line_and_marks_its_flow_run(
+        clip: Path, cli_env: dict[str, str], reference: dict, tmp_path: Path) -> None:
+    store, out = tmp_path / "store", tmp_path / "out" / "edited.mp4"
+    out.parent.mkdir()
+    copy_stages(reference, store, BEFORE_PTI)
+    proc = start_cli(edit_args(clip, out, store), cli_env, tmp_path)
+    wait_for(lambda: any(store.glob("pti/*/checkpoint.safetensors")), proc)
+    os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, or a scheduler stopping the job: the command's process only
+    terminated = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 143 and time.monotonic() - terminated < 15
+    assert error_lines(stderr) == ["Terminated (SIGTERM): run the same command again to go on where it stopped."], \
+        stderr
+    assert stdout == "" and list(out.parent.iterdir()) == []
+    assert not temp_files([str(p) for p in store.rglob(".*")])
+    assert flow_run_state(cli_env["PREFECT_API_URL"], out) in ("CRASHED", "CANCELLED", "FAILED")
 
 
 # --- the S3 server goes down for a while -----------------------------------------------------------
@@ -622,6 +662,28 @@ def test_a_full_disk_under_the_output_stops_the_run_with_one_line_and_leaves_not
     result = disk.run(edit_args(clip, out, store), cli_env, tmp_path)
     assert_one_error_line(result, str(out), problem)
     assert disk.files() == ["out"]
+
+
+def test_a_full_disk_while_the_report_is_written_leaves_none_of_the_run_s_outputs(
+        small_disk: Callable[[int], SmallDisk], clip: Path, cli_env: dict[str, str], reference: dict,
+        tmp_path: Path) -> None:
+    """The video (about 30 KiB), its config and summary fit; the report (about 60 KiB) does not. A run's
+    outputs appear together or not at all: a batch takes a video with a summary for done."""
+    report_size = (reference["out"].with_name("reference.report.html")).stat().st_size
+    video_size = reference["out"].stat().st_size
+    free = video_size // 1024 + 24  # KiB: room for the video and the JSON files (under 8 KiB), not the report
+    assert free * 1024 < report_size, (video_size, report_size)
+    disk = small_disk(free)
+    store, out = tmp_path / "store", disk.folder / "out" / "edited.mp4"
+    (disk.view / "out").mkdir()
+    (disk.view / "out" / "edited.summary.json").write_text("{}")  # an earlier run's
+    copy_stages(reference, store, BEFORE_RENDER)
+
+    result = disk.run(edit_args(clip, out, store), cli_env, tmp_path)
+    problem = "no space left on device" if disk.keeper else "file too large"
+    assert_one_error_line(result, str(out.with_name("edited.report.html")), problem)
+    assert disk.files() == ["out", "out/edited.summary.json"]  # no video, config or report; the earlier summary
+    assert (disk.view / "out" / "edited.summary.json").read_text() == "{}"
 
 
 def test_a_full_disk_under_the_store_stops_the_run_and_the_next_start_with_room_goes_on(
