@@ -56,7 +56,8 @@ class AlignmentConfig:
     use the full frame."""
     face: str = "largest"
     """Which face to follow when there are several: "largest", "N" (N-th largest in the first frame
-    with faces, 0 = largest) or "X,Y" (the face at that pixel of that frame)."""
+    with faces, 0 = largest) or "X,Y" (the face whose box contains that pixel of that frame, the
+    smallest such box where they overlap; no box holding it is an error naming the nearest face)."""
     max_gap: int = field(default=5, metadata=NON_NEGATIVE)
     """Runs of at most this many frames without the face get interpolated landmarks and are edited;
     longer runs pass through unedited."""
