@@ -124,16 +124,19 @@ def track_quads(landmarks: np.ndarray, found: np.ndarray, *, config: AlignmentCo
     Args:
         landmarks: float [N, 68, 2] frame pixels, NaN where the face was not found.
         found: bool [N], True where it was.
-        config: ``max_gap``, the smoothing sigmas (at 25 fps) and ``scale``.
-        fps: the clip's frame rate; the sigmas scale with it (:func:`fps_scaled_sigma`).
+        config: ``max_gap``, the smoothing sigmas and their ``sigma_unit``, and ``scale``.
+        fps: the clip's frame rate; with ``sigma_unit`` "frame-at-25fps" the sigmas scale with it
+            (:func:`fps_scaled_sigma`), with "frame" they are frames of the clip as they are.
 
     Returns:
         ``(quads, interpolated, passthrough)``: float64 [N, 4, 2] quads, NaN in frames that pass
         through, and the two bool [N] masks of :func:`plan_gaps`.
     """
     interpolated, passthrough = plan_gaps(found, max_gap=config.max_gap)
-    quads = smooth_quads(landmarks, center_sigma=fps_scaled_sigma(config.center_sigma, fps),
-                         axes_sigma=fps_scaled_sigma(config.axes_sigma, fps), scale=config.scale,
+    # "frame": the reference code's sigmas, frame counts whatever the clip's rate.
+    rate = fps if config.sigma_unit == "frame-at-25fps" else 25.0
+    quads = smooth_quads(landmarks, center_sigma=fps_scaled_sigma(config.center_sigma, rate),
+                         axes_sigma=fps_scaled_sigma(config.axes_sigma, rate), scale=config.scale,
                          valid=~passthrough)
     return quads, interpolated, passthrough
 
@@ -278,44 +281,95 @@ def crop_transform(quad: np.ndarray, size: int) -> np.ndarray:
     return half_pixel @ _homography(q, corners)
 
 
-def crop(frame: np.ndarray, quad: np.ndarray, size: int) -> np.ndarray:
+PADS = ("mirror", "black")
+"""What :func:`crop` puts where the quad reaches beyond the frame (``AlignmentConfig.pad``)."""
+SHRINK_BY = ("side", "half-diagonal")
+"""What :func:`shrink_factor` measures the quad by (``AlignmentConfig.shrink_by``)."""
+
+
+def shrink_factor(quad: np.ndarray, size: int, *, shrink_by: str = "side") -> int:
+    """By how many frame pixels per pooled pixel :func:`crop` box-averages the frame first.
+
+    Args:
+        quad: float [4, 2] frame-pixel corners.
+        size: crop side in pixels, > 0.
+        shrink_by: "side": floor(side / size), so a quad two or more times the crop is pooled
+            before bilinear sampling, which would alias beyond 2x; "half-diagonal": the reference
+            code's floor(diagonal / size * 0.5) (its ``qsize`` is the quad's diagonal, where FFHQ's
+            is the side), which first pools at 2.83x.
+
+    Returns:
+        The factor k; 0 or 1 means no pooling.
+
+    Raises:
+        ValueError: bad quad, size or ``shrink_by``.
+    """
+    q = _check_quad(quad)
+    if size <= 0:
+        raise ValueError(f"size must be > 0, got {size}")
+    if shrink_by == "side":
+        return int(np.hypot(*(q[3] - q[0])) // size)
+    if shrink_by == "half-diagonal":
+        return int(np.floor(np.hypot(*(q[3] - q[1])) / size * 0.5))
+    raise ValueError(f"shrink_by must be one of {SHRINK_BY}, got {shrink_by!r}")
+
+
+def crop(frame: np.ndarray, quad: np.ndarray, size: int, *, pad: str = "mirror", shrink_by: str = "side") -> np.ndarray:
     """Resample the quad of a frame into an aligned square crop.
 
-    Bilinear sampling. Where the quad reaches beyond the frame, the frame is mirrored at its
-    edge (OpenCV's BORDER_REFLECT_101, numpy's 'reflect', as FFHQ pads) so the crop has no black
-    wedges. When the quad is two or more times larger than the crop, the frame is first
-    box-averaged by that integer factor (as the reference shrinks it with an antialiasing
-    resize), so the crop does not alias.
+    Bilinear sampling. When :func:`shrink_factor` is 2 or more, the frame is first box-averaged by
+    that integer factor (as the reference shrinks it with an antialiasing resize), so the crop
+    does not alias.
 
     Args:
         frame: uint8 [H, W, 3] image.
         quad: float [4, 2] frame-pixel corners.
         size: crop side in pixels.
+        pad: where the quad reaches beyond the frame: "mirror" reflects the frame at its edge
+            (OpenCV's BORDER_REFLECT_101, numpy's 'reflect', as FFHQ pads), so the crop has no
+            black wedges; "black" fills 0 as the reference code's PIL transform does: a crop pixel
+            whose sample point lies more than half a pixel outside the frame is black, one within
+            that half pixel repeats the edge pixel.
+        shrink_by: see :func:`shrink_factor`.
 
     Returns:
         uint8 [size, size, 3] crop.
 
     Raises:
-        ValueError: bad shapes or size.
+        ValueError: bad shapes, size, ``pad`` or ``shrink_by``.
     """
     _check_image(frame, "frame")
+    if pad not in PADS:
+        raise ValueError(f"pad must be one of {PADS}, got {pad!r}")
     matrix = crop_transform(quad, size)
     q = np.asarray(quad, dtype=np.float64)
-    shrink = int(np.hypot(*(q[3] - q[0])) // size)
-    source = np.ascontiguousarray(frame)
+    shrink = shrink_factor(q, size, shrink_by=shrink_by)
+    source, to_source = np.ascontiguousarray(frame), matrix
     if shrink >= 2:
         source, to_frame = _box_shrink(frame, q, shrink)
-        matrix = matrix @ to_frame
+        to_source = matrix @ to_frame
     out = cv2.warpPerspective(
         source,
-        matrix,
+        to_source,
         (size, size),
         flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REFLECT_101,
+        borderMode=cv2.BORDER_REFLECT_101 if pad == "mirror" else cv2.BORDER_REPLICATE,
     )
     if out.dtype != np.uint8:
         out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if pad == "black":
+        out[~_samples_inside(matrix, frame.shape, size)] = 0
     return out
+
+
+def _samples_inside(matrix: np.ndarray, frame_shape: tuple[int, ...], size: int) -> np.ndarray:
+    """bool [size, size]: where a crop pixel's sample point lies in the frame, its pixel edges included
+    ([-0.5, W - 0.5) x [-0.5, H - 0.5) in pixel centres, PIL's test)."""
+    h, w = frame_shape[:2]
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    points = _apply(np.linalg.inv(matrix), np.stack([u.ravel(), v.ravel()], axis=1)).reshape(size, size, 2)
+    x, y = points[..., 0], points[..., 1]
+    return (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
 
 
 def uncrop(

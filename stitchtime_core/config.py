@@ -77,17 +77,27 @@ class AlignmentConfig:
     use the full frame."""
     face: str = "largest"
     """Which face to follow when there are several: "largest", "N" (N-th largest in the first frame
-    with faces, 0 = largest) or "X,Y" (the face at that pixel of that frame)."""
+    with faces, 0 = largest) or "X,Y" (the face whose box contains that pixel of that frame, the
+    smallest such box where they overlap; no box holding it is an error naming the nearest face)."""
     max_gap: int = field(default=5, metadata=NON_NEGATIVE)
     """Runs of at most this many frames without the face get interpolated landmarks and are edited;
     longer runs pass through unedited."""
     center_sigma: float = field(default=1.0, metadata={"ge": 0, "le": 100})
-    """Gaussian low-pass over time of the crop centre, in frames at 25 fps (reference code: 1);
-    scaled with the clip's frame rate."""
+    """Gaussian low-pass over time of the crop centre, in frames (reference code: 1; see ``sigma_unit``)."""
     axes_sigma: float = field(default=3.0, metadata={"ge": 0, "le": 100})
-    """Gaussian low-pass over time of the crop's x/y axes, in frames at 25 fps (reference code: 3)."""
+    """Gaussian low-pass over time of the crop's x/y axes, in frames (reference code: 3; see ``sigma_unit``)."""
+    sigma_unit: Literal["frame-at-25fps", "frame"] = "frame-at-25fps"
+    """What the sigmas count: "frame-at-25fps", frames of a 25 fps clip, scaled with the clip's rate so
+    the smoothing spans the same time at any rate; "frame", the clip's own frames (the reference code)."""
     scale: float = field(default=1.0, metadata={"gt": 0, "le": 4})
     """Crop size relative to the FFHQ crop (1.0 is the FFHQ crop)."""
+    pad: Literal["mirror", "black"] = "mirror"
+    """What a crop shows where it reaches beyond the frame: the frame mirrored at its edge (as FFHQ's
+    crops, on which the generator and e4e were trained) or black (the reference code)."""
+    shrink_by: Literal["side", "half-diagonal"] = "side"
+    """Large quads are box-averaged by an integer factor before the crop is sampled: floor(side / crop
+    size) ("side": pools from 2x, where bilinear sampling starts to alias) or floor(diagonal / crop size / 2)
+    (the reference code's, from 2.83x)."""
 
     def __post_init__(self) -> None:
         _check_settings(self, "alignment")
@@ -105,6 +115,9 @@ class EncodingConfig:
     the paper's "w/o e4e" ablation)."""
     batch_size: int = field(default=8, metadata=POSITIVE)
     """Crops encoded (or projected) per batch."""
+    resize: Literal["antialias", "plain"] = "antialias"
+    """How crops are brought to the encoder's input size: bilinear with antialiasing (as the PIL resize
+    e4e was trained behind) or plain bilinear (the reference code's tensor ``Resize``, which aliases)."""
     projection_steps: int = field(default=450, metadata=POSITIVE)
     """Optimisation steps per frame when ``method`` is "optimization" (PTI's ``first_inv_steps``)."""
     projection_lr: float = field(default=5e-3, metadata=POSITIVE)
@@ -437,7 +450,9 @@ def _differences(config: RunConfig, base: RunConfig) -> dict[str, dict[str, Any]
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     "stit-code": {
-        "alignment": {"detector_upsample": 0, "detect_max_side": 0},
+        "alignment": {"detector_upsample": 0, "detect_max_side": 0, "sigma_unit": "frame", "pad": "black",
+                      "shrink_by": "half-diagonal"},
+        "encoding": {"resize": "plain"},
         "pti": {"observations_per_frame": 300, "lambda_r": 0.0, "frame_order": "fixed", "regularizer_noise": "none"},
         "editing": {"halve_files": "all"},
         "stitching": {"loss": "l2", "warm_start": 0.0, "segment": "crop"},
@@ -449,8 +464,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 edited image as its Fig. 3), the reference code where it is silent (loss normalisation, early-stop order,
 mask shapes, feathering), and stitchtime's own choices where a measurement or a convention says so (warm
 starts, ...). ``stit-code``: the reference code (rotemtzaban/STIT) as it runs with its own defaults:
-faces detected on the full frame without upsampling, L2, no warm starts, 300 PTI passes in frame order
-without the regulariser, the original crop segmented, every direction file halved.
+faces detected on the full frame without upsampling, smoothing sigmas in the clip's frames, crops padded
+black and pooled by the quad's half diagonal, the e4e input resized without antialiasing, L2, no warm starts,
+300 PTI passes in frame order without the regulariser, the original crop segmented, every direction file halved.
 """
 
 

@@ -245,8 +245,9 @@ def landmarks_for_video(
         frames: uint8 [H, W, 3] RGB frames, in order.
         landmarker: from :func:`load_landmarker`.
         choose: which face of that first frame to follow: "largest"; "N", a non-negative integer,
-            the N-th face by box size (0 = the largest); or "X,Y", the face whose box contains
-            frame pixel (X, Y), else the one whose box is nearest to it.
+            the N-th face by box size (0 = the largest); or "X,Y", the face whose box (corners
+            included) contains frame pixel (X, Y); when several do, the smallest box (a face partly
+            behind a larger one's box is the one the point singles out), ties to the nearest centre.
         max_jump: the gate above, as a fraction of the box size per frame, > 0.
         progress: called with 1 after each frame's detection.
 
@@ -255,7 +256,9 @@ def landmarks_for_video(
 
     Raises:
         ValueError: a bad ``choose`` or ``max_jump``, a frame that is not a uint8 [H, W, 3] array,
-            or "N" when the first frame with faces has N or fewer.
+            "N" when the first frame with faces has N or fewer, or "X,Y" when no face box in that
+            frame contains the point (the message names the nearest box and its distance). The
+            stages turn these into :class:`~stitchtime_core.errors.InputError`, which is not retried.
     """
     pick = _parse_choose(choose)
     if not max_jump > 0:
@@ -319,16 +322,30 @@ def _start_face(faces: list[tuple[Rect, np.ndarray]], pick: int | np.ndarray, ch
                              f"the first with faces, has {len(faces)} face{'s' if len(faces) != 1 else ''}")
         return pick
 
-    def key(i: int) -> tuple[float, float]:
-        box = np.array(faces[i][0], dtype=np.float64)
-        outside = np.maximum(np.maximum(box[:2] - pick, pick - box[2:]), 0.0)
-        return float(np.hypot(*outside)), float(np.linalg.norm(_box_centre(box) - pick))
+    boxes = np.array([rect for rect, _ in faces], dtype=np.float64)
+    # Corners included, as the detector's boxes are: (X, Y) on an edge pixel is inside.
+    outside = np.maximum(np.maximum(boxes[:, :2] - pick, pick - boxes[:, 2:]), 0.0)
+    distances = np.hypot(outside[:, 0], outside[:, 1])
+    centres = np.linalg.norm(_box_centre(boxes) - pick, axis=1)
+    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    containing = np.flatnonzero(distances == 0)
+    if containing.size:
+        # A smaller box inside a larger one's (a face behind another) is the one the point singles out.
+        return int(min(containing, key=lambda i: (areas[i], centres[i])))
+    nearest = int(np.argmin(distances))
+    x0, y0, x1, y1 = faces[nearest][0]
+    raise ValueError(f"--face {_number(pick[0])},{_number(pick[1])}: no face contains this point in frame {index}, "
+                     f"the first with faces; the nearest is the face at ({x0},{y0})-({x1},{y1}), "
+                     f"{_number(round(float(distances[nearest]), 1))} px away")
 
-    return min(range(len(faces)), key=key)
+
+def _number(value: float) -> str:
+    """A coordinate or distance as a person would write it: 57, 10.5."""
+    return f"{value:g}"
 
 
 def _box_centre(box: np.ndarray) -> np.ndarray:
-    return (box[:2] + box[2:]) / 2.0
+    return (box[..., :2] + box[..., 2:]) / 2.0
 
 
 def _box_size(box: np.ndarray) -> float:

@@ -160,19 +160,44 @@ def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=y.shape[2:], mode="bilinear", align_corners=True) + y
 
 
-def encode(encoder: Encoder4Editing, crops: torch.Tensor, latent_avg: torch.Tensor) -> torch.Tensor:
+def encode(encoder: Encoder4Editing, crops: torch.Tensor, latent_avg: torch.Tensor, *,
+           resize: str = "antialias") -> torch.Tensor:
     """W+ pivots of aligned crops, as the pSp/e4e wrapper computes them.
 
     Args:
         encoder: an e4e encoder in eval mode.
         crops: [batch, 3, H, W] in [-1, 1], any square size (resized to the encoder's input size).
         latent_avg: [num_ws, w_dim] or [w_dim], the average latent added to the encoder's offsets.
+        resize: how crops of another size reach the input size (``EncodingConfig.resize``), see
+            :func:`resize_to_input`.
 
     Returns:
         pivots [batch, num_ws, w_dim].
     """
-    if crops.shape[-1] != encoder.input_size or crops.shape[-2] != encoder.input_size:
-        crops = F.interpolate(crops, size=(encoder.input_size, encoder.input_size), mode="bilinear",
-                              align_corners=False, antialias=True)
-    codes = encoder(crops)
+    codes = encoder(resize_to_input(crops, encoder.input_size, resize=resize))
     return codes + (latent_avg if latent_avg.ndim == 2 else latent_avg.unsqueeze(0)).unsqueeze(0)
+
+
+def resize_to_input(crops: torch.Tensor, size: int, *, resize: str = "antialias") -> torch.Tensor:
+    """Crops brought to an encoder's square input size by bilinear resampling.
+
+    Args:
+        crops: [batch, 3, H, W] in [-1, 1].
+        size: the input side in pixels.
+        resize: "antialias": bilinear widened to the scale when shrinking, like the PIL resize behind
+            e4e's training crops; "plain": bilinear from the 4 nearest pixels, as torchvision's
+            ``Resize`` on a tensor in the reference code's torchvision (before 0.17; aliases when
+            shrinking 1024 px crops to 256).
+
+    Returns:
+        [batch, 3, size, size]; ``crops`` itself when it already has that size.
+
+    Raises:
+        ValueError: an unknown ``resize``.
+    """
+    if resize not in ("antialias", "plain"):
+        raise ValueError(f"resize must be 'antialias' or 'plain', got {resize!r}")
+    if crops.shape[-2:] == (size, size):
+        return crops
+    return F.interpolate(crops, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=resize == "antialias")

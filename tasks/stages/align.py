@@ -45,7 +45,8 @@ def align_faces(store_uri: str, source: str, probe: StageRef, landmarks: StageRe
         with stage_progress("align", total=info.frame_count, unit="frame", label=os.path.basename(source)) as advance:
             for i, frame in enumerate(video.iter_frames(source, info)):
                 if i < len(edited) and edited[i]:
-                    pending.append(alignment.crop(frame, quads[i], resolution))
+                    pending.append(alignment.crop(frame, quads[i], resolution, pad=config.pad,
+                                                  shrink_by=config.shrink_by))
                 if len(pending) == CROP_CHUNK:
                     chunks.append(put_crops(store, key, len(chunks), pending))
                     pending = []

@@ -21,7 +21,8 @@ STAGE = Stage("encode", version=2)
 
 def ingredients(align: StageRef, config: EncodingConfig, runtime: Runtime) -> Ingredients:
     # The projector's settings do not touch the encoder's pivots: leave them out of the key when it encodes.
-    keyed = config if config.method == "optimization" else EncodingConfig(batch_size=config.batch_size)
+    keyed = config if config.method == "optimization" else EncodingConfig(batch_size=config.batch_size,
+                                                                          resize=config.resize)
     return [align.key, runtime.networks.identity], keyed
 
 
@@ -47,7 +48,7 @@ def encode_pivots(store_uri: str, align: StageRef, config: EncodingConfig, runti
                 for start in range(0, len(crops), config.batch_size):
                     with torch.no_grad():
                         batch = images_to_tensor(crops[start:start + config.batch_size], device)
-                        pivots.append(encode(models.encoder, batch, models.latent_avg).cpu())
+                        pivots.append(encode(models.encoder, batch, models.latent_avg, resize=config.resize).cpu())
                     advance(len(batch))
         store.put_tensors(f"{key}/pivots.safetensors", {"pivots": torch.cat(pivots)})
         return {"frames": sum(len(p) for p in pivots), "method": config.method}

@@ -255,6 +255,29 @@ def test_crop_mirrors_the_frame_where_the_quad_leaves_it():
     np.testing.assert_array_equal(alignment.crop(frame, quad, 32), 200)
 
 
+@pytest.mark.parametrize("shrink_by", ["side", "half-diagonal"])
+def test_black_pad_fills_where_the_samples_leave_the_frame(shrink_by):
+    # Crop pixel (u, v) samples frame point (-30 + 2.5 (u + 0.5), 50 + 2.5 (v + 0.5)): off the frame's
+    # pixel edges (x < -0.5, y >= 99.5) from column 11 down and row 20 up. "side" pools by 2 first.
+    frame = np.full((100, 100, 3), 200, np.uint8)
+    quad = alignment.quad_from_axes(np.array([10.0, 90.0]), np.array([40.0, 0.0]), np.array([0.0, 40.0]))
+    assert alignment.shrink_factor(quad, 32, shrink_by=shrink_by) == (2 if shrink_by == "side" else 1)
+    crop = alignment.crop(frame, quad, 32, pad="black", shrink_by=shrink_by)
+    expected = np.full((32, 32, 3), 200, np.uint8)
+    expected[:, :12] = 0
+    expected[20:] = 0
+    np.testing.assert_array_equal(crop, expected)
+
+
+def test_crop_rejects_unknown_pads_and_shrinks():
+    frame = np.zeros((20, 20, 3), np.uint8)
+    quad = alignment.quad_from_axes(np.array([10.0, 10.0]), np.array([5.0, 0.0]), np.array([0.0, 5.0]))
+    with pytest.raises(ValueError, match="pad"):
+        alignment.crop(frame, quad, 8, pad="zeros")
+    with pytest.raises(ValueError, match="shrink_by"):
+        alignment.crop(frame, quad, 8, shrink_by="diagonal")
+
+
 def test_uncrop_valid_covers_the_quad(astronaut_landmarks):
     quad = alignment.quad_from_axes(*alignment.face_axes(astronaut_landmarks))
     image, valid = alignment.uncrop(np.full((64, 64, 3), 7, np.uint8), quad, (512, 512, 3))

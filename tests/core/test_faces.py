@@ -160,9 +160,9 @@ def test_track_reports_a_hidden_face_missing_instead_of_switching(landmarker, cl
     assert np.isfinite(track.landmarks[seen]).all()
 
 
-@pytest.mark.parametrize("choose", ["1", "470,120", "639,0"])
+@pytest.mark.parametrize("choose", ["1", "470,120"])
 def test_track_follows_the_chosen_face(landmarker, clip, choose):
-    # "1": the second face by size; "470,120": inside its box; "639,0": outside both, nearest to it.
+    # "1": the second face by size; "470,120": inside its box.
     track = landmarks_for_video(clip, landmarker, choose=choose)
     assert track.found.all()
     drift = np.array([(3 * i, 2 * i) for i in range(9)], np.float64)
@@ -173,6 +173,58 @@ def test_track_follows_the_chosen_face(landmarker, clip, choose):
 def test_track_point_inside_the_larger_face_picks_it(landmarker, clip):
     track = landmarks_for_video(clip[:2], landmarker, choose="160,121")
     np.testing.assert_allclose((track.boxes[0, :2] + track.boxes[0, 2:]) / 2, SCENE_FACE_CENTRES[0], atol=3)
+
+
+@pytest.mark.parametrize("point", [(639, 0), (320.5, 121)])
+def test_track_refuses_a_point_outside_every_face(landmarker, scene, point):
+    # (639, 0): the top-right corner, nearest to the right face; (320.5, 121): between the two faces.
+    blank = np.full_like(scene, 128)
+    boxes = np.array([rect for rect, _ in landmarker.detect(scene)], np.float64)
+    outside = np.maximum(np.maximum(boxes[:, :2] - point, point - boxes[:, 2:]), 0)
+    distances = np.hypot(outside[:, 0], outside[:, 1])
+    nearest = int(np.argmin(distances))
+    assert distances[nearest] > 0 and (point != (639, 0) or nearest == 1)
+    x0, y0, x1, y1 = boxes[nearest].astype(int)
+    expected = (f"--face {point[0]:g},{point[1]:g}: no face contains this point in frame 1, the first with faces; "
+                f"the nearest is the face at ({x0},{y0})-({x1},{y1}), {round(distances[nearest], 1):g} px away")
+    with pytest.raises(ValueError) as refused:
+        landmarks_for_video([blank, scene], landmarker, choose=f"{point[0]},{point[1]}")
+    assert str(refused.value) == expected
+
+
+def test_track_point_on_a_box_corner_is_inside(landmarker, scene):
+    x0, y0, x1, y1 = landmarker.detect(scene)[1][0]  # the smaller, right face
+    for corner in ((x0, y0), (x1, y1)):
+        track = landmarks_for_video([scene], landmarker, choose=f"{corner[0]},{corner[1]}")
+        np.testing.assert_allclose((track.boxes[0, :2] + track.boxes[0, 2:]) / 2, SCENE_FACE_CENTRES[1], atol=3)
+    with pytest.raises(ValueError, match="1 px away"):
+        landmarks_for_video([scene], landmarker, choose=f"{x1 + 1},{y1}")
+
+
+class _FixedFaces:
+    """A landmarker stand-in that finds the same boxes in every frame (largest first, as ``detect``)."""
+
+    def __init__(self, *rects):
+        self.rects = rects
+
+    def detect(self, frame):
+        return [(rect, np.full((68, 2), i, np.float64)) for i, rect in enumerate(self.rects)]
+
+
+@pytest.mark.parametrize("point, chosen", [((50, 50), 1), ((15, 50), 0), ((110, 110), 2)])
+def test_track_point_in_several_boxes_picks_the_smallest(point, chosen):
+    # Face 1's box lies inside face 0's; face 2's box (as large as face 1's) overlaps face 0's corner.
+    faces = _FixedFaces((0, 0, 119, 119), (40, 40, 79, 79), (100, 100, 139, 139))
+    frame = np.zeros((200, 200, 3), np.uint8)
+    track = landmarks_for_video([frame], faces, choose=f"{point[0]},{point[1]}")
+    assert track.landmarks[0, 0, 0] == chosen
+
+
+def test_track_point_in_equal_boxes_picks_the_nearest_centre():
+    faces = _FixedFaces((0, 0, 59, 59), (30, 0, 89, 59))
+    frame = np.zeros((100, 100, 3), np.uint8)
+    assert landmarks_for_video([frame], faces, choose="40,30").landmarks[0, 0, 0] == 0
+    assert landmarks_for_video([frame], faces, choose="50,30").landmarks[0, 0, 0] == 1
 
 
 def test_track_starts_at_the_first_frame_with_faces(landmarker, scene):

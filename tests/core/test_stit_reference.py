@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from scipy.ndimage import gaussian_filter1d
 from safetensors.torch import load_file
 
+from stitchtime_core.alignment import crop, face_axes, quad_from_axes, shrink_factor, track_quads
 from stitchtime_core.blending import feather_square
 from stitchtime_core.config import run_config
 from stitchtime_core.editing import edit_latents, load_direction_file
 from stitchtime_core.masks import square_masks
+from stitchtime_core.models.e4e import resize_to_input
 from stitchtime_core.models.bisenet import face_mask_from_labels
 from stitchtime_core.pti import codes_towards, frame_order, locality_loss
 from stitchtime_core.stitching import masked_distances, stitch_frames
@@ -167,3 +170,66 @@ def test_pti_frame_order():
     assert frame_order(3, config).tolist() == [0, 1, 2, 0, 1, 2]
     shuffled = frame_order(3, dataclasses.replace(config, frame_order="shuffled"))
     assert sorted(shuffled[:3].tolist()) == sorted(shuffled[3:].tolist()) == [0, 1, 2]
+
+
+def test_crops_outside_the_frame_are_black(ref):
+    assert (STIT_CODE.alignment.pad, PAPER.alignment.pad) == ("black", "mirror")
+    frame, quad, expected = ref["crop_frame"].numpy(), ref["crop_edge_quad"].numpy(), ref["crop_edge"].numpy()
+    got = crop(frame, quad, 16, pad=STIT_CODE.alignment.pad, shrink_by=STIT_CODE.alignment.shrink_by)
+    black = (expected == 0).all(axis=-1)
+    assert 20 < black.sum() < 200  # a wedge, and the rest of the crop
+    np.testing.assert_array_equal((got == 0).all(axis=-1), black)
+    # The same samples elsewhere: PIL truncates the bilinear value, OpenCV rounds it.
+    assert 0 <= (got.astype(int) - expected).min() and (got.astype(int) - expected).max() <= 1
+    mirrored = crop(frame, quad, 16, pad=PAPER.alignment.pad, shrink_by=PAPER.alignment.shrink_by)
+    assert (mirrored[black] > 0).any(axis=-1).all()  # the frame, mirrored at its edge
+
+
+def test_a_quad_under_2_83_crops_is_not_pooled(ref):
+    # Its side is 2.4 crops: the reference measures its diagonal and samples it directly; "side" pools by 2.
+    assert (STIT_CODE.alignment.shrink_by, PAPER.alignment.shrink_by) == ("half-diagonal", "side")
+    frame, quad, expected = ref["crop_frame"].numpy(), ref["crop_between_quad"].numpy(), ref["crop_between"].numpy()
+    got = crop(frame, quad, 8, pad=STIT_CODE.alignment.pad, shrink_by=STIT_CODE.alignment.shrink_by)
+    assert 0 <= (got.astype(int) - expected).min() and (got.astype(int) - expected).max() <= 1
+    pooled = crop(frame, quad, 8, pad=STIT_CODE.alignment.pad, shrink_by=PAPER.alignment.shrink_by)
+    assert np.abs(pooled.astype(int) - expected).max() > 10
+
+
+@pytest.mark.parametrize("side, by_side, by_half_diagonal", [
+    (2047, 1, 1), (2048, 2, 1), (2896, 2, 1), (2897, 2, 2), (4096, 4, 2), (4345, 4, 3)])
+def test_shrink_factors_at_1024(side, by_side, by_half_diagonal):
+    # The reference's rule, crop_image in utils/alignment.py: int(np.floor(qsize / output_size * 0.5)) with
+    # qsize = np.hypot(*(quad[3] - quad[1])), the quad's diagonal.
+    quad = np.array([[0, 0], [0, side], [side, side], [side, 0]], np.float64) + [10.25, -3.5]
+    assert int(np.floor(np.hypot(*(quad[3] - quad[1])) / 1024 * 0.5)) == by_half_diagonal
+    assert shrink_factor(quad, 1024, shrink_by="half-diagonal") == by_half_diagonal
+    assert shrink_factor(quad, 1024, shrink_by="side") == by_side
+
+
+def test_smoothing_sigmas_count_the_clips_frames():
+    # The reference's crop_faces smooths with gaussian_filter1d(sigma=center_sigma / xy_sigma) in frames.
+    assert (STIT_CODE.alignment.sigma_unit, PAPER.alignment.sigma_unit) == ("frame", "frame-at-25fps")
+    rng = np.random.default_rng(2)
+    base = np.array([[x, 100 + 0.2 * (x - 40) ** 2] for x in np.linspace(10, 70, 68)])
+    landmarks = base + rng.normal(0, 2, (12, 68, 2))
+    found = np.ones(12, bool)
+    # Their smoothing, as crop_faces does it, of our face_axes per frame (its compute_transform).
+    cs, xs, ys = map(np.stack, zip(*(face_axes(lm) for lm in landmarks)))
+    cs = gaussian_filter1d(cs, sigma=STIT_CODE.alignment.center_sigma, axis=0)
+    xs = gaussian_filter1d(xs, sigma=STIT_CODE.alignment.axes_sigma, axis=0)
+    ys = gaussian_filter1d(ys, sigma=STIT_CODE.alignment.axes_sigma, axis=0)
+    theirs = quad_from_axes(cs, xs, ys)
+    for fps in (25.0, 60.0):
+        quads, _, _ = track_quads(landmarks, found, config=STIT_CODE.alignment, fps=fps)
+        np.testing.assert_allclose(quads, theirs, rtol=0, atol=1e-9)
+    scaled, _, _ = track_quads(landmarks, found, config=PAPER.alignment, fps=60.0)
+    assert np.abs(scaled - theirs).max() > 0.1
+
+
+def test_the_encoders_input_is_resized_without_antialiasing(ref):
+    assert (STIT_CODE.encoding.resize, PAPER.encoding.resize) == ("plain", "antialias")
+    crops = ref["resize_input"][None]
+    got = resize_to_input(crops, 8, resize=STIT_CODE.encoding.resize)
+    torch.testing.assert_close(got[0], ref["resize_plain_8"], rtol=TOLERANCE, atol=TOLERANCE)
+    smooth = resize_to_input(crops, 8, resize=PAPER.encoding.resize)
+    assert (smooth[0] - ref["resize_plain_8"]).abs().max() > 0.1

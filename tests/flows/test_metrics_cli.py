@@ -57,3 +57,12 @@ def test_bad_input_ends_with_one_clear_line(case: str, message: str, clip: Path,
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("Error: ") and message in result.stderr
+
+
+def test_a_face_point_outside_every_face_names_the_nearest(clip: Path, tmp_path: Path) -> None:
+    result = run_cli(["metrics", str(clip), str(clip), "--face", "2,3"], dict(os.environ), tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"Error: {clip}: --face 2,3: no face contains this point in frame 0, "
+                                    "the first with faces; the nearest is the face at ("), result.stderr
+    assert result.stderr.rstrip().endswith(" px away"), result.stderr
