@@ -77,7 +77,7 @@ def test_a_broken_video_is_refused(case: str, problem: str, workdir: Path, cli_e
 
 @pytest.mark.parametrize("options, problem", [
     (["--edit", "no-such-direction=1"], "unknown edit direction"),
-    (["--set", "pti.steps=1"], "unknown setting"),
+    (["--set", "pti.steps=1"], "--set pti.steps=1: pti.steps is not a setting"),
 ])
 def test_an_unknown_direction_or_setting_is_refused(options: list[str], problem: str, clip: Path,
                                                      cli_env: dict[str, str], tmp_path: Path) -> None:
@@ -86,6 +86,58 @@ def test_an_unknown_direction_or_setting_is_refused(options: list[str], problem:
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and problem in errors[0], result.stderr
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--edit", "age=1e30"], ["'--edit'", "the strength of age must be a finite number from -100 to 100"]),
+    (["--edit", "age=nan"], ["'--edit'", "'age=nan'"]),  # not a number of the edit language at all
+    (["--set", "pti.lr=nan"], ["--set pti.lr=nan: pti.lr must be a finite number, got nan"]),
+    (["--set", "blending.feather_px=inf"], ["--set blending.feather_px=inf: ", "must be a finite number"]),
+    (["--set", "stitching.lambda_m=-1"], ["--set stitching.lambda_m=-1: stitching.lambda_m must be >= 0"]),
+    (["--set", "output.crf=999"], ["--set output.crf=999: output.crf must be <= 63, got 999"]),
+    (["--set", "output.codec=nosuchcodec"], ["edited.mp4: output.codec=nosuchcodec", "Unknown encoder"]),
+    (["--set", "output.preset=warp"], ["ffmpeg cannot encode with these settings", "invalid preset 'warp'"]),
+    (["--out-name", "edited.txt"], ["edited.txt: ffmpeg cannot write a .txt file holding libx264 video"]),
+    (["--face", "9999,5"], ["--face 9999,5: the point lies outside the frame of", "(160x160 px"]),
+    (["--face", "-5,5"], ["--face -5,5: alignment.face must be 'largest', an index N or a pixel X,Y"]),
+])
+def test_a_bad_setting_fails_before_prefect_starts(options: list[str], expected: list[str], clip: Path,
+                                                    tmp_path: Path) -> None:
+    """One Error: line naming the option, exit 2, nothing written; checked before Prefect is even imported
+    (importing it creates PREFECT_HOME), so it takes well under the seconds a server takes to start."""
+    home = tmp_path / "prefect-home"
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(home)
+    name = options[1] if options[0] == "--out-name" else "edited.mp4"
+    options = [] if options[0] == "--out-name" else options
+    (tmp_path / "out").mkdir()
+    result = run_cli(["edit", str(clip), "--edit", "age=2", "--out", str(tmp_path / "out" / name), *FAST,
+                      "--store", str(tmp_path / "data"), *options], env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and all(text in errors[0] for text in expected), result.stderr
+    if "'--edit'" not in expected:  # the edit language is read by click itself, before the command runs
+        assert result.stderr.splitlines()[0] == f"stitchtime: starting to edit {clip}"
+        assert result.stderr.splitlines()[1] == errors[0]  # one line, no usage text
+    assert not home.exists() and not (tmp_path / "data").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_bad_setting_fails_a_batch_before_prefect_starts(clip: Path, tmp_path: Path) -> None:
+    library, home = tmp_path / "library", tmp_path / "prefect-home"
+    library.mkdir()
+    shutil.copy(clip, library / "a.mp4")
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(home)
+    result = run_cli(["batch", str(library), "--edit", "age=2", "--out", str(tmp_path / "edited"),
+                      "--set", "output.codec=nosuchcodec"], env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"stitchtime: starting to edit the videos under {library}",
+                                          "Error: output.codec=nosuchcodec, output.crf=18, output.preset=medium, "
+                                          "output.pix_fmt=yuv420p: ffmpeg cannot encode with these settings "
+                                          "(Unknown encoder 'nosuchcodec')"]
+    assert not home.exists() and not (tmp_path / "edited").exists()
 
 
 def test_a_missing_source_is_refused(cli_env: dict[str, str], tmp_path: Path) -> None:
