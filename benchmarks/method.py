@@ -178,7 +178,8 @@ def reference_stitching(G, w, crops, edits, masks, boundaries, *, config) -> Any
         tuned = copy.deepcopy(G).train(True).requires_grad_(True).float()
         optimizer = torch.optim.Adam(tuned.parameters(), lr=config.lr)
         for _ in range(config.steps):
-            image = tuned.synthesis(w[one], noise_mode="const", force_fp32=True)
+            # Unfused modulation, as stylegan2-ada runs a generator in train mode (and as stitch_frames tunes).
+            image = tuned.synthesis(w[one], noise_mode="const", force_fp32=True, fused_modconv=False)
             distance = lambda a, b, m: masked_distances(a, b, m, kind=config.loss,  # noqa: E731
                                                         normalise=config.normalise).sum()
             loss = distance(image, crops[one], boundaries[one]) + config.lambda_m * distance(image, edits[one],

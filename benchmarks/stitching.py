@@ -23,7 +23,6 @@ loop's work at its speed). The base settings are the run's, with ``--steps``/``-
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import resource
@@ -34,10 +33,11 @@ import numpy as np
 import torch
 
 from common import write_report
+from method import reference_stitching
 
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.identity import load_dlib_identity
-from stitchtime_core.stitching import boundary_error, masked_distances, render_edits, stitch_frames
+from stitchtime_core.stitching import boundary_error, render_edits, stitch_frames
 from stitchtime_core.tensors import images_to_tensor, tensor_to_images
 from tasks.stages import Runtime
 from tasks.stages.align import STAGE as ALIGN
@@ -81,23 +81,8 @@ def load_frames(summary_path: Path, models: str | None, frames: int,
 
 def reference_loop(G: torch.nn.Module, f: Frames, config: StitchingConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference code's per-frame loop, at our loss (the same settings as ``stitch_frames``)."""
-    images = []
-    for i in range(len(f.latents)):
-        one = slice(i, i + 1)
-        synthesis = copy.deepcopy(G.synthesis).requires_grad_(True)
-        optimizer = torch.optim.Adam(synthesis.parameters(), lr=config.lr)
-        for _ in range(config.steps):
-            image = synthesis(f.latents[one], noise_mode="const", force_fp32=True, fused_modconv=False)
-            distance = lambda a, b, m: masked_distances(a, b, m, kind=config.loss,  # noqa: E731
-                                                        normalise=config.normalise).sum()
-            loss = distance(image, f.crops[one], f.boundaries[one]) + config.lambda_m * distance(
-                image, f.edits[one], f.masks[one])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            images.append(synthesis(f.latents[one], noise_mode="const", force_fp32=True))
-    return torch.cat(images), torch.full((len(f.latents),), config.steps)
+    stitched = reference_stitching(G, f.latents, f.crops, f.edits, f.masks, f.boundaries, config=config)
+    return stitched, torch.full((len(f.latents),), config.steps)
 
 
 def ours(G: torch.nn.Module, f: Frames, config: StitchingConfig, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
