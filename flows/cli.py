@@ -254,8 +254,10 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     """Edit every video under SOURCE (a folder or s3:// prefix) into --out, keeping relative names.
 
     Videos whose summary is already in --out are skipped; a video that fails is reported and the
-    others go on. The batch summary is written to --out as stitchtime-batch.summary.json. Exit
-    status: 0 when every video is done or skipped, 3 when some failed, 1 when all failed.
+    others go on. Symbolic links are followed only inside SOURCE: one leading outside it, or a
+    loop, is reported as a failed video and never read. The batch summary is written to --out as
+    stitchtime-batch.summary.json. Exit status: 0 when every video is done or skipped, 3 when some
+    failed, 1 when all failed.
     """
     parsed = [parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
@@ -368,13 +370,13 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, qual
     prepare_environment(store, verbose)
     from flows.ablate import ablate_video
     from stitchtime_core.errors import StitchtimeError
+    from tasks.outputs import check_source
     from tasks.store import open_store
 
     try:
         if store:
             open_store(store)  # a bad URI fails now, before it is recorded as a flow-run parameter
-        if not Path(source).is_file():  # before the folder is made
-            raise StitchtimeError(f"{source}: no such file")
+        check_source(source)  # before the folder is made: a missing file, a symlink loop, not a video
         folder.mkdir(parents=True, exist_ok=True)
         use_prefect_api()
         table = ablate_video(source, str(folder), edit_sets[0], profile=profile, store=store, device=device,
