@@ -325,8 +325,10 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     """Edit every video under SOURCE (a folder or s3:// prefix) into --out, keeping relative names.
 
     Videos whose summary is already in --out are skipped; a video that fails is reported and the
-    others go on. The batch summary is written to --out as stitchtime-batch.summary.json. Exit
-    status: 0 when every video is done or skipped, 3 when some failed, 1 when all failed.
+    others go on. Symbolic links are followed only inside SOURCE: one leading outside it, or a
+    loop, is reported as a failed video and never read. The batch summary is written to --out as
+    stitchtime-batch.summary.json. Exit status: 0 when every video is done or skipped, 3 when some
+    failed, 1 when all failed.
     """
     parsed = [parse_setting(s) for s in settings]
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
@@ -441,9 +443,7 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, qual
     folder = Path(out_dir) if out_dir else Path(source).with_name(f"{Path(source).stem}-ablation")
     from stitchtime_core.errors import StitchtimeError
 
-    try:
-        if not Path(source).is_file():  # before the folder is made
-            raise StitchtimeError(f"{source}: no such file")
+    try:  # before the folder is made: a missing file, a symlink loop, not a video, a bad setting
         variant = Path(folder, f"{Path(source).stem}.full{Path(source).suffix or '.mp4'}")
         checked_config(profile, quality, device, preset, overrides, parsed, out=str(variant), source=source)
     except StitchtimeError as exc:

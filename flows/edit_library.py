@@ -42,7 +42,9 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
 
     Returns:
         the batch summary (also written to ``dest``/:data:`library.BATCH_SUMMARY`): every video with its
-        status ("done", "skipped": already in ``dest``, or "failed" with the error), and the counts.
+        status ("done", "skipped": already in ``dest``, or "failed" with the error), and the counts. Entries
+        the listing refuses unread (a symlink leading outside the library, a symlink loop: see
+        :func:`tasks.library.list_library`) are failed videos.
 
     Raises:
         ValueError: ``dest`` is ``source``, lies inside it or holds it (see :func:`tasks.library.check_apart`).
@@ -53,8 +55,9 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
     library.check_apart(source, dest)
     library.check_dest(dest)
     started = time.perf_counter()
-    names = library.list_videos(source)
-    if not names:
+    listing = library.list_library(source)
+    names = listing.videos
+    if not names and not listing.refused:
         raise StitchtimeError(f"{source}: no videos found (looked for {', '.join(library.VIDEO_SUFFIXES)})")
 
     outs = library.output_names(names)
@@ -76,6 +79,10 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
         # Each thread runs its subflow in a copy of this flow's context, so Prefect nests it here.
         futures = [pool.submit(contextvars.copy_context().run, one, name) for name in names]
         videos = [future.result() for future in futures]
+    for name, problem in listing.refused.items():  # never read: a symlink out of the library, a loop, ...
+        refusal = InputError(library.display(source, name), problem)
+        videos.append(_failed(refusal.path, name, refusal, str(refusal), time.perf_counter()))
+    videos.sort(key=lambda video: video["name"])
     counts = {status: sum(v["status"] == status for v in videos) for status in ("done", "skipped", "failed")}
     summary = {"source": source, "dest": dest, "edits": [[list(e) for e in s] for s in edits], "profile": profile,
                "quality": quality or default_quality(device), "preset": preset, "videos": videos, "counts": counts,
@@ -100,7 +107,7 @@ def _edit_one(name: str, out_name: str, *, source: str, dest: str, edits: list[l
     with tempfile.TemporaryDirectory(prefix="stitchtime-batch-") as staging:
         out = library.local_output(dest, out_name, Path(staging))
         summary_path = sidecar_paths(out)[0]
-        if library.is_done(dest, name, out_name, summary_path.name):
+        if library.is_done(dest, name, out_name, summary_path.name, source=source):
             log.info("%s: already done, skipped", shown)
             return {"source": shown, "name": name, "status": "skipped"}
         local = None

@@ -51,6 +51,7 @@ import numpy as np
 
 from stitchtime_core.config import OutputConfig
 from stitchtime_core.errors import InputError, StitchtimeError
+from stitchtime_core.files import check_file
 
 _VFR_TOLERANCE = 0.005
 """Relative difference between r_frame_rate and avg_frame_rate above which a stream counts as
@@ -259,13 +260,11 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         The first video stream's :class:`VideoInfo`.
 
     Raises:
-        InputError: the file is missing, is not a readable video, has no video stream or no frames.
+        InputError: the file is missing (or a symlink loop), is not a readable video, has no video stream or
+            no frames.
         StitchtimeError: ffprobe is not installed.
     """
-    if not os.path.exists(path):
-        raise InputError(path, "no such file")
-    if not os.path.isfile(path):
-        raise InputError(path, "not a file")
+    check_file(path)  # a missing file, a symlink loop, a folder: each named as such
     if os.path.getsize(path) == 0:
         raise InputError(path, "is empty (0 bytes)")
     result = subprocess.run(
@@ -411,8 +410,11 @@ def _stderr_text(stderr: IO[bytes], path: str | os.PathLike) -> str:
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one file, however spelled: relative, through a symlink, a hard link."""
     a, b = Path(a), Path(b)
-    if a.resolve() == b.resolve():
-        return True
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except RuntimeError:  # a symlink loop (Python < 3.13): no file at all, so not the other one
+        return False
     try:
         return os.path.samefile(a, b)  # hard links
     except OSError:

@@ -3,18 +3,22 @@
 Library and destination are opened as artifact stores (:func:`tasks.store.open_store`), so a
 folder and an S3 prefix behave alike, object names can never reach outside their root, and every
 upload is atomic. Local files are used where they are; S3 objects are copied to a staging folder
-for ffmpeg and the outputs uploaded after.
+for ffmpeg and the outputs uploaded after. In a folder, symbolic links are followed only where they
+stay inside the library (see :func:`list_library`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
+import stat
 import tempfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from stitchtime_core.artifacts import check_key
-from stitchtime_core.errors import InputError
+from stitchtime_core.errors import InputError, StoreError
 from tasks.store import ArtifactStore, FileStore, open_store
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
@@ -27,15 +31,160 @@ H264_CONTAINERS = (".mp4", ".mov", ".m4v", ".mkv")
 """Output containers that hold H.264 and AAC; other videos are written as ``.mp4``."""
 
 
-def list_videos(source: str) -> list[str]:
-    """The names (relative '/'-separated paths) of the videos under ``source``, sorted.
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What a library holds: the videos to edit, and the entries refused without being read."""
+
+    videos: list[str]
+    """The videos' names (relative '/'-separated paths), sorted."""
+    refused: dict[str, str]
+    """Name -> why it is not edited (a symlink leading outside the library, a symlink loop, ...)."""
+
+
+def list_library(source: str) -> Listing:
+    """The videos under ``source``, and in a folder the entries refused as they are found.
+
+    A folder's symbolic links are followed only inside the library: a link to a video or to a folder
+    whose real path lies in the library is listed under the link's own name (so the video may be edited
+    twice, under both names), while a link leading outside it, a folder link back to a folder that holds
+    it (a loop), a video's name that is a symlink loop or a broken link, and anything but a regular file
+    are refused, with the reason, and never read. A folder that cannot be read is refused too. S3 has no
+    links: every key is listed as it is (a bad key is refused later by :func:`check_name`).
 
     Raises:
+        InputError: the folder is a symlink loop.
         StoreError: the folder or bucket cannot be read.
     """
     store = open_store(source)
-    return sorted(key for key in store.list("") if PurePosixPath(key).suffix.lower() in VIDEO_SUFFIXES
-                  and not PurePosixPath(key).name.startswith("."))
+    if not isinstance(store, FileStore):
+        return Listing(sorted(key for key in store.list("") if _is_video_name(key)), {})
+    try:
+        root = os.path.realpath(store.root, strict=True)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(store.root, "a symlink loop") from None
+        return Listing([], {})  # no such folder: no videos, as a missing prefix has none
+    videos: list[str] = []
+    refused: dict[str, str] = {}
+    try:
+        entries = _entries(store.root)
+    except NotADirectoryError:
+        return Listing([], {})
+    except OSError as exc:
+        raise StoreError(f"{store.root}: cannot read the library folder ({exc.strerror or exc})",
+                         transient=False) from None
+    _list_folder(entries, "", (root,), root=root, videos=videos, refused=refused)
+    return Listing(sorted(videos), dict(sorted(refused.items())))
+
+
+def list_videos(source: str) -> list[str]:
+    """The names (relative '/'-separated paths) of the videos under ``source`` that may be edited, sorted
+    (:attr:`Listing.videos` of :func:`list_library`).
+
+    Raises:
+        InputError: the folder is a symlink loop.
+        StoreError: the folder or bucket cannot be read.
+    """
+    return list_library(source).videos
+
+
+def _is_video_name(name: str) -> bool:
+    path = PurePosixPath(name)
+    return path.suffix.lower() in VIDEO_SUFFIXES and not path.name.startswith(".")
+
+
+def _entries(folder: str | os.PathLike) -> list[os.DirEntry]:
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda entry: entry.name)
+
+
+def _list_folder(entries: list[os.DirEntry], prefix: str, above: tuple[str, ...], *, root: str,
+                 videos: list[str], refused: dict[str, str]) -> None:
+    """Sort one folder's entries into ``videos`` and ``refused``, and go down its folders.
+
+    Args:
+        prefix: the folder's name in the library, '' or ending with '/'.
+        above: the real paths of the folders walked down to this one, itself last: a folder link to one
+            of them is a loop.
+        root: the library's real path.
+    """
+    for entry in entries:
+        name = prefix + entry.name
+        if entry.is_symlink():
+            try:
+                real = os.path.realpath(entry.path, strict=True)
+            except OSError as exc:  # a loop or a broken link: reported under a video's name, else left out
+                if _is_video_name(name):  # as any other file is (what it was meant to be is unknown)
+                    refused[name] = _broken_link_problem(entry.path, exc)
+                continue
+            if not os.path.isdir(real):
+                if _is_video_name(name):
+                    problem = _link_problem(entry.path, root)
+                    if problem:
+                        refused[name] = problem
+                    else:
+                        videos.append(name)
+                continue
+            if not _inside(real, root):
+                refused[name] = f"a symlink to {real}, a folder outside the library: refused"
+                continue
+            if real in above:  # os.walk(followlinks=True) would go round it until the path is too long
+                refused[name] = f"a symlink to {real}, a folder that holds it: a symlink loop, not followed"
+                continue
+            folder = real
+        elif entry.is_dir(follow_symlinks=False):
+            folder = os.path.join(above[-1], entry.name)
+        else:
+            if _is_video_name(name):
+                if entry.is_file(follow_symlinks=False):
+                    videos.append(name)
+                else:
+                    refused[name] = _NOT_REGULAR
+            continue
+        try:
+            inner = _entries(entry.path)
+        except OSError as exc:
+            refused[name] = f"a folder that cannot be read ({exc.strerror or exc}): its videos are not listed"
+            continue
+        _list_folder(inner, f"{name}/", (*above, folder), root=root, videos=videos, refused=refused)
+
+
+_NOT_REGULAR = "not a regular file (a pipe, a socket or a device): refused"
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _broken_link_problem(path: str | os.PathLike, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "a symlink loop"
+    return f"a symlink to {os.path.realpath(path)}, which does not exist"
+
+
+def _link_problem(path: str | os.PathLike, root: str | os.PathLike) -> str | None:
+    """Why the library file ``path`` may not be read, or None when it may: it is (or links to) a regular
+    file whose real path lies inside the folder ``root``.
+
+    Returns:
+        "a symlink to REAL, outside the library: refused", "a symlink loop", "a symlink to REAL, which does
+        not exist", "not a regular file ...", or None.
+    """
+    root = os.path.realpath(root)
+    link = os.path.islink(path)
+    try:
+        real = os.path.realpath(path, strict=True)
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or link:
+            return _broken_link_problem(path, exc)
+        return "no such file" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else f"cannot be read ({exc.strerror})"
+    what = "a symlink to" if link else "through a folder symlink, a file at"
+    if not _inside(real, root):
+        return f"{what} {real}, outside the library: refused"
+    if not stat.S_ISREG(mode):
+        return f"a symlink to {real}, not a regular file: refused" if link else _NOT_REGULAR
+    return None
 
 
 def check_name(source: str, name: str) -> None:
@@ -111,10 +260,19 @@ def output_names(names: list[str]) -> dict[str, str]:
 
 
 def local_source(source: str, name: str, staging: Path) -> Path:
-    """A local path of the library video ``name``: the file itself in a folder, a staged copy from S3."""
+    """A local path of the library video ``name``: the file itself in a folder, a staged copy from S3.
+
+    Raises:
+        InputError: the folder's file is no longer a regular file inside the library (a link changed since
+            the listing, say): the check :func:`list_library` made, made again just before the file is used.
+    """
     store = open_store(source)
     if isinstance(store, FileStore):
-        return store.root.joinpath(*_parts(name))
+        path = store.root.joinpath(*_parts(name))
+        problem = _link_problem(path, store.root)  # again: the link may have changed since the listing
+        if problem:
+            raise InputError(display(source, name), problem)
+        return path
     return store.get_file(name, staging.joinpath("source", *_parts(name)))
 
 
@@ -126,10 +284,11 @@ def local_output(dest: str, out: str, staging: Path) -> Path:
     return root.joinpath(*_parts(out))
 
 
-def is_done(dest: str, name: str, out: str, summary_name: str) -> bool:
+def is_done(dest: str, name: str, out: str, summary_name: str, *, source: str | None = None) -> bool:
     """True when the destination holds the run summary of ``name``'s output ``out`` (it is written after
     every output), and that summary is of ``name``: not of another video whose output had that name before
-    (an ``x.webm`` edited before an ``x.mp4`` joined it)."""
+    (an ``x.webm`` edited before an ``x.mp4`` joined it). Given the library ``source``, a summary of the file
+    a folder's symlink ``name`` leads to (summaries name a video by its real path) is of ``name`` too."""
     for key in (name, out):
         check_key(key)  # PurePosixPath would quietly turn a//b.mp4 into a/b.mp4, another video's name
     store = open_store(dest)
@@ -140,7 +299,10 @@ def is_done(dest: str, name: str, out: str, summary_name: str) -> bool:
         made_from = PurePosixPath(str(store.get_json(key)["input"]))
     except (InputError, KeyError, TypeError):
         return False  # not a summary of ours: made again
-    return made_from.parts[-len(_parts(name)):] == tuple(_parts(name))
+    if made_from.parts[-len(_parts(name)):] == tuple(_parts(name)):
+        return True
+    library = open_store(source) if source else None
+    return isinstance(library, FileStore) and str(made_from) == os.path.realpath(library.root.joinpath(*_parts(name)))
 
 
 def deliver(dest: str, out: str, files: list[Path], staging: Path) -> list[str]:

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from stitchtime_core.config import RunConfig, ablations_of, to_dict
 from stitchtime_core.errors import InputError
-from stitchtime_core.files import write_output
+from stitchtime_core.files import check_file, is_symlink_loop, write_output
 from stitchtime_core.video import same_file
 
 if TYPE_CHECKING:  # the command line checks outputs with this module before Prefect and torch are imported
@@ -108,10 +108,11 @@ def write_json(path: Path, data: Any) -> None:
 
 def check_paths(source: str, out: str | os.PathLike) -> None:
     """Fail before any work when the input is missing or the output cannot be written."""
-    if not os.path.isfile(source):
-        raise InputError(source, "no such file" if not os.path.exists(source) else "not a file")
+    check_file(source)  # a missing file, a symlink loop, a folder: each named as such
     if not os.access(source, os.R_OK):
         raise InputError(source, "not readable")
+    if is_symlink_loop(out):  # Path.resolve would raise RuntimeError
+        raise InputError(out, "a symlink loop")
     out_path = Path(out).resolve()
     if same_file(out, source):
         raise InputError(out, "output would overwrite its source")

@@ -32,6 +32,7 @@ from stitchtime_core.video import (
     ffprobe_binary,
     iter_frames,
     probe,
+    same_file,
 )
 
 FAST = OutputConfig(preset="ultrafast")
@@ -408,6 +409,20 @@ def test_missing_file(tmp_path: Path) -> None:
     assert error.value.path == str(missing)
     with pytest.raises(InputError, match="no such file"):
         next(iter_frames(missing))
+
+
+def test_a_symlink_loop_or_a_broken_link_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "loop.mp4").symlink_to("loop.mp4")
+    (tmp_path / "ring").symlink_to("ring", target_is_directory=True)
+    (tmp_path / "broken.mp4").symlink_to("gone.mp4")
+    (tmp_path / "folder.mp4").mkdir()
+    for path, problem in [(tmp_path / "loop.mp4", "a symlink loop"), (tmp_path / "ring" / "x.mp4", "a symlink loop"),
+                          (tmp_path / "broken.mp4", f"no such file (a broken symlink to {tmp_path / 'gone.mp4'})"),
+                          (tmp_path / "folder.mp4", "not a file")]:
+        with pytest.raises(InputError) as error:
+            probe(path)
+        assert (error.value.path, error.value.problem) == (str(path), problem)
+    assert not same_file(tmp_path / "loop.mp4", tmp_path / "broken.mp4")  # Path.resolve raises on a loop
 
 
 @pytest.mark.parametrize(("content", "problem"), [(b"", "is empty"),

@@ -145,6 +145,35 @@ def test_a_missing_source_is_refused(cli_env: dict[str, str], tmp_path: Path) ->
     assert_refused(result, tmp_path / "out", str(tmp_path / "missing.mp4"), "no such file")
 
 
+@pytest.mark.parametrize("case, problem", [
+    ("loop", "a symlink loop"),  # not "no such file": the OS says too many levels of symbolic links
+    ("loop through a folder", "a symlink loop"),
+    ("broken", "no such file (a broken symlink to {root}/gone.mp4)"),
+])
+def test_a_source_that_is_a_symlink_loop_or_a_broken_link_is_named_as_such(case: str, problem: str,
+                                                                             cli_env: dict[str, str],
+                                                                             tmp_path: Path) -> None:
+    (tmp_path / "loop.mp4").symlink_to("loop.mp4")
+    (tmp_path / "ring").symlink_to("ring", target_is_directory=True)
+    (tmp_path / "broken.mp4").symlink_to("gone.mp4")
+    source = {"loop": tmp_path / "loop.mp4", "loop through a folder": tmp_path / "ring" / "clip.mp4",
+              "broken": tmp_path / "broken.mp4"}[case]
+    result = edit(source, tmp_path / "out" / "edited.mp4", cli_env, tmp_path)
+    assert_refused(result, tmp_path / "out", f"Error: {source}: {problem.format(root=tmp_path)}")
+
+
+def test_an_output_that_is_a_symlink_loop_is_named_as_one(clip: Path, cli_env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "edited.mp4").symlink_to("edited.mp4")
+    result = edit(clip, tmp_path / "out" / "edited.mp4", cli_env, tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr  # Path.resolve raised RuntimeError
+    assert [line for line in result.stderr.splitlines() if line.startswith("Error:")] == [
+        f"Error: {tmp_path / 'out' / 'edited.mp4'}: a symlink loop"]
+    assert os.listdir(tmp_path / "out") == ["edited.mp4"]  # the link left as it was, nothing written
+    assert os.readlink(tmp_path / "out" / "edited.mp4") == "edited.mp4"
+
+
 def _models_folder(folder: Path, *, generator: bool) -> Path:
     """Files under the ffhq profile's names, all BiSeNet weights but a real-layout generator if asked."""
     folder.mkdir()

@@ -1,11 +1,13 @@
 """``stitchtime batch`` / the ``edit_library`` flow over a folder and over an S3 prefix, with a real
 Prefect server and a real S3-protocol server: every video edited under its relative name, a corrupt
-one reported without stopping the others, finished ones skipped on the next run."""
+one reported without stopping the others, finished ones skipped on the next run, symlinks followed
+only inside the library."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import boto3
 import numpy as np
 import pytest
 
+from stitchtime_core.errors import InputError
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import iter_frames, probe
 from tasks import library
@@ -29,6 +32,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_sample_clip(folder / "src" / "talks" / "2026" / "b.mov", seconds=0.4, size=(160, 160), seed=1)
     (folder / "src" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"broken" * 100)
     (folder / "src" / "notes.txt").write_text("not a video, not listed")
+    # Symlinks out of the library, to a real video and to a folder of them, and one to itself: refused unread.
+    (folder / "outside" / "more").mkdir(parents=True)
+    shutil.copy(folder / "src" / "a.mp4", folder / "outside" / "x.mp4")
+    shutil.copy(folder / "src" / "a.mp4", folder / "outside" / "more" / "y.mp4")
+    (folder / "src" / "escape.mp4").symlink_to(Path("..", "outside", "x.mp4"))
+    (folder / "src" / "elsewhere").symlink_to(Path("..", "outside", "more"), target_is_directory=True)
+    (folder / "src" / "loop.mp4").symlink_to("loop.mp4")
     return folder
 
 
@@ -50,9 +60,10 @@ def test_a_library_with_a_corrupt_video_edits_the_others_and_reports_it(workdir:
     assert "Traceback" not in first_batch.stderr
     summary = json.loads(first_batch.stdout)
     status = {v["name"]: v["status"] for v in summary["videos"]}
-    assert status == {"a.mp4": "done", "corrupt.mp4": "failed", "talks/2026/b.mov": "done"}
-    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 1}
-    [failed] = [v for v in summary["videos"] if v["status"] == "failed"]
+    assert status == {"a.mp4": "done", "corrupt.mp4": "failed", "elsewhere": "failed", "escape.mp4": "failed",
+                      "loop.mp4": "failed", "talks/2026/b.mov": "done"}  # the links: see the next test
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 4}
+    [failed] = [v for v in summary["videos"] if v["name"] == "corrupt.mp4"]
     assert failed["source"] == str(workdir / "src" / "corrupt.mp4") and "corrupt.mp4" in failed["error"]
     assert "not a readable video" in failed["error"]
     # Outputs under the same relative names, with their run summaries; nothing for the corrupt one.
@@ -68,6 +79,28 @@ def test_a_library_with_a_corrupt_video_edits_the_others_and_reports_it(workdir:
     assert np.abs(a_src - a_out).mean() > 0.5
 
 
+def test_a_batch_refuses_the_symlinks_that_leave_the_library_or_loop_and_never_reads_them(
+        workdir: Path, first_batch: subprocess.CompletedProcess):
+    src, outside = workdir / "src", workdir / "outside"
+    failed = {v["name"]: v for v in json.loads(first_batch.stdout)["videos"] if v["status"] == "failed"}
+    links = {name: (v["source"], v["error"], v["error_type"]) for name, v in failed.items() if name != "corrupt.mp4"}
+    assert links == {
+        "escape.mp4": (f"{src}/escape.mp4",
+                       f"{src}/escape.mp4: a symlink to {outside}/x.mp4, outside the library: refused", "InputError"),
+        "elsewhere": (f"{src}/elsewhere",
+                      f"{src}/elsewhere: a symlink to {outside}/more, a folder outside the library: refused",
+                      "InputError"),
+        "loop.mp4": (f"{src}/loop.mp4", f"{src}/loop.mp4: a symlink loop", "InputError")}
+    # Never read: no output, no run in the store made from the outside videos (the summaries name every input).
+    out = workdir / "out"
+    assert not list(out.glob("escape*")) and not (out / "elsewhere").exists() and not list(out.glob("loop*"))
+    inputs = {json.loads(path.read_text())["input"] for path in out.rglob("*.summary.json")
+              if path.name != library.BATCH_SUMMARY}
+    assert inputs == {str((src / "a.mp4").resolve()), str((src / "talks" / "2026" / "b.mov").resolve())}
+    lines = first_batch.stderr.splitlines()
+    assert any(f"{src}/escape.mp4 failed: {src}/escape.mp4: a symlink to {outside}/x.mp4" in line for line in lines)
+
+
 def test_a_second_batch_skips_the_finished_videos(workdir: Path, cli_env: dict[str, str],
                                                   first_batch: subprocess.CompletedProcess):
     before = (workdir / "out" / "a.mp4").stat().st_mtime_ns
@@ -77,7 +110,8 @@ def test_a_second_batch_skips_the_finished_videos(workdir: Path, cli_env: dict[s
     lines = result.stdout.splitlines()
     assert any(line.startswith("skipped") and line.endswith("a.mp4") for line in lines)
     assert any(line.startswith("failed") and "corrupt.mp4" in line for line in lines)
-    assert lines[-1] == "0 done, 2 skipped, 1 failed"
+    assert f"failed   {workdir / 'src' / 'loop.mp4'}: {workdir / 'src' / 'loop.mp4'}: a symlink loop" in lines
+    assert lines[-1] == "0 done, 2 skipped, 4 failed"
     assert (workdir / "out" / "a.mp4").stat().st_mtime_ns == before
 
 
@@ -113,6 +147,96 @@ def test_library_listing_and_names(workdir: Path) -> None:
     assert library.output_names(["a/x.avi", "a/x.mp4", "a/x.webm", "b/x.webm", "c.MOV"]) == {
         "a/x.avi": "a/x.avi.mp4", "a/x.mp4": "a/x.mp4", "a/x.webm": "a/x.webm.mp4", "b/x.webm": "b/x.mp4",
         "c.MOV": "c.MOV"}
+
+
+def _linked_library(root: Path) -> Path:
+    """A library holding every kind of link, and a folder beside it; the files are not videos (never run)."""
+    lib, outside = root / "lib", root / "outside"
+    for folder in (lib / "videos" / "deep", lib / "sub", outside / "dir"):
+        folder.mkdir(parents=True)
+    for path in (lib / "videos" / "a.mp4", lib / "videos" / "deep" / "b.mov", outside / "x.mp4",
+                 outside / "dir" / "o.mp4"):
+        path.write_bytes(b"a video")
+    links = {"inside.mp4": "videos/a.mp4",  # a file inside: listed under the link's name
+             "alias": "videos",  # a folder inside: followed
+             "escape.mp4": "../outside/x.mp4", "out-dir": "../outside/dir",  # leading outside: refused
+             "loop.mp4": "loop.mp4", "broken.mp4": "gone.mp4",  # a video's name that leads nowhere: reported
+             "sub/up": "..", "videos/deep/again": "../..",  # back to a folder holding the link: a loop
+             "ring": "ring", "notes.txt": "../outside/x.mp4"}  # no video's name, nothing to follow: not listed
+    for name, target in links.items():
+        (lib / name).symlink_to(target)
+    os.mkfifo(lib / "pipe.mp4")
+    return lib
+
+
+def test_a_library_listing_keeps_the_files_inside_it_and_reports_the_links_it_refuses(tmp_path: Path) -> None:
+    lib = _linked_library(tmp_path)
+    listing = library.list_library(str(lib))
+    assert listing.videos == ["alias/a.mp4", "alias/deep/b.mov", "inside.mp4", "videos/a.mp4", "videos/deep/b.mov"]
+    outside = tmp_path / "outside"
+    loop = "a folder that holds it: a symlink loop, not followed"
+    assert listing.refused == {
+        "alias/deep/again": f"a symlink to {lib}, {loop}",  # the loop is met again under the followed link, once
+        "broken.mp4": f"a symlink to {lib / 'gone.mp4'}, which does not exist",
+        "escape.mp4": f"a symlink to {outside / 'x.mp4'}, outside the library: refused",
+        "loop.mp4": "a symlink loop",
+        "out-dir": f"a symlink to {outside / 'dir'}, a folder outside the library: refused",
+        "pipe.mp4": "not a regular file (a pipe, a socket or a device): refused",
+        "sub/up": f"a symlink to {lib}, {loop}",
+        "videos/deep/again": f"a symlink to {lib}, {loop}"}
+    assert library.list_videos(str(lib)) == listing.videos
+
+
+def test_a_library_that_is_a_symlink_loop_is_named_as_one(tmp_path: Path) -> None:
+    (tmp_path / "lib").symlink_to("lib")
+    with pytest.raises(InputError, match="a symlink loop"):
+        library.list_library(str(tmp_path / "lib"))
+
+
+def test_a_link_that_leaves_the_library_after_the_listing_is_still_refused(tmp_path: Path) -> None:
+    lib = _linked_library(tmp_path)
+    assert library.local_source(str(lib), "inside.mp4", tmp_path) == lib / "inside.mp4"
+    (lib / "inside.mp4").unlink()
+    (lib / "inside.mp4").symlink_to(tmp_path / "outside" / "x.mp4")
+    (lib / "alias").unlink()
+    (lib / "alias").symlink_to(tmp_path / "outside" / "dir")
+    outside = tmp_path / "outside"
+    for name, problem in [("inside.mp4", f"a symlink to {outside / 'x.mp4'}, outside the library"),
+                          ("alias/o.mp4", f"through a folder symlink, a file at {outside / 'dir' / 'o.mp4'}, outside "
+                                          "the library")]:
+        with pytest.raises(InputError, match="refused") as refused:
+            library.local_source(str(lib), name, tmp_path)
+        assert refused.value.path == str(lib / name) and refused.value.problem.startswith(problem)
+
+
+def test_a_link_inside_the_library_is_done_when_the_file_it_leads_to_was_edited_under_its_name(tmp_path: Path) -> None:
+    # Run summaries name their input by its real path: the link's output is done, not made again each batch.
+    lib, dest = _linked_library(tmp_path), tmp_path / "out"
+    dest.mkdir()
+    (dest / "inside.summary.json").write_text(json.dumps({"input": str((lib / "videos" / "a.mp4").resolve())}))
+    assert library.is_done(str(dest), "inside.mp4", "inside.mp4", "inside.summary.json", source=str(lib))
+    (dest / "inside.summary.json").write_text(json.dumps({"input": str((lib / "videos" / "deep" / "b.mov").resolve())}))
+    assert not library.is_done(str(dest), "inside.mp4", "inside.mp4", "inside.summary.json", source=str(lib))
+
+
+def test_a_batch_whose_every_entry_is_refused_fails_with_each_reason(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    (tmp_path / "outside").mkdir()
+    make_sample_clip(tmp_path / "outside" / "x.mp4", seconds=0.2, size=(64, 64))
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "escape.mp4").symlink_to(tmp_path / "outside" / "x.mp4")
+    (lib / "loop.mp4").symlink_to("loop.mp4")
+    result = run_cli(["batch", str(lib), "--edit", "age=2", "--out", str(tmp_path / "out"),
+                      "--store", str(tmp_path / "data")], env=cli_env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr  # all failed
+    assert "Traceback" not in result.stderr
+    assert result.stdout.splitlines() == [
+        f"failed   {lib / 'escape.mp4'}: {lib / 'escape.mp4'}: a symlink to {tmp_path / 'outside' / 'x.mp4'}, "
+        "outside the library: refused",
+        f"failed   {lib / 'loop.mp4'}: {lib / 'loop.mp4'}: a symlink loop",
+        "0 done, 0 skipped, 2 failed"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [library.BATCH_SUMMARY]
+    assert not (tmp_path / "data").exists()  # nothing was read, so no run was started
 
 
 def test_an_output_made_from_another_video_of_that_name_is_not_taken_as_done(tmp_path: Path) -> None:
