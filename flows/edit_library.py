@@ -18,7 +18,7 @@ from flows.edit_video import edit_video
 from stitchtime_core.config import default_quality
 from stitchtime_core.errors import InputError, StitchtimeError
 from tasks import library
-from tasks.outputs import output_paths, sidecar_paths
+from tasks.outputs import output_paths, report_path, sidecar_paths
 from tasks.store import open_store
 
 log = logging.getLogger("stitchtime")
@@ -115,12 +115,14 @@ def _edit_one(name: str, out_name: str, *, source: str, dest: str, edits: list[l
             local = library.local_source(source, name, Path(staging))
             out.parent.mkdir(parents=True, exist_ok=True)
             edit_video(str(local), str(out), edits, **options)
-            files = [path for _, path in output_paths(out, edits)] + [sidecar_paths(out)[1], summary_path]
-            outputs = library.deliver(dest, out_name, files, Path(staging))
+            videos = [path for _, path in output_paths(out, edits)]
+            files = [*videos, *map(report_path, videos), sidecar_paths(out)[1], summary_path]  # the summary last
+            delivered = library.deliver(dest, out_name, files, Path(staging))
         except Exception as exc:  # noqa: BLE001 - one bad video must not stop the batch
             message = str(exc) if local is None else str(exc).replace(str(local), shown)
             return _failed(shown, name, exc, message, started)
-    return {"source": shown, "name": name, "status": "done", "outputs": outputs[:-2], "summary": outputs[-1],
+    return {"source": shown, "name": name, "status": "done", "outputs": delivered[:len(videos)],
+            "reports": delivered[len(videos):-2], "summary": delivered[-1],
             "seconds": round(time.perf_counter() - started, 3)}
 
 

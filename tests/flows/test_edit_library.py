@@ -130,9 +130,12 @@ def test_a_batch_from_and_to_s3(workdir: Path, cli_env: dict[str, str], s3_serve
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket, Prefix="library/edited/")["Contents"]}
     assert {"library/edited/people/a.age-2.mp4", "library/edited/people/a.age+2.mp4",
             "library/edited/people/a.summary.json", "library/edited/people/a.config.json",
+            "library/edited/people/a.age-2.report.html", "library/edited/people/a.age+2.report.html",
             "library/edited/stitchtime-batch.summary.json"} <= keys
     assert video["outputs"] == [f"{bucket}/library/edited/people/a.age-2.mp4",
                                 f"{bucket}/library/edited/people/a.age+2.mp4"]
+    assert video["reports"] == [f"{bucket}/library/edited/people/a.age-2.report.html",
+                                f"{bucket}/library/edited/people/a.age+2.report.html"]
     downloaded = workdir / "from-s3.mp4"
     s3.download_file(s3_server.bucket, "library/edited/people/a.age+2.mp4", str(downloaded))
     assert probe(downloaded).frame_count == 10
