@@ -167,6 +167,9 @@ class PTIConfig:
     checkpoint_every: int = field(default=100, metadata=NON_NEGATIVE)
     """Save the tuned generator and optimiser every this many steps, so a stopped run resumes there
     (0: never). Not part of the stage's cache key: it does not change the result."""
+    checkpoint_seconds: float = field(default=60.0, metadata=NON_NEGATIVE)
+    """Save them also once this many seconds have passed since the last save (0: never by time), so that
+    a clip of few steps, or slow steps, lose at most this much tuning. Not part of the stage's cache key."""
     method: Literal["pti", "none"] = "pti"
     """"pti" tunes the generator (the paper); "none" keeps the original generator (the "w/o PTI" ablation)."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -90,7 +91,8 @@ def frame_order(num_frames: int, config: PTIConfig) -> torch.Tensor:
 def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, config: PTIConfig,
                    lpips_fn: nn.Module, progress: Callable[[int, int, float], None] | None = None,
                    resume: PTICheckpoint | None = None,
-                   checkpoint: Callable[[PTICheckpoint], None] | None = None) -> PTIResult:
+                   checkpoint: Callable[[PTICheckpoint], None] | None = None,
+                   clock: Callable[[], float] = time.monotonic) -> PTIResult:
     """Tune a copy of ``G`` so that G(pivots[i]) reproduces crops[i] for every frame.
 
     Args:
@@ -101,9 +103,14 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
         config: PTI settings; ``seed`` fixes the frame order and regulariser codes.
         lpips_fn: LPIPS module on G's device.
         progress: called with (step, total steps, loss) after each step.
-        resume: a checkpoint of an earlier run with the same inputs and config to go on from.
-        checkpoint: called with the run's state every ``config.checkpoint_every`` steps (not after the
-            last step).
+        resume: a checkpoint of an earlier run with the same inputs and config to go on from; one of
+            the last step gives the finished run's generator without a step taken.
+        checkpoint: called with the run's state every ``config.checkpoint_every`` steps, after a step that
+            ends ``config.checkpoint_seconds`` or more after the last save ended (or the start), and after the
+            last step, so that a caller whose own writes fail afterwards can resume the finished run.
+            Never called when both intervals are 0.
+        clock: seconds of a monotonic clock, read at the start, after every step and after every save (a
+            test drives it).
 
     Returns:
         the tuned generator (eval mode, no gradients) and the loss of every step.
@@ -133,6 +140,8 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
             raise ValueError(f"the checkpoint does not fit this generator: {exc}") from None
         start, losses = resume.step, list(resume.losses)
     order = frame_order(num_frames, config)
+    saves = checkpoint is not None and (config.checkpoint_every > 0 or config.checkpoint_seconds > 0)
+    last_save = clock()
     for step in range(start, total):
         index = order[step * config.batch_size:(step + 1) * config.batch_size]
         w = pivots[index.to(pivots.device)]
@@ -148,10 +157,13 @@ def tune_generator(G: Generator, pivots: torch.Tensor, crops: torch.Tensor, *, c
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, total, losses[-1])
-        if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
-                and step + 1 < total:
+        now = clock()
+        if saves and (step + 1 == total
+                      or config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0
+                      or config.checkpoint_seconds > 0 and now - last_save >= config.checkpoint_seconds):
             checkpoint(PTICheckpoint(step + 1, _detached(tuned.synthesis.state_dict()),
                                      adam_state(adam), list(losses)))
+            last_save = clock()  # from the end of a save: a slow store is not written to without a break
     return PTIResult(tuned.eval().requires_grad_(False), losses, total)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from stitchtime_core.config import PTIConfig
+from stitchtime_core.config import PTIConfig, to_dict
 from stitchtime_core.models.profiles import generator_config
 from stitchtime_core.projector import LOSS_RESOLUTION
 from stitchtime_core.pti import pti_steps, reconstruction_lpips, tune_generator
@@ -28,18 +28,23 @@ RECONSTRUCTION_FRAMES = 16
 
 
 def ingredients(align: StageRef, pivots: StageRef, config: PTIConfig, runtime: Runtime) -> Ingredients:
-    # The checkpoint interval does not change the result, so it is not part of the key.
-    return ([align.key, pivots.key, runtime.networks.identity],
-            dataclasses.replace(config, checkpoint_every=0))
+    # How often PTI checkpoints does not change the result, so it is not part of the key. The settings are
+    # hashed as before checkpoint_seconds existed, so that stores made then keep their PTI stages.
+    settings = to_dict(dataclasses.replace(config, checkpoint_every=0))
+    del settings["checkpoint_seconds"]
+    return [align.key, pivots.key, runtime.networks.identity], settings
 
 
 @stage_task("pti")
 def tune_pti(store_uri: str, align: StageRef, pivots: StageRef, config: PTIConfig, runtime: Runtime) -> StageRef:
     """One generator tuned around the pivots of all frames (paper eq. 1), checkpointed as it goes.
 
-    A run stopped part way resumes from ``checkpoint.safetensors``; it is deleted once the stage is
-    done (its ``done.json`` written). With ``method`` "none" nothing is tuned (the "w/o PTI" ablation)
-    and later stages use the original generator. The stage's info holds the first and last loss and
+    A run stopped part way resumes from ``checkpoint.safetensors``, saved every ``checkpoint_every`` steps
+    or ``checkpoint_seconds`` seconds, and once more when the last step is taken, before the stage's
+    own writes: a retry after one of those fails (a store outage) resumes the finished tuning instead
+    of tuning again. The checkpoint is deleted once the stage is done (its ``done.json`` written).
+    With ``method`` "none" nothing is tuned (the "w/o PTI" ablation) and later stages use the original
+    generator. The stage's info holds the first and last loss and
     how well the pivots reconstruct the crops: the tuned generator's MSE over all frames, and the
     LPIPS of the original and of the tuned generator on at most :data:`RECONSTRUCTION_FRAMES`
     frames (``reconstruction_lpips_before`` / ``_after``, ``reconstruction_frames``).

@@ -131,7 +131,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny, face_clip, pivots, lpip
     saved = []
     whole = tune_generator(tiny.generator, pivots[:6], face_clip.crops_chw, config=config, lpips_fn=lpips_fn,
                            checkpoint=saved.append)
-    assert [c.step for c in saved] == [3, 6, 9]
+    assert [c.step for c in saved] == [3, 6, 9, 12]  # and the finished state
 
     def stop_after_seven(step, total, loss):
         if step == 7:
@@ -146,6 +146,88 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny, face_clip, pivots, lpip
                              resume=kept[-1])
     assert resumed.losses == whole.losses and len(whole.losses) == 12
     assert _states_equal(resumed.generator.state_dict(), whole.generator.state_dict())
+
+
+class _Clock:
+    """A clock that moves only when told: each PTI step "takes" ``step_seconds``, saves take no time."""
+
+    def __init__(self, step_seconds: float):
+        self.now, self.step_seconds = 0.0, step_seconds
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        self.now += self.step_seconds
+
+
+# 12 steps of 7 s, checkpointed by time every 25 s: fewer steps than the step interval.
+TIMED_CONFIG = dataclasses.replace(SHORT_CONFIG, observations_per_frame=4, checkpoint_every=100,
+                                   checkpoint_seconds=25)
+
+
+def _tune_timed(tiny, face_clip, pivots, lpips_fn, *, progress=None, **kwargs):
+    clock = _Clock(step_seconds=7)
+
+    def step(*args):
+        clock.step(*args)
+        if progress is not None:
+            progress(*args)
+
+    return tune_generator(tiny.generator, pivots[:6], face_clip.crops_chw, config=TIMED_CONFIG, lpips_fn=lpips_fn,
+                          clock=clock, progress=step, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def timed_run(tiny, face_clip, pivots, lpips_fn):
+    """An uninterrupted run checkpointed by time, and its checkpoints."""
+    saved = []
+    return _tune_timed(tiny, face_clip, pivots, lpips_fn, checkpoint=saved.append), saved
+
+
+def test_a_run_of_fewer_steps_than_the_interval_is_checkpointed_by_time(tiny, face_clip, pivots, lpips_fn,
+                                                                        timed_run):
+    whole, saved = timed_run
+    # 28 s at step 4, 56 s at step 8 (25 s after the save at 28 s), and the finished state at step 12.
+    assert whole.steps == 12 and [c.step for c in saved] == [4, 8, 12]
+    steps = []
+
+    def killed_after_six(step, total, loss):
+        steps.append(step)
+        if step == 6:
+            raise _Stop
+
+    kept = []
+    with pytest.raises(_Stop):
+        _tune_timed(tiny, face_clip, pivots, lpips_fn, checkpoint=kept.append, progress=killed_after_six)
+    assert [c.step for c in kept] == [4]
+    steps.clear()
+    resumed = _tune_timed(tiny, face_clip, pivots, lpips_fn, resume=kept[-1], progress=lambda s, *_: steps.append(s))
+    assert steps == list(range(5, 13))  # from the checkpoint at step 4, not from step 0
+    assert resumed.losses == whole.losses
+    assert _states_equal(resumed.generator.state_dict(), whole.generator.state_dict())
+
+
+def test_the_finished_state_resumes_without_a_step_to_the_same_generator(tiny, face_clip, pivots, lpips_fn,
+                                                                          timed_run):
+    whole, saved = timed_run
+    steps = []
+    finished = _tune_timed(tiny, face_clip, pivots, lpips_fn, resume=saved[-1],
+                           progress=lambda s, *_: steps.append(s), checkpoint=saved.append)
+    assert steps == [] and len(saved) == 3  # no step taken, no checkpoint written again
+    assert finished.steps == 12 and finished.losses == whole.losses
+    assert _states_equal(finished.generator.state_dict(), whole.generator.state_dict())
+    assert not finished.generator.training and not any(p.requires_grad for p in finished.generator.parameters())
+
+
+@pytest.mark.parametrize("every, seconds, expected", [(0, 0, []), (5, 0, [5, 10, 12]), (0, 25, [4, 8, 12])])
+def test_each_interval_alone_and_neither(tiny, face_clip, pivots, lpips_fn, every, seconds, expected):
+    saved = []
+    config = dataclasses.replace(TIMED_CONFIG, checkpoint_every=every, checkpoint_seconds=seconds)
+    clock = _Clock(step_seconds=7)
+    tune_generator(tiny.generator, pivots[:6], face_clip.crops_chw, config=config, lpips_fn=lpips_fn,
+                   clock=clock, progress=clock.step, checkpoint=saved.append)
+    assert [c.step for c in saved] == expected
 
 
 def test_uint8_crops_tune_like_float_crops(tiny, face_clip, pivots, lpips_fn):

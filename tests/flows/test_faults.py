@@ -13,6 +13,7 @@ undisturbed run (its stage folders copied or uploaded), so the fault strikes wit
 from __future__ import annotations
 
 import functools
+import http.client
 import json
 import os
 import random
@@ -26,7 +27,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 
 import boto3
@@ -48,8 +51,9 @@ from cli_runner import run_cli
 FAST = ["--set", "pti.observations_per_frame=4", "--set", "stitching.steps=3"]
 """Few steps, as in test_edit_video: these tests are about faults, not about the edit."""
 CHECKPOINTS = ["--set", "pti.checkpoint_every=5"]
-"""PTI's 15 steps (15 frames, 4 observations each, batches of 4) checkpointed at steps 5 and 10. The
-interval is not part of the PTI stage's key, so the stages stay those of the reference run."""
+"""PTI's 15 steps (15 frames, 4 observations each, batches of 4) checkpointed at steps 5 and 10, and its
+finished state at 15. The interval is not part of the PTI stage's key, so the stages stay those of the
+reference run."""
 BEFORE_PTI = ["probe", "landmarks", "align", "encode"]
 BEFORE_RENDER = [*BEFORE_PTI, "pti", "edit", "stitch"]
 
@@ -284,7 +288,7 @@ def test_ctrl_c_during_pti_stops_at_once_and_the_next_start_goes_on_from_the_che
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)
     assert summary["reused_stages"] == BEFORE_PTI
-    assert summary["pti"]["resumed_from_step"] in (5, 10)
+    assert summary["pti"]["resumed_from_step"] in (5, 10, 15)
     np.testing.assert_array_equal(frames(out), frames(reference["out"]))  # PTI resumed exactly
     assert_no_partial_artifact(folder_files(store), reference)
 
@@ -425,12 +429,9 @@ def _reset(conn: socket.socket) -> None:
 
 
 @pytest.fixture
-def s3_through_proxy(s3_env, cli_env: dict[str, str], reference: dict) -> Iterator[dict]:
-    """A prefix of its own in the session's bucket holding the reference run's stages before PTI, and the
-    CLI's environment pointing at the S3 server through a :class:`TcpProxy`."""
-    host, port = s3_env.endpoint_url.removeprefix("http://").split(":")
-    proxy = TcpProxy((host, int(port)))
-    proxy.start()
+def s3_before_pti(s3_env, reference: dict) -> dict:
+    """A prefix of its own in the session's bucket holding the reference run's stages before PTI, and ways
+    to look at it past any proxy."""
     prefix = f"faults-{time.time_ns()}"
     s3 = boto3.client("s3", endpoint_url=s3_env.endpoint_url)  # straight to the server, past the proxy
     for stage in BEFORE_PTI:
@@ -459,11 +460,24 @@ def s3_through_proxy(s3_env, cli_env: dict[str, str], reference: dict) -> Iterat
                 return int(safetensors.torch.load(body)["step"])
         return None
 
-    env = {**cli_env, **s3_env.env, "AWS_ENDPOINT_URL": proxy.url, "AWS_CONFIG_FILE": os.devnull,
-           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    return {"store": f"s3://{s3_env.bucket}/{prefix}", "objects": objects, "has": has,
+            "pti_checkpoint_step": pti_checkpoint_step}
+
+
+def env_through(proxy_url: str, s3_env, cli_env: dict[str, str]) -> dict[str, str]:
+    """The CLI's environment pointing at the S3 server through a proxy."""
+    return {**cli_env, **s3_env.env, "AWS_ENDPOINT_URL": proxy_url, "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+@pytest.fixture
+def s3_through_proxy(s3_before_pti: dict, s3_env, cli_env: dict[str, str]) -> Iterator[dict]:
+    """:func:`s3_before_pti`, and the CLI's environment pointing at the S3 server through a :class:`TcpProxy`."""
+    host, port = s3_env.endpoint_url.removeprefix("http://").split(":")
+    proxy = TcpProxy((host, int(port)))
+    proxy.start()
     try:
-        yield {"proxy": proxy, "env": env, "store": f"s3://{s3_env.bucket}/{prefix}", "objects": objects,
-               "has": has, "pti_checkpoint_step": pti_checkpoint_step}
+        yield {**s3_before_pti, "proxy": proxy, "env": env_through(proxy.url, s3_env, cli_env)}
     finally:
         proxy.stop()
 
@@ -510,6 +524,117 @@ def test_a_run_rides_out_a_short_s3_outage_and_a_long_one_stops_it_until_the_nex
     assert 0 < summary["pti"]["resumed_from_step"] < 15  # in the first run, from a checkpoint
     np.testing.assert_array_equal(frames(out), frames(reference["out"]))
     assert_no_partial_artifact(s3["objects"](), reference)
+
+
+# --- the S3 server refuses PTI's last write --------------------------------------------------------
+
+
+class RefusingProxy(ThreadingHTTPServer):
+    """An HTTP proxy on loopback in front of the S3 server that answers ``503 SlowDown`` to the first
+    ``refusals`` PUTs of objects whose key matches ``pattern``, as a busy S3 does, and passes every other
+    request through as it came (its Host header too, so that its signature holds).
+
+    Args:
+        upstream: the S3 server's URL.
+        pattern: a glob over object keys (``PurePosixPath.match``).
+        refusals: how many of their PUTs to refuse; :attr:`refused` counts those refused so far.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, pattern: str, refusals: int):
+        super().__init__(("127.0.0.1", 0), _RefusingHandler)
+        self.upstream = upstream.removeprefix("http://")
+        self.pattern, self.refusals, self.refused = pattern, refusals, 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def refuses(self, method: str, path: str) -> bool:
+        """Whether to refuse this request (counted as refused when so)."""
+        key = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+        with self._lock:
+            if method != "PUT" or not PurePosixPath(key).match(self.pattern) or self.refused >= self.refusals:
+                return False
+            self.refused += 1
+            return True
+
+
+class _RefusingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as boto3 expects
+    server: RefusingProxy
+    _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "expect"}
+    """Not passed on: the handler has read the whole request (answering ``Expect: 100-continue`` itself)."""
+
+    def _forward(self) -> None:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            self.send_error(501, "chunked requests are not proxied")
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.server.refuses(self.command, self.path):
+            error = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>" \
+                    b"<Message>Please reduce your request rate.</Message></Error>"
+            self._answer(503, [("Content-Type", "application/xml")], error)
+            return
+        upstream = http.client.HTTPConnection(self.server.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP_BY_HOP}
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            answer = response.read()
+            kept = [(k, v) for k, v in response.getheaders() if k.lower() not in self._HOP_BY_HOP]
+            self._answer(response.status, kept, answer)
+        finally:
+            upstream.close()
+
+    def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.send_response_only(status)
+        for name, value in headers:
+            if self.command == "HEAD" or name.lower() != "content-length":  # a HEAD keeps the object's length
+                self.send_header(name, value)
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self.end_headers()
+
+    do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+SLOWDOWNS = 6
+"""botocore tries a request 6 times (the store's ``max_attempts`` of 5 counts the retries, botocore's
+``total_max_attempts`` is one more): 6 refusals make one failed store write, and the stage's task fails once."""
+
+
+def test_a_failed_last_write_of_pti_is_retried_without_tuning_again(
+        s3_before_pti: dict, s3_env, clip: Path, cli_env: dict[str, str], reference: dict, tmp_path: Path) -> None:
+    proxy = RefusingProxy(s3_env.endpoint_url, "*/pti/*/generator.safetensors", refusals=SLOWDOWNS)
+    try:
+        out = tmp_path / "edited.mp4"
+        result = run_cli(edit_args(clip, out, s3_before_pti["store"]), env_through(proxy.url, s3_env, cli_env),
+                         tmp_path)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert result.returncode == 0, result.stderr
+    assert proxy.refused == SLOWDOWNS  # the stage's first try failed on its generator, the retry wrote it
+    summary = json.loads(result.stdout)
+    assert summary["reused_stages"] == BEFORE_PTI
+    # The retry went on from the finished state checkpointed before the stage's writes: no step taken again.
+    assert summary["pti"]["resumed_from_step"] == summary["pti"]["steps"] == 15
+    objects = s3_before_pti["objects"]()
+    [generator] = [key for key in objects if PurePosixPath(key).match("pti/*/generator.safetensors")]
+    assert objects[generator] == (reference["store"] / generator).read_bytes()  # bit for bit the undisturbed one
+    assert not [key for key in objects if key.endswith("/checkpoint.safetensors")]
+    np.testing.assert_array_equal(frames(out), frames(reference["out"]))
+    assert_no_partial_artifact(objects, reference)
 
 
 # --- the disk fills up ------------------------------------------------------------------------------

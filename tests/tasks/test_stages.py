@@ -129,12 +129,23 @@ class _Killed(Exception):
     pass
 
 
-def test_pti_stage_resumes_from_its_checkpoint(up: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store_uri = str(tmp_path / "store")
+def _pti_inputs_in_a_store_of_their_own(up: Upstream, folder: Path) -> str:
+    store_uri = str(folder / "store")
     store, source_store = open_store(store_uri), open_store(up.store_uri)
-    for ref in (up.align, up.pivots):  # the same inputs in a store of its own
+    for ref in (up.align, up.pivots):
         for key in source_store.list(ref.key):
             store.put_bytes(key, source_store.get_bytes(key))
+    return store_uri
+
+
+def _same_generator(up: Upstream, store_uri: str, pti: stages.StageRef) -> bool:
+    a = open_store(store_uri).get_tensors(f"{pti.key}/generator.safetensors")
+    b = open_store(up.store_uri).get_tensors(f"{up.pti.key}/generator.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_pti_stage_resumes_from_its_checkpoint(up: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store_uri = _pti_inputs_in_a_store_of_their_own(up, tmp_path)
     real = stages.pti.tune_generator
 
     def killed_after_first_checkpoint(*args, checkpoint, **kwargs):
@@ -151,17 +162,50 @@ def test_pti_stage_resumes_from_its_checkpoint(up: Upstream, tmp_path: Path, mon
     resumed = stages.call(stages.tune_pti, store_uri, up.align, up.pivots, up.config.pti, TINY)
     assert resumed.key == up.pti.key and not resumed.reused
     assert resumed.info["resumed_from_step"] == 2 and up.pti.info["resumed_from_step"] == 0
-    assert resumed.info["last_loss"] == up.pti.info["last_loss"]
-    a = store.get_tensors(f"{resumed.key}/generator.safetensors")
-    b = source_store.get_tensors(f"{up.pti.key}/generator.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in b)
-    assert not store.exists(f"{resumed.key}/checkpoint.safetensors")  # deleted once the generator is written
+    assert resumed.info["last_loss"] == up.pti.info["last_loss"] and _same_generator(up, store_uri, resumed)
+    # Deleted once the generator is written.
+    assert not open_store(store_uri).exists(f"{resumed.key}/checkpoint.safetensors")
 
 
-def test_the_checkpoint_interval_is_not_part_of_the_pti_key(up: Upstream) -> None:
-    again = stages.call(stages.tune_pti, up.store_uri, up.align, up.pivots,
-                               dataclasses.replace(up.config.pti, checkpoint_every=7), TINY)
-    assert again.reused and again.key == up.pti.key
+def test_a_short_pti_is_checkpointed_by_time_and_a_killed_run_resumes_there(
+        up: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 5 steps, far fewer than the step interval: only the time interval checkpoints before the end.
+    config = dataclasses.replace(up.config.pti, checkpoint_every=100, checkpoint_seconds=25)
+    assert stages.pti.pti_steps(10, config) == 5
+    store_uri = _pti_inputs_in_a_store_of_their_own(up, tmp_path)
+    real = stages.pti.tune_generator
+    saved = []
+
+    def ten_seconds_a_step_killed_after_a_checkpoint(*args, progress, checkpoint, **kwargs):
+        now = [0.0]
+
+        def step(*progress_args):
+            now[0] += 10
+            progress(*progress_args)
+
+        def save_then_die(state):
+            checkpoint(state)
+            saved.append(state.step)
+            raise _Killed
+
+        return real(*args, progress=step, checkpoint=save_then_die, clock=lambda: now[0], **kwargs)
+
+    monkeypatch.setattr(stages.pti, "tune_generator", ten_seconds_a_step_killed_after_a_checkpoint)
+    with pytest.raises(_Killed):
+        stages.call(stages.tune_pti, store_uri, up.align, up.pivots, config, TINY)
+    assert saved == [3]  # 30 s in
+    monkeypatch.setattr(stages.pti, "tune_generator", real)
+    resumed = stages.call(stages.tune_pti, store_uri, up.align, up.pivots, config, TINY)
+    assert resumed.key == up.pti.key and resumed.info["resumed_from_step"] == 3 and resumed.info["steps"] == 5
+    assert resumed.info["last_loss"] == up.pti.info["last_loss"] and _same_generator(up, store_uri, resumed)
+    assert not open_store(store_uri).exists(f"{resumed.key}/checkpoint.safetensors")
+
+
+def test_the_checkpoint_intervals_are_not_part_of_the_pti_key(up: Upstream) -> None:
+    for changed in ({"checkpoint_every": 7}, {"checkpoint_seconds": 0.5}, {"checkpoint_seconds": 0}):
+        again = stages.call(stages.tune_pti, up.store_uri, up.align, up.pivots,
+                            dataclasses.replace(up.config.pti, **changed), TINY)
+        assert again.reused and again.key == up.pti.key
 
 
 def test_with_warm_starts_the_chunk_size_is_part_of_the_stitch_key(up: Upstream) -> None:
