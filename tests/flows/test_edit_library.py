@@ -283,6 +283,7 @@ def test_a_destination_that_cannot_be_written_fails_before_any_video(tmp_path: P
     result = run_cli(["batch", str(tmp_path / "lib"), "--edit", "age=2", "--out", str(tmp_path / "file" / "out"),
                       "--store", str(tmp_path / "data")], env=cli_env, cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    [starting, line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert starting == f"stitchtime: starting to edit the videos under {tmp_path / 'lib'}"
     assert line == f"Error: {tmp_path / 'file' / 'out'}: the destination folder cannot be written (Not a directory)"
     assert not (tmp_path / "data").exists()  # no video was started
