@@ -88,7 +88,7 @@ def checked_config(profile: str, quality: str | None, device: str, preset: str,
         BadSetting: naming the option and what is wrong.
         StitchtimeError: ``source`` is not a video ffprobe can read, or ffmpeg is missing.
     """
-    from stitchtime_core.video import check_encoding, probe
+    from tasks.outputs import check_encoding
 
     try:
         config = run_config(profile, quality or default_quality(device), overrides, preset=preset)
@@ -96,9 +96,8 @@ def checked_config(profile: str, quality: str | None, device: str, preset: str,
         raise BadSetting(f"{_option(exc.setting, settings)}: {exc}") from None
     except ValueError as exc:  # an unknown stage or setting, a value of the wrong type
         raise BadSetting(str(exc)) from None
-    info = probe(source) if source else None
     try:
-        check_encoding(out or "output.mkv", config.output, audio_source=source if info and info.has_audio else None)
+        info = check_encoding(out or "output.mkv", config.output, source)
     except ValueError as exc:
         raise BadSetting(f"{out}: {exc}" if out else str(exc)) from None
     point = config.alignment.face.replace(" ", "").split(",")

@@ -18,7 +18,6 @@ from prefect.runtime import flow_run
 from flows.run_stage import PLACEMENT_ENV, check_placement, parse_placement, place, placed_ref
 from flows.stitch_chunk import FAN_OUT_ENV, deployment_runner
 from stitchtime_core.config import PROFILES, StitchingConfig, default_quality, run_config
-from stitchtime_core import video
 from tasks import outputs, report, stages
 from tasks.store import default_store_uri
 
@@ -69,8 +68,7 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     quality = quality or default_quality(device)
     config = run_config(profile, quality, overrides, preset=preset)
     # Whether ffmpeg can write the output is asked now, not after an hour of PTI.
-    audio = source if video.probe(source).has_audio else None
-    video.check_encoding(out, config.output, audio_source=audio)
+    outputs.check_encoding(out, config.output, source)
     store = store or default_store_uri()
     fan_out = fan_out or os.environ.get(FAN_OUT_ENV) or None
     run_chunks = deployment_runner(fan_out) if fan_out else None  # a wrong name fails now, not after PTI

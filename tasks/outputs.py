@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from stitchtime_core.config import RunConfig, ablations_of, to_dict
+from stitchtime_core import video
+from stitchtime_core.config import OutputConfig, RunConfig, ablations_of, to_dict
 from stitchtime_core.errors import InputError
 from stitchtime_core.files import check_file, is_symlink_loop, write_output
-from stitchtime_core.video import same_file
+from stitchtime_core.video import VideoInfo, probe, same_file
 
 if TYPE_CHECKING:  # the command line checks outputs with this module before Prefect and torch are imported
     from tasks.stages import StageRef
@@ -124,6 +125,19 @@ def check_paths(source: str, out: str | os.PathLike) -> None:
         raise InputError(out_path.parent, f"output folder is not writable ({exc.strerror})") from None
     if not out_path.suffix:
         raise InputError(out, "output needs a file extension (e.g. .mp4)")
+
+
+def check_encoding(out: str | os.PathLike, output: OutputConfig, source: str | None = None) -> VideoInfo | None:
+    """Ask ffmpeg, before any work, whether it can write ``out`` with the ``output`` settings and ``source``'s
+    audio (when it has any): see :func:`stitchtime_core.video.check_encoding`. Returns ``source``'s probe.
+
+    Raises:
+        ValueError: ffmpeg cannot (its reason, naming the settings or the container).
+        InputError: ``source`` is not a video ffprobe can read.
+    """
+    info = probe(source) if source else None
+    video.check_encoding(out, output, audio_source=source if info and info.has_audio else None)
+    return info
 
 
 def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple[str, Path]]:
