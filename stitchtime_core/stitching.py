@@ -12,8 +12,8 @@ tuning a fresh copy of θ_p per frame, one frame at a time (the reference code),
 and with a batch's worth of work per kernel launch.
 
 With ``warm_start`` (``StitchingConfig``), neighbouring frames start from each other's tuned weights
-and take fewer steps (:func:`tuning_plan`): less work for the same boundary error (see the README's
-method section for the measurements).
+(and, with ``warm_optimizer`` "carried", Adam's state) and take fewer steps (:func:`tuning_plan`): less
+work for the same boundary error (see the README's method section for the measurements).
 """
 
 from __future__ import annotations
@@ -25,9 +25,25 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, vmap
 
-from stitchtime_core.adam import adam_for, adam_step, keep_rows
+from stitchtime_core.adam import adam_for, adam_state, adam_step, keep_rows, load_adam_state
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.models.stylegan2 import Generator
+
+
+@dataclass
+class Tuned:
+    """Where each frame of a batch ended, for the frames that go on from it (warm starts)."""
+
+    weights: dict[str, torch.Tensor]
+    """Synthesis parameter name -> [frames, ...] each frame's tuned weights."""
+    adam: dict[str, torch.Tensor] | None
+    """Adam's state as :func:`stitchtime_core.adam.adam_state` flattens it, each tensor [frames, ...] and
+    ``step`` [frames]; None when warm frames start with a fresh Adam."""
+
+    def rows(self, count: int) -> Tuned:
+        """The first ``count`` frames."""
+        adam = None if self.adam is None else {k: v[:count] for k, v in self.adam.items()}
+        return Tuned({k: p[:count] for k, p in self.weights.items()}, adam)
 
 
 @dataclass
@@ -100,7 +116,7 @@ def stitch_frames(G: Generator, edited_latents: torch.Tensor, crops: torch.Tenso
         tuned = None
         for plan_rows, warm in tuning_plan(frames, config):
             rows = torch.tensor(plan_rows, dtype=torch.int64)
-            start = None if not warm else {k: p[:len(rows)] for k, p in tuned.items()}
+            start = tuned.rows(len(rows)) if warm else None
             stitched[rows], steps[rows], tuned = _tune_batch(
                 G, edited_latents[rows], crops[rows], edits[rows], masks[rows], boundaries[rows], config=config,
                 steps=warm_steps(config) if warm else config.steps, start=start, progress=progress,
@@ -155,15 +171,16 @@ def masked_distances(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, *, ki
 
 
 def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.Tensor, mask: torch.Tensor,
-                boundary: torch.Tensor, *, config: StitchingConfig, steps: int,
-                start: dict[str, torch.Tensor] | None, progress: Callable[[int], None] | None,
-                keep_weights: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+                boundary: torch.Tensor, *, config: StitchingConfig, steps: int, start: Tuned | None,
+                progress: Callable[[int], None] | None,
+                keep_weights: bool) -> tuple[torch.Tensor, torch.Tensor, Tuned | None]:
     """Tune one weight copy per frame of a batch for up to ``steps`` steps, from θ_p or from ``start``
-    (stacked per-frame synthesis weights); frames that stop early leave the batch (and are reported to
-    ``progress`` then).
+    (the frames before, row for row: their weights, and Adam's state when it is carried); frames that stop
+    early leave the batch (and are reported to ``progress`` then).
 
     Returns:
-        the stitched images, the steps each frame took, and with ``keep_weights`` each frame's final weights.
+        the stitched images, the steps each frame took, and with ``keep_weights`` where each frame ended
+        (Adam's state too with ``warm_optimizer`` "carried").
     """
     synthesis = G.synthesis
     buffers = dict(synthesis.named_buffers())
@@ -181,13 +198,38 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
     frames = w.shape[0]
     forward = alone if frames == 1 else vmap(one_frame)
     names = [name for name, _ in synthesis.named_parameters()]
-    first = start or {name: p.detach().expand(frames, *p.shape) for name, p in synthesis.named_parameters()}
+    first = start.weights if start else {name: p.detach().expand(frames, *p.shape)
+                                         for name, p in synthesis.named_parameters()}
     adam = adam_for([first[name].clone(memory_format=torch.contiguous_format).requires_grad_(True)
                      for name in names], lr=config.lr)
-    final = {name: torch.empty_like(first[name]) for name in names} if keep_weights else None
+    if start is not None and start.adam is not None:
+        # One step count per batch: the frames before took the same steps unless one stopped early.
+        load_adam_state(adam, {**start.adam, "step": start.adam["step"].min()})
+    final = None
+    if keep_weights:
+        carried = None
+        if config.warm_optimizer == "carried":
+            carried = {f"{kind}.{i}": torch.zeros_like(first[name]) for i, name in enumerate(names)
+                       for kind in ("exp_avg", "exp_avg_sq")}
+            carried["step"] = torch.zeros(frames, device=w.device)
+        final = Tuned({name: torch.empty_like(first[name]) for name in names}, carried)
 
     def params() -> dict[str, torch.Tensor]:
         return dict(zip(names, adam.param_groups[0]["params"], strict=True))
+
+    def where(which: torch.Tensor) -> Tuned:
+        """Where the active frames ``which`` selects are now (Adam's state only when it is carried)."""
+        state = None if final is None or final.adam is None else adam_state(adam)
+        return Tuned({k: p.detach()[which] for k, p in params().items()},
+                     None if state is None else {k: v.expand(len(active))[which] if k == "step" else v[which]
+                                                 for k, v in state.items()})
+
+    def keep(rows: torch.Tensor, ended: Tuned) -> None:
+        if final is not None:
+            for k, p in ended.weights.items():
+                final.weights[k][rows] = p
+            for k, v in (ended.adam or {}).items():
+                final.adam[k][rows] = v.to(final.adam[k].device)
 
     active = torch.arange(frames, device=w.device)
     stitched = torch.empty_like(edit)
@@ -206,7 +248,7 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
             # Checked before the update (the reference code): these frames stop with the weights and image
             # they have now (indexing copies them before the step) and take no part in it.
             stitched[active[stopped]] = image.detach()[stopped]
-            done = {k: p.detach()[stopped] for k, p in params().items()}
+            done = where(stopped)
             loss = loss[~stopped]
         if len(loss):
             # Summing the frames' losses gives each frame's weights exactly its own loss's gradient.
@@ -214,12 +256,10 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
             taken[active[~stopped].cpu() if before else active.cpu()] = step
         if stopped.any() and (before or step < steps):
             if not before:
-                done = {k: p.detach()[stopped] for k, p in params().items()}
+                done = where(stopped)
                 with torch.no_grad():
-                    stitched[active[stopped]] = forward(done, w[active[stopped]])
-            if final is not None:
-                for k, p in done.items():
-                    final[k][active[stopped]] = p
+                    stitched[active[stopped]] = forward(done.weights, w[active[stopped]])
+            keep(active[stopped], done)
             adam = keep_rows(adam, ~stopped)
             left = len(active)
             active = active[~stopped]
@@ -229,9 +269,7 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
                 return stitched, taken, final
     with torch.no_grad():
         stitched[active] = forward(params(), w[active])
-    if final is not None:
-        for k, p in params().items():
-            final[k][active] = p.detach()
+    keep(active, where(torch.ones(len(active), dtype=torch.bool, device=active.device)))
     if progress is not None:
         progress(len(active))
     return stitched, taken, final

@@ -61,7 +61,7 @@ def test_defaults_are_the_papers():
     assert stitching.lambda_m == 0.01
     assert stitching.loss == "l1"  # eqs. 2-3 are L1 distances
     # Not the paper's (each frame from θ_p): measured to hold its result in a third of the steps.
-    assert stitching.warm_start == 0.5
+    assert (stitching.warm_start, stitching.warm_optimizer) == (0.3, "carried")
     assert alignment.center_sigma == 1
     assert alignment.axes_sigma == 3
     assert EditingConfig().edits == ()
@@ -229,7 +229,7 @@ def test_presets_and_how_they_combine_with_quality_and_overrides():
     assert preview.pti.observations_per_frame == PREVIEW.pti.observations_per_frame
     assert preview.stitching.loss == "l2" and preview.stitching.steps == 7
     # The reference code has no warm starts, at any quality.
-    assert preview.stitching.warm_start == 0 and run_config("mobile", "preview").stitching.warm_start == 0.5
+    assert preview.stitching.warm_start == 0 and run_config("mobile", "preview").stitching.warm_start == 0.3
     assert run_config("tiny", "paper", preset="stit-code").pti.observations_per_frame == 32
     with pytest.raises(ValueError, match="unknown preset 'stit'"):
         run_config("ffhq", "paper", preset="stit")

@@ -150,14 +150,15 @@ def test_wrong_latent_shape_raises(case, pti_run):
 
 def _naive_stitch(G, latents, crops, edits, masks_, boundaries, config, *, warm=False):
     """The reference code's loop: a fresh copy of θ_p per frame, batch 1, torch.optim.Adam. With ``warm``,
-    each frame after the first goes on from the copy its predecessor ended with (a fresh Adam), for
-    ``warm_steps(config)``."""
+    each frame after the first goes on from the copy its predecessor ended with, for ``warm_steps(config)``:
+    with a fresh Adam, or with ``warm_optimizer`` "carried" the same Adam going on."""
     import copy
 
-    images, synthesis = [], None
+    images, synthesis, optimizer = [], None, None
     for i in range(latents.shape[0]):
-        synthesis = copy.deepcopy(synthesis if warm and i else G.synthesis).requires_grad_(True)
-        optimizer = torch.optim.Adam(synthesis.parameters(), lr=config.lr)
+        if not (warm and i and config.warm_optimizer == "carried"):
+            synthesis = copy.deepcopy(synthesis if warm and i else G.synthesis).requires_grad_(True)
+            optimizer = torch.optim.Adam(synthesis.parameters(), lr=config.lr)
         w, one = latents[i:i + 1], slice(i, i + 1)
         for _ in range(warm_steps(config) if warm and i else config.steps):
             image = synthesis(w, noise_mode="const")
@@ -244,8 +245,9 @@ def test_the_warm_start_plan_follows_runs_of_neighbours():
                                                                              ([3, 4, 5], False), ([6], False)]
 
 
-def test_warm_started_frames_go_on_from_their_neighbours_tuned_weights(case, pti_run):
-    config = dataclasses.replace(STITCH_TEST_CONFIG, steps=6, warm_start=0.3, batch_size=1)
+@pytest.mark.parametrize("optimizer", ["carried", "fresh"])
+def test_warm_started_frames_go_on_from_their_neighbours_tuned_weights(optimizer, case, pti_run):
+    config = dataclasses.replace(STITCH_TEST_CONFIG, steps=6, warm_start=0.3, batch_size=1, warm_optimizer=optimizer)
     assert warm_steps(config) == 2 and warm_steps(dataclasses.replace(config, steps=100)) == 30
     G = pti_run.result.generator
     inputs = (case.edited_latents, case.crops, case.masks, case.boundaries)
@@ -263,3 +265,21 @@ def test_warm_started_frames_go_on_from_their_neighbours_tuned_weights(case, pti
     assert runs.steps.tolist() == [6, 2, 6]
     assert (runs.stitched[:2] - warm.stitched[:2]).abs().max() < 0.03
     assert (runs.stitched[2] - cold.stitched[2]).abs().max() < 0.03
+    other = "fresh" if optimizer == "carried" else "carried"  # what is carried changes the warm frames
+    swapped = stitch_frames(G, *inputs, config=dataclasses.replace(config, warm_optimizer=other), edits=case.edits)
+    assert torch.equal(swapped.stitched[0], warm.stitched[0])
+    assert (swapped.stitched[1:] - warm.stitched[1:]).abs().mean() > 3 * (warm.stitched - naive).abs().mean()
+
+
+@pytest.mark.parametrize("check", ["before", "after"])
+def test_a_frame_that_stops_early_hands_its_weights_and_adam_state_to_its_neighbour(check, case, pti_run):
+    G = pti_run.result.generator
+    inputs = (case.edited_latents, case.crops, case.masks, case.boundaries)
+    losses = masked_distances(case.edits, case.crops, case.boundaries, kind="l1", normalise="mask").tolist()
+    config = dataclasses.replace(STITCH_TEST_CONFIG, steps=6, warm_start=0.5, warm_optimizer="carried",
+                                 early_stop_check=check, early_stop_loss=0.999 * losses[0])
+    # Batch 2: runs [0, 1] and [2], frame 0 beside frame 2 and stopping early; batch 1: one run [0, 1, 2].
+    side_by_side = stitch_frames(G, *inputs, config=dataclasses.replace(config, batch_size=2), edits=case.edits)
+    alone = stitch_frames(G, *inputs, config=dataclasses.replace(config, batch_size=1), edits=case.edits)
+    assert side_by_side.steps[0] < 6 and side_by_side.steps[:2].tolist() == alone.steps[:2].tolist()
+    assert (side_by_side.stitched[:2] - alone.stitched[:2]).abs().max() < 0.03
