@@ -116,8 +116,15 @@ def _edit_one(name: str, out_name: str, *, source: str, dest: str, edits: list[l
             out.parent.mkdir(parents=True, exist_ok=True)
             edit_video(str(local), str(out), edits, **options)
             videos = [path for _, path in output_paths(out, edits)]
-            files = [*videos, *map(report_path, videos), sidecar_paths(out)[1], summary_path]  # the summary last
+            files = [*videos, *map(report_path, videos), sidecar_paths(out)[1]]
             delivered = library.deliver(dest, out_name, files, Path(staging))
+            # Staged files are gone once this video is done: its summary names what the destination holds.
+            published = dict(zip(map(str, files), delivered)) if library.is_remote(dest) else {}
+            if Path(staging) in local.parents:
+                published[str(local)] = shown
+            if published:
+                library.publish_summary(summary_path, published)
+            delivered += library.deliver(dest, out_name, [summary_path], Path(staging))  # the summary last
         except Exception as exc:  # noqa: BLE001 - one bad video must not stop the batch
             message = str(exc) if local is None else str(exc).replace(str(local), shown)
             return _failed(shown, name, exc, message, started)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import stat
 import tempfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from stitchtime_core.artifacts import check_key
 from stitchtime_core.errors import InputError, StoreError
+from stitchtime_core.files import write_output
 from tasks.store import ArtifactStore, FileStore, open_store
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
@@ -322,6 +325,29 @@ def deliver(dest: str, out: str, files: list[Path], staging: Path) -> list[str]:
         store.put_file(key, path)
         uris.append(_join(store, key))
     return uris
+
+
+def is_remote(dest: str) -> bool:
+    """Whether outputs for ``dest`` are staged here and uploaded (S3), not written in place (a folder)."""
+    return not isinstance(open_store(dest), FileStore)
+
+
+def publish_summary(summary_path: Path, published: dict[str, str]) -> None:
+    """Make a staged run summary name what the destination will hold: every value that is the path of a staged
+    file (a key of ``published``: the outputs, their reports, the config, an S3 video's local copy) becomes
+    the URI or name given for it; the staging folder is gone once the batch moves on."""
+    def swap(value: Any) -> Any:
+        if isinstance(value, str):
+            return published.get(value, value)
+        if isinstance(value, list):
+            return [swap(item) for item in value]
+        if isinstance(value, dict):
+            return {key: swap(item) for key, item in value.items()}
+        return value
+
+    published = {str(Path(path).resolve()): uri for path, uri in published.items()}
+    write_output(summary_path, json.dumps(swap(json.loads(summary_path.read_text())), indent=2, sort_keys=True)
+                 + "\n")
 
 
 def _join(store: ArtifactStore, key: str) -> str:

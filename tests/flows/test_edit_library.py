@@ -136,6 +136,11 @@ def test_a_batch_from_and_to_s3(workdir: Path, cli_env: dict[str, str], s3_serve
                                 f"{bucket}/library/edited/people/a.age+2.mp4"]
     assert video["reports"] == [f"{bucket}/library/edited/people/a.age-2.report.html",
                                 f"{bucket}/library/edited/people/a.age+2.report.html"]
+    # The run's summary names what the bucket holds, not the staging folder that is gone.
+    run = json.loads(s3.get_object(Bucket=s3_server.bucket, Key="library/edited/people/a.summary.json")["Body"].read())
+    assert run["input"] == f"{bucket}/library/raw/people/a.mp4"
+    assert run["config"] == f"{bucket}/library/edited/people/a.config.json"
+    assert [(o["output"], o["report"]) for o in run["outputs"]] == list(zip(video["outputs"], video["reports"]))
     downloaded = workdir / "from-s3.mp4"
     s3.download_file(s3_server.bucket, "library/edited/people/a.age+2.mp4", str(downloaded))
     assert probe(downloaded).frame_count == 10
