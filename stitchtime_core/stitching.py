@@ -269,7 +269,8 @@ def _tune_batch(G: Generator, w: torch.Tensor, crop: torch.Tensor, edit: torch.T
                 return stitched, taken, final
     with torch.no_grad():
         stitched[active] = forward(params(), w[active])
-    keep(active, where(torch.ones(len(active), dtype=torch.bool, device=active.device)))
+    if final is not None:
+        keep(active, where(torch.ones(len(active), dtype=torch.bool, device=active.device)))
     if progress is not None:
         progress(len(active))
     return stitched, taken, final

@@ -21,7 +21,7 @@ from typing import Any
 
 from stitchtime_core.artifacts import check_key
 from stitchtime_core.errors import InputError, StoreError
-from stitchtime_core.files import write_output
+from tasks.outputs import write_json
 from tasks.store import ArtifactStore, FileStore, open_store
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
@@ -346,8 +346,7 @@ def publish_summary(summary_path: Path, published: dict[str, str]) -> None:
         return value
 
     published = {str(Path(path).resolve()): uri for path, uri in published.items()}
-    write_output(summary_path, json.dumps(swap(json.loads(summary_path.read_text())), indent=2, sort_keys=True)
-                 + "\n")
+    write_json(summary_path, swap(json.loads(summary_path.read_text())))
 
 
 def _join(store: ArtifactStore, key: str) -> str:

@@ -165,21 +165,24 @@ def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def _flow_run(client: SyncPrefectClient, out: Path):  # noqa: ANN202 - Prefect's FlowRun
+    """The one edit_video flow run that wrote ``out`` (among the latest)."""
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["edit_video"])),
+                                 sort=FlowRunSort.START_TIME_DESC, limit=50)
+    [run] = [run for run in runs if run.parameters.get("out") == str(out)]
+    return run
+
+
 def flow_run_state(api_url: str, out: Path) -> str:
     """The state of the one edit_video flow run that wrote ``out`` (among the latest)."""
     with SyncPrefectClient(api_url) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["edit_video"])),
-                                     sort=FlowRunSort.START_TIME_DESC, limit=50)
-    [run] = [run for run in runs if run.parameters.get("out") == str(out)]
-    return run.state.type.value
+        return _flow_run(client, out).state.type.value
 
 
 def pti_tries(api_url: str, out: Path) -> int:
     """How many times the PTI task of the one edit_video flow run that wrote ``out`` ran (Prefect's retries)."""
     with SyncPrefectClient(api_url) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["edit_video"])),
-                                     sort=FlowRunSort.START_TIME_DESC, limit=50)
-        [run] = [run for run in runs if run.parameters.get("out") == str(out)]
+        run = _flow_run(client, out)
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
     [pti] = [task for task in tasks if task.name.startswith("pti")]
     return pti.run_count
