@@ -186,8 +186,9 @@ class EditingConfig:
     ``sefa:K`` or a direction file."""
     halve_files: Literal["equal-rows", "all"] = "equal-rows"
     """Which direction files move the pivots by strength / 2: "equal-rows", only [num_ws, w_dim] files whose
-    rows are all equal (the reference code's own files); "all", every file (the reference code applies
-    ``factor / 2`` of the first row of whatever file it reads)."""
+    rows are all equal (the reference code's own files), read as their first row; "all", every file, read as
+    its first row (the reference code applies ``factor / 2`` of the first row of whatever file it reads, so
+    a per-layer file with unequal rows moves every layer by its row 0)."""
 
     def __post_init__(self) -> None:
         _check_settings(self, "editing")

@@ -10,8 +10,9 @@ Strength conventions: an InterFaceGAN-style [w_dim] or [1, w_dim] direction, and
 [num_ws, w_dim] one, move every pivot by ``strength * direction``. A [num_ws, w_dim] file whose rows
 are all equal is the reference code's layout (STIT's ``editings/w_directions/*.npy``); STIT takes
 its first row and applies ``factor / 2`` of it, and so do we, so ``--edit age=4`` gives the same
-edit as STIT's ``--edit_range 4 4 1``. STIT halves any other file too; ``editing.halve_files`` "all"
-(the ``stit-code`` preset) does so as well.
+edit as STIT's ``--edit_range 4 4 1``. STIT reads any other file the same way, its first row halved (a
+per-layer file with unequal rows moves every layer by row 0); ``editing.halve_files`` "all" (the ``stit-code``
+preset) does so as well.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int,
         stylegan2_layers: for a generator whose W+ is not StyleGAN2's, the StyleGAN2 entry each of its
             ``num_ws`` styles reads; an [18, w_dim] file is then mapped through it.
         halve: which files are halved (``EditingConfig.halve_files``): "equal-rows", only a per-layer file
-            whose rows are all equal (then read as its first row, see the module docstring); "all", every one.
+            whose rows are all equal (then read as its first row, see the module docstring); "all", every one,
+            read as its first row as the reference code reads it.
 
     Returns:
         [num_ws, w_dim].
@@ -92,13 +94,11 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int,
     if array.ndim != 2 or array.shape[1] != w_dim or array.shape[0] not in (1, *per_layer):
         raise InputError(path, f"direction has shape {list(array.shape)}, expected [{w_dim}], [1, {w_dim}] or "
                                f"{' or '.join(f'[{n}, {w_dim}]' for n in per_layer)} for this generator")
-    if array.shape[0] in per_layer and array.shape[0] > 1 and torch.equal(array, array[:1].expand_as(array)):
-        array = array[:1] / 2  # the reference code's layout and factor/2 convention (module docstring)
-    else:
-        if array.shape[0] == 18 and stylegan2_layers is not None:
-            array = array[list(stylegan2_layers)]
-        if halve == "all":  # the reference code halves whatever file it reads
-            array = array / 2
+    if halve == "all" or array.shape[0] > 1 and torch.equal(array, array[:1].expand_as(array)):
+        # The reference code's layout and factor/2 convention (module docstring); "all" reads every file so.
+        array = array[:1] / 2
+    elif array.shape[0] == 18 and stylegan2_layers is not None:
+        array = array[list(stylegan2_layers)]
     return array.expand(num_ws, w_dim).clone()
 
 

@@ -203,6 +203,17 @@ def test_per_layer_and_interfacegan_directions_keep_full_strength(tmp_path):
                                   np.tile(rows[:1], (10, 1)))
 
 
+def test_halving_every_file_reads_its_first_row_as_the_reference(tmp_path):
+    # STIT's LatentEditor keeps `arr[0, None]` of any file and applies factor / 2 of it: a per-layer file with
+    # unequal rows moves every layer by its row 0.
+    rows = np.random.default_rng(3).standard_normal((10, 64)).astype(np.float32)
+    np.save(tmp_path / "layers.npy", rows)
+    np.save(tmp_path / "one.npy", rows[:1])
+    for name in ("layers.npy", "one.npy"):
+        np.testing.assert_array_equal(load_direction_file(tmp_path / name, num_ws=10, w_dim=64, halve="all").numpy(),
+                                      np.tile(rows[:1] / 2, (10, 1)))
+
+
 def test_a_direction_with_nan_is_refused(tmp_path):
     path = tmp_path / "bad.npy"
     np.save(path, np.full(64, np.nan, np.float32))
