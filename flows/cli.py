@@ -355,7 +355,8 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
         for video in summary["videos"]:
-            detail = video.get("error", ", ".join(video.get("outputs", [])))
+            # An error names its file; the line names the video already.
+            detail = video.get("error", ", ".join(video.get("outputs", []))).removeprefix(f"{video['source']}: ")
             click.echo(f"{video['status']:<8} {video['source']}" + (f": {detail}" if detail else ""))
         counts = summary["counts"]
         click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")

@@ -90,7 +90,7 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
     _write_summary(dest, summary)
     for video in videos:
         if video["status"] == "failed":
-            log.error("%s failed: %s", video["source"], video["error"])
+            log.error("%s failed: %s", video["source"], video["error"].removeprefix(f"{video['source']}: "))
     return summary
 
 
