@@ -450,6 +450,18 @@ def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[s
     return with_overrides(config, overrides or {})
 
 
+def preset_differences(config: RunConfig, preset: str) -> dict[str, dict[str, Any]]:
+    """``{stage: {setting: value}}`` of every setting of ``config`` that is not the preset's own: what the profile,
+    the quality and the user's overrides changed (a run summary records them beside the preset's name).
+
+    Raises:
+        ValueError: an unknown preset.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return _differences(config, with_overrides(RunConfig(), PRESETS[preset]))
+
+
 def _differences(config: RunConfig, base: RunConfig) -> dict[str, dict[str, Any]]:
     """``{stage: {setting: value}}`` of the settings where ``config`` differs from ``base``."""
     new, old = to_dict(config), to_dict(base)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from stitchtime_core import video
-from stitchtime_core.config import OutputConfig, RunConfig, ablations_of, to_dict
+from stitchtime_core.config import OutputConfig, RunConfig, ablations_of, preset_differences, to_dict
 from stitchtime_core.errors import InputError
 from stitchtime_core.files import check_file, is_symlink_loop, write_output
 from stitchtime_core.video import VideoInfo, probe, same_file
@@ -266,6 +266,9 @@ class RunSummary(BaseModel):
     quality: str
     preset: str = "paper"
     """Whose behaviour the settings start from (``stitchtime_core.config.PRESETS``); older summaries lack it."""
+    differs_from_preset: dict[str, dict[str, Any]] = {}
+    """``{stage: {setting: value}}``: every setting of this run that is not the preset's (what the profile, the
+    quality and ``--set`` changed); older summaries lack it."""
     device: str
     store: str
     ablations: list[str]
@@ -361,6 +364,7 @@ def run_summary(source: str, config_path: Path, *, profile: str, quality: str, p
         profile=profile,
         quality=quality,
         preset=preset,
+        differs_from_preset=preset_differences(config, preset),
         device=device,
         store=open_store(store).uri,  # absolute: `stitchtime report` may run from another folder
         ablations=ablations_of(config),

@@ -27,7 +27,8 @@ from stitchtime_core.config import (
     to_dict,
     with_overrides,
 )
-from stitchtime_core.config import MAX_STRENGTH, PREVIEW, SettingError, default_quality, profile_defaults, run_config
+from stitchtime_core.config import (MAX_STRENGTH, PREVIEW, SettingError, default_quality, preset_differences,
+                                    profile_defaults, run_config)
 
 STAGE_CONFIGS = (AlignmentConfig, EncodingConfig, PTIConfig, EditingConfig, StitchingConfig, BlendingConfig,
                  OutputConfig)
@@ -283,3 +284,16 @@ def test_a_setting_error_survives_pickling_with_its_setting():
     # Prefect pickles the errors of tasks and flows.
     error = pickle.loads(pickle.dumps(SettingError("pti.lr", "must be > 0, got -1")))
     assert (error.setting, str(error)) == ("pti.lr", "pti.lr must be > 0, got -1")
+
+
+def test_a_run_records_what_differs_from_its_preset() -> None:
+    config = run_config("mobile", "preview", {"pti": {"lr": 1e-3}}, preset="stit-code")
+    differs = preset_differences(config, "stit-code")
+    assert differs["pti"] == {"lr": 1e-3, "observations_per_frame": 4, "lpips_resolution": 256}  # preview, then --set
+    assert differs["stitching"] == {"lr": 1e-4, "steps": 10, "batch_size": 1}  # L2, no warm starts: stit-code's own
+    assert differs["encoding"] == {"projection_steps": 100, "warm_start_steps": 10}
+    assert set(differs) == {"encoding", "pti", "stitching"}
+    assert preset_differences(run_config("mobile", preset="stit-code"), "stit-code") == {}
+    assert preset_differences(run_config("mobile"), "paper") == {}
+    with pytest.raises(ValueError, match="unknown preset 'stit'"):
+        preset_differences(config, "stit")

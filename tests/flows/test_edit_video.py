@@ -92,6 +92,11 @@ def test_summary_and_config_are_written_beside_the_output(first_run: dict, clip:
     assert summary["input"] == str(clip.resolve())
     assert summary["profile"] == "tiny" and summary["frames"] == 25 and summary["fps"] == "25/1"
     assert summary["ablations"] == []
+    # The tiny profile's own steps and rates, and --set's (the preset is the paper's).
+    assert summary["preset"] == "paper"
+    assert summary["differs_from_preset"] == {
+        "encoding": {"projection_steps": 100, "projection_lr": 0.02},
+        "pti": {"lr": 0.01, "observations_per_frame": 4, "batch_size": 4}, "stitching": {"steps": 3}}
     assert summary["methods"] == {"encoding": "e4e", "pti": "pti", "stitching": "tuning", "blending": "feather"}
     assert set(summary["seconds"]) == set(SHARED) == set(summary["artifacts"])  # JSON keys come sorted
     assert summary["reused_stages"] == []
