@@ -116,7 +116,8 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
                                           run_chunks), label)
             written = str(pending.path(path))
             render = record(refs, run(stages.render_output, store, source, probe, align, stitch,
-                                      settings.blending, settings.output, written), label)
+                                      settings.blending, settings.output, written,
+                                      sampler=settings.alignment.sampler), label)
             if render.reused:
                 stages.deliver_output(store, render, written)
             record(refs, run(stages.measure_output, store, source, written, align, render, runtime), label)

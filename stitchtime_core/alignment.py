@@ -9,12 +9,18 @@ The sampling convention is the reference code's (``PIL.Image.transform(QUAD, qua
 quad corners, read as pixel indices, land on the crop's outer pixel *edges*. Crop pixel (0, 0) is
 therefore half a crop pixel inside the quad's first corner. Because every quad built here is a
 square, PIL's bilinear QUAD map and the perspective map used here coincide.
+
+Two samplers resample with that map (``AlignmentConfig.sampler``): "opencv" (``cv2.warpPerspective``,
+values rounded; a large quad is box-averaged around itself with the exact pixel mapping) and "pil", the
+reference code's own calls (PIL's bilinear QUAD and PERSPECTIVE transforms, values truncated; a large
+quad's whole frame is shrunk with PIL's Lanczos filter and the quad divided by the factor).
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+import PIL.Image
 from scipy.ndimage import gaussian_filter1d
 
 from stitchtime_core.config import AlignmentConfig
@@ -285,6 +291,8 @@ PADS = ("mirror", "black")
 """What :func:`crop` puts where the quad reaches beyond the frame (``AlignmentConfig.pad``)."""
 SHRINK_BY = ("side", "half-diagonal")
 """What :func:`shrink_factor` measures the quad by (``AlignmentConfig.shrink_by``)."""
+SAMPLERS = ("opencv", "pil")
+"""What :func:`crop` and :func:`uncrop` resample with (``AlignmentConfig.sampler``)."""
 
 
 def shrink_factor(quad: np.ndarray, size: int, *, shrink_by: str = "side") -> int:
@@ -314,12 +322,16 @@ def shrink_factor(quad: np.ndarray, size: int, *, shrink_by: str = "side") -> in
     raise ValueError(f"shrink_by must be one of {SHRINK_BY}, got {shrink_by!r}")
 
 
-def crop(frame: np.ndarray, quad: np.ndarray, size: int, *, pad: str = "mirror", shrink_by: str = "side") -> np.ndarray:
+def crop(frame: np.ndarray, quad: np.ndarray, size: int, *, pad: str = "mirror", shrink_by: str = "side",
+         sampler: str = "opencv") -> np.ndarray:
     """Resample the quad of a frame into an aligned square crop.
 
-    Bilinear sampling. When :func:`shrink_factor` is 2 or more, the frame is first box-averaged by
-    that integer factor (as the reference shrinks it with an antialiasing resize), so the crop
-    does not alias.
+    Bilinear sampling. When :func:`shrink_factor` is 2 or more the frame is first shrunk by that
+    integer factor, so the crop does not alias: with "opencv" the frame region around the quad is
+    box-averaged and the quad mapped exactly onto the pooled pixels; with "pil" the whole frame is
+    resized with PIL's Lanczos filter (to ``rint(W / k) x rint(H / k)``) and the quad divided by k, as
+    the reference code does, which moves the crop (k - 1) / 2 frame pixels right and down (pooled pixel
+    j is centred on frame pixel k j + (k - 1) / 2, not k j).
 
     Args:
         frame: uint8 [H, W, 3] image.
@@ -331,19 +343,25 @@ def crop(frame: np.ndarray, quad: np.ndarray, size: int, *, pad: str = "mirror",
             whose sample point lies more than half a pixel outside the frame is black, one within
             that half pixel repeats the edge pixel.
         shrink_by: see :func:`shrink_factor`.
+        sampler: "opencv" rounds each bilinear value to the nearest level; "pil" is the reference
+            code's ``crop_image`` (without its unused padding): PIL's bilinear QUAD transform, which
+            truncates, so its crops are on average half a level darker.
 
     Returns:
         uint8 [size, size, 3] crop.
 
     Raises:
-        ValueError: bad shapes, size, ``pad`` or ``shrink_by``.
+        ValueError: bad shapes, size, ``pad``, ``shrink_by`` or ``sampler``.
     """
     _check_image(frame, "frame")
     if pad not in PADS:
         raise ValueError(f"pad must be one of {PADS}, got {pad!r}")
+    _check_sampler(sampler)
     matrix = crop_transform(quad, size)
     q = np.asarray(quad, dtype=np.float64)
     shrink = shrink_factor(q, size, shrink_by=shrink_by)
+    if sampler == "pil":
+        return _crop_pil(frame, q, size, pad=pad, shrink=shrink)
     source, to_source = np.ascontiguousarray(frame), matrix
     if shrink >= 2:
         source, to_frame = _box_shrink(frame, q, shrink)
@@ -362,6 +380,36 @@ def crop(frame: np.ndarray, quad: np.ndarray, size: int, *, pad: str = "mirror",
     return out
 
 
+def _crop_pil(frame: np.ndarray, quad: np.ndarray, size: int, *, pad: str, shrink: int) -> np.ndarray:
+    """:func:`crop` with the "pil" sampler: the reference's steps, so its crops come out to the bit."""
+    image, q = PIL.Image.fromarray(frame), quad.copy()
+    diagonal = np.hypot(*(q[3] - q[1]))
+    if shrink >= 2:
+        w, h = image.size
+        image = image.resize((int(np.rint(w / shrink)), int(np.rint(h / shrink))), PIL.Image.Resampling.LANCZOS)
+        q, diagonal = q / shrink, diagonal / shrink
+    # Cut the image to the quad's box plus a margin, as the reference does: the corners then move by whole
+    # pixels and the transform's coefficients, and its truncated values, are the reference's to the last bit.
+    margin = max(int(np.rint(diagonal * 0.1)), 3)
+    w, h = image.size
+    box = (max(int(np.floor(q[:, 0].min())) - margin, 0), max(int(np.floor(q[:, 1].min())) - margin, 0),
+           min(int(np.ceil(q[:, 0].max())) + margin, w), min(int(np.ceil(q[:, 1].max())) + margin, h))
+    width, height = box[2] - box[0], box[3] - box[1]
+    if width > 0 and height > 0 and (width < w or height < h):  # empty when the quad lies off the image
+        image, q = image.crop(box), q - box[:2]
+    if pad == "mirror":
+        # PIL fills 0 beyond the image: mirror the image as far as the quad reaches past it, and move the quad.
+        w, h = image.size
+        left, top = (max(2 - int(np.floor(q[:, k].min())), 0) for k in (0, 1))
+        right, bottom = (max(int(np.ceil(q[:, k].max())) + 2 - n, 0) for k, n in ((0, w), (1, h)))
+        if left or top or right or bottom:
+            padded = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="reflect")
+            image, q = PIL.Image.fromarray(padded), q + [left, top]
+    out = image.transform((size, size), PIL.Image.Transform.QUAD, (q + 0.5).ravel().tolist(),
+                          PIL.Image.Resampling.BILINEAR)
+    return np.array(out)
+
+
 def _samples_inside(matrix: np.ndarray, frame_shape: tuple[int, ...], size: int) -> np.ndarray:
     """bool [size, size]: where a crop pixel's sample point lies in the frame, its pixel edges included
     ([-0.5, W - 0.5) x [-0.5, H - 0.5) in pixel centres, PIL's test)."""
@@ -378,35 +426,45 @@ def uncrop(
     frame_shape: tuple[int, ...],
     *,
     box: tuple[int, int, int, int] | None = None,
+    sampler: str = "opencv",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Warp a crop back onto the frame it came from (the inverse of :func:`crop`).
 
-    Bilinear sampling; outside the quad the crop's edge pixels are repeated (BORDER_REPLICATE)
-    so a blend that reaches one pixel past the edge does not pull in black.
+    Bilinear sampling. "opencv": outside the quad the crop's edge pixels are repeated
+    (BORDER_REPLICATE) so a blend that reaches one pixel past the edge does not pull in black. "pil":
+    the reference code's paste-back, PIL's PERSPECTIVE transform with the coefficients that map frame
+    pixels to crop pixels (``quad + 0.5`` to the crop's edges): values are truncated to integers, a frame
+    pixel whose sample point lies off the crop is 0, and an RGBA crop is interpolated premultiplied by its
+    alpha and returned straight (PIL transforms RGBA so).
 
     Args:
-        crop_image: uint8 or float [S, S, C] crop (values kept as they are, e.g. [0, 255]).
+        crop_image: uint8 or float [S, S, C] crop (values kept as they are, e.g. [0, 255]); with "pil",
+            uint8 [S, S, 3] (RGB) or [S, S, 4] (RGBA, straight alpha).
         quad: float [4, 2] frame-pixel corners the crop was taken from.
         frame_shape: (H, W) or (H, W, ...) of the frame.
         box: only compute this frame box (x0, y0, x1, y1), end-exclusive, e.g. from
             :func:`quad_bounds`; the whole frame when None.
+        sampler: "opencv" or "pil", as the crop was made.
 
     Returns:
         ``(image, valid)``: float32 [h, w, C] the crop in frame pixels, and float32 [h, w] in
-        [0, 1]: 1 where the frame pixel maps inside the crop, 0 outside, a one-pixel bilinear
-        ramp at the quad edge. (h, w) is (H, W), or the box's size when ``box`` is given.
+        [0, 1]: 1 where the frame pixel maps inside the crop, 0 outside; with "opencv" a one-pixel
+        bilinear ramp at the quad edge. (h, w) is (H, W), or the box's size when ``box`` is given.
 
     Raises:
-        ValueError: bad shapes or a box outside the frame.
+        ValueError: bad shapes, a box outside the frame, an unknown sampler, or a crop "pil" cannot take.
     """
     image = np.asarray(crop_image)
     if image.ndim != 3 or image.shape[0] != image.shape[1]:
         raise ValueError(f"crop_image must have shape [S, S, C], got {list(image.shape)}")
+    _check_sampler(sampler)
     h, w = int(frame_shape[0]), int(frame_shape[1])
     x0, y0, x1, y1 = (0, 0, w, h) if box is None else box
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise ValueError(f"box {box} is empty or outside the {w}x{h} frame")
     size = image.shape[0]
+    if sampler == "pil":
+        return _uncrop_pil(image, _check_quad(quad), (x0, y0, x1, y1))
     from_box = np.array([[1.0, 0.0, x0], [0.0, 1.0, y0], [0.0, 0.0, 1.0]])
     # Maps box pixels to crop pixels: the direction cv2 wants with WARP_INVERSE_MAP.
     matrix = crop_transform(quad, size) @ from_box
@@ -427,6 +485,26 @@ def uncrop(
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=0.0,
     )
+    return warped, valid
+
+
+def _uncrop_pil(image: np.ndarray, quad: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`uncrop` with the "pil" sampler."""
+    if image.dtype != np.uint8 or image.shape[2] not in (3, 4):
+        raise ValueError(f"the pil sampler uncrops uint8 RGB or RGBA crops, got {image.dtype} {list(image.shape)}")
+    x0, y0, x1, y1 = box
+    size = image.shape[0]
+    # PIL's coordinates put pixel i's centre at i + 0.5; PERSPECTIVE's data maps output (frame box) points to
+    # input (crop) points, with the last coefficient 1.
+    edges = np.array([[0, 0], [0, size], [size, size], [size, 0]], dtype=np.float64)
+    to_crop = _homography(quad + 0.5 - [x0, y0], edges).ravel()[:8].tolist()
+
+    def warp(picture: PIL.Image.Image) -> np.ndarray:
+        return np.asarray(picture.transform((x1 - x0, y1 - y0), PIL.Image.Transform.PERSPECTIVE, to_crop,
+                                            PIL.Image.Resampling.BILINEAR), dtype=np.float32)
+
+    warped = warp(PIL.Image.fromarray(np.ascontiguousarray(image)))
+    valid = warp(PIL.Image.new("L", (size, size), 255)) / 255
     return warped, valid
 
 
@@ -471,7 +549,7 @@ def _box_shrink(frame: np.ndarray, quad: np.ndarray, k: int) -> tuple[np.ndarray
     x0, y0, x1, y1 = quad_bounds(quad, frame.shape, margin=2 * k + 2)
     w = (x1 - x0) // k * k
     h = (y1 - y0) // k * k
-    if w == 0 or h == 0:
+    if w <= 0 or h <= 0:
         # The quad lies off the frame: nothing to pool, mirror the whole frame as it is.
         return frame, np.eye(3)
     region = frame[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
@@ -518,6 +596,11 @@ def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:
 
 def _check_quad(quad: np.ndarray) -> np.ndarray:
     return _check_points(quad, 4, "quad")
+
+
+def _check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
 def _check_image(image: np.ndarray, name: str) -> None:

@@ -11,8 +11,9 @@ import math
 
 import cv2
 import numpy as np
+import PIL.Image
 
-from stitchtime_core.alignment import quad_bounds, uncrop
+from stitchtime_core.alignment import SAMPLERS, quad_bounds, uncrop
 
 
 def feather(mask: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -87,7 +88,7 @@ def feather_square(mask: np.ndarray, radius_px: int) -> np.ndarray:
 
 
 def paste_back(
-    frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray
+    frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray, *, sampler: str = "opencv"
 ) -> np.ndarray:
     """Warp a crop and its mask back onto the frame and alpha-blend: out = frame (1 - a) + crop a.
 
@@ -99,18 +100,28 @@ def paste_back(
         crop_image: uint8 or float [S, S, 3] in [0, 255], aligned like ``quad``.
         crop_mask: float [S, S] in [0, 1], the blend weight in crop pixels (feather it first).
         quad: float [4, 2] frame-pixel corners the crop was taken from.
+        sampler: "opencv": crop and mask warped in floating point, the blend rounded once; "pil": the
+            reference code's ``paste_image_mask``: crop and mask rounded to 8 bits and made one RGBA
+            image, warped by PIL (see :func:`~stitchtime_core.alignment.uncrop`) and laid over the frame
+            with PIL's ``alpha_composite``.
 
     Returns:
         uint8 [H, W, 3] a new frame.
 
     Raises:
-        ValueError: bad shapes or dtypes.
+        ValueError: bad shapes, dtypes or sampler.
     """
-    warp = _warp_back(frame, crop_image, crop_mask, quad)
+    warp = _warp_back(frame, crop_image, crop_mask, quad, sampler=sampler)
     out = frame.copy()
     if warp is None:
         return out
     (x0, y0, x1, y1), warped, alpha = warp
+    if sampler == "pil":
+        over = PIL.Image.fromarray(np.dstack([warped, np.rint(alpha * 255)]).astype(np.uint8))
+        under = PIL.Image.fromarray(out[y0:y1, x0:x1]).convert("RGBA")
+        under.alpha_composite(over)
+        out[y0:y1, x0:x1] = np.asarray(under)[:, :, :3]
+        return out
     alpha = alpha[:, :, None]
     region = out[y0:y1, x0:x1].astype(np.float32)
     blended = region * (1.0 - alpha) + warped * alpha
@@ -119,7 +130,7 @@ def paste_back(
 
 
 def paste_mask(
-    frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray
+    frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray, *, sampler: str = "opencv"
 ) -> np.ndarray:
     """Naive paste inside the hard segmentation mask: the first blending baseline (section 4.3).
 
@@ -131,19 +142,20 @@ def paste_mask(
         crop_image: uint8 or float [S, S, 3] in [0, 255], aligned like ``quad``.
         crop_mask: float [S, S] in {0, 1}, the segmentation mask in crop pixels.
         quad: float [4, 2] frame-pixel corners the crop was taken from.
+        sampler: see :func:`paste_back`.
 
     Returns:
         uint8 [H, W, 3] a new frame.
 
     Raises:
-        ValueError: bad shapes or dtypes.
+        ValueError: bad shapes, dtypes or sampler.
     """
     _, mask = _check_paste_inputs(frame, crop_image, crop_mask)
-    return paste_back(frame, crop_image, (mask >= 0.5).astype(np.float32), quad)
+    return paste_back(frame, crop_image, (mask >= 0.5).astype(np.float32), quad, sampler=sampler)
 
 
 def paste_poisson(
-    frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray
+    frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray, *, sampler: str = "opencv"
 ) -> np.ndarray:
     """Poisson blending inside the segmentation mask: the second blending baseline (section 4.3).
 
@@ -167,14 +179,15 @@ def paste_poisson(
         crop_image: uint8 or float [S, S, 3] in [0, 255], aligned like ``quad``.
         crop_mask: float [S, S] in {0, 1}, the segmentation mask in crop pixels.
         quad: float [4, 2] frame-pixel corners the crop was taken from.
+        sampler: how crop and mask are warped back (see :func:`paste_back`).
 
     Returns:
         uint8 [H, W, 3] a new frame; the frame itself when the mask is empty in the frame.
 
     Raises:
-        ValueError: bad shapes or dtypes.
+        ValueError: bad shapes, dtypes or sampler.
     """
-    warp = _warp_back(frame, crop_image, crop_mask, quad)
+    warp = _warp_back(frame, crop_image, crop_mask, quad, sampler=sampler)
     out = frame.copy()
     if warp is None:
         return out
@@ -203,22 +216,30 @@ def paste_poisson(
 _POISSON_PAD = 2
 
 
-def _warp_back(frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray
+def _warp_back(frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray, quad: np.ndarray, *, sampler: str
                ) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray] | None:
     """Warp a crop and its mask back onto the quad's frame box (None when the box is empty).
 
     Returns:
         (box x0, y0, x1, y1; float32 [h, w, 3] warped crop; float32 [h, w] mask in [0, 1], 0 outside
-        the crop).
+        the crop; with "pil" both are multiples of 1 and 1/255).
     """
     image, mask = _check_paste_inputs(frame, crop_image, crop_mask)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     x0, y0, x1, y1 = quad_bounds(quad, frame.shape)
     if x1 <= x0 or y1 <= y0:
         return None
+    box = (x0, y0, x1, y1)
+    if sampler == "pil":
+        # The reference's 8-bit RGBA crop, its alpha the mask: PIL fills 0 (transparent) off the crop.
+        both = np.clip(np.rint(np.concatenate([image, mask[:, :, None] * 255], axis=2)), 0, 255).astype(np.uint8)
+        warped, _ = uncrop(both, quad, frame.shape, box=box, sampler=sampler)
+        return box, warped[:, :, :3], warped[:, :, 3] / 255
     # Image and mask warp together as four channels; outside the quad the mask is cut by `valid`.
     both = np.concatenate([image.astype(np.float32), mask[:, :, None]], axis=2)
-    warped, valid = uncrop(both, quad, frame.shape, box=(x0, y0, x1, y1))
-    return (x0, y0, x1, y1), warped[:, :, :3], np.clip(warped[:, :, 3] * valid, 0.0, 1.0)
+    warped, valid = uncrop(both, quad, frame.shape, box=box, sampler=sampler)
+    return box, warped[:, :, :3], np.clip(warped[:, :, 3] * valid, 0.0, 1.0)
 
 
 def _check_paste_inputs(

@@ -98,6 +98,12 @@ class AlignmentConfig:
     """Large quads are box-averaged by an integer factor before the crop is sampled: floor(side / crop
     size) ("side": pools from 2x, where bilinear sampling starts to alias) or floor(diagonal / crop size / 2)
     (the reference code's, from 2.83x)."""
+    sampler: Literal["opencv", "pil"] = "opencv"
+    """What resamples the crops and warps the stitched crops back into the frames: "opencv" rounds each bilinear
+    value and box-averages a large quad's region with the exact pixel mapping; "pil" is the reference code's
+    PIL calls: bilinear values truncated (half a level darker on average), a large quad's whole frame shrunk
+    with PIL's Lanczos filter and the quad divided by the factor k (the crop moves (k - 1) / 2 frame pixels right
+    and down), the paste-back an 8-bit RGBA warp laid over the frame with PIL's ``alpha_composite``."""
 
     def __post_init__(self) -> None:
         _check_settings(self, "alignment")
@@ -473,7 +479,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     "stit-code": {
         "alignment": {"detector_upsample": 0, "detect_max_side": 0, "sigma_unit": "frame", "pad": "black",
-                      "shrink_by": "half-diagonal"},
+                      "shrink_by": "half-diagonal", "sampler": "pil"},
         "encoding": {"resize": "plain"},
         "pti": {"observations_per_frame": 300, "lambda_r": 0.0, "frame_order": "fixed", "regularizer_noise": "none"},
         "editing": {"halve_files": "all"},
@@ -487,7 +493,8 @@ edited image as its Fig. 3), the reference code where it is silent (loss normali
 mask shapes, feathering), and stitchtime's own choices where a measurement or a convention says so (warm
 starts, ...). ``stit-code``: the reference code (rotemtzaban/STIT) as it runs with its own defaults:
 faces detected on the full frame without upsampling, smoothing sigmas in the clip's frames, crops padded
-black and pooled by the quad's half diagonal, the e4e input resized without antialiasing, L2, no warm starts,
+black, pooled by the quad's half diagonal, sampled and pasted back with PIL's transforms (a pooled frame shrunk
+with its Lanczos filter), the e4e input resized without antialiasing, L2, no warm starts,
 300 PTI passes in frame order without the regulariser, the original crop segmented, every direction file halved.
 """
 

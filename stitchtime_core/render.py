@@ -25,27 +25,29 @@ class CropPaste(NamedTuple):
     """float [S, S] in [0, 1]: the dilated mask m^d = m + boundary."""
 
 
-def blend_frame(frame: np.ndarray, item: CropPaste, quad: np.ndarray, blending: BlendingConfig) -> np.ndarray:
+def blend_frame(frame: np.ndarray, item: CropPaste, quad: np.ndarray, blending: BlendingConfig, *,
+                sampler: str) -> np.ndarray:
     """One frame with its crop pasted back the way ``blending.method`` says.
 
     "feather" pastes through m^d with a Gaussian edge (the paper); "mask" pastes inside m with a hard
-    edge; "poisson" Poisson-blends inside m (the blending baselines of the ablation).
+    edge; "poisson" Poisson-blends inside m (the blending baselines of the ablation). ``sampler``
+    (``alignment.sampler``, as the crop was made) warps the crop back.
     """
     if blending.method == "mask":
-        return paste_mask(frame, item.crop, item.mask, quad)
+        return paste_mask(frame, item.crop, item.mask, quad, sampler=sampler)
     if blending.method == "poisson":
-        return paste_poisson(frame, item.crop, item.mask, quad)
+        return paste_poisson(frame, item.crop, item.mask, quad, sampler=sampler)
     size = item.crop.shape[0]
     if blending.feather_shape == "square":
         soft = feather_square(item.paste_mask, scaled_px(blending.feather_radius_px, size))
     else:
         soft = feather(item.paste_mask, blending.feather_px * size / 1024)
-    return paste_back(frame, item.crop, soft, quad)
+    return paste_back(frame, item.crop, soft, quad, sampler=sampler)
 
 
 def render_video(source: str | os.PathLike, out: str | os.PathLike, *, info: VideoInfo, quads: np.ndarray,
-                 crops: Callable[[int], CropPaste | None], blending: BlendingConfig, output: OutputConfig,
-                 progress: Callable[[int], None] | None = None) -> int:
+                 crops: Callable[[int], CropPaste | None], blending: BlendingConfig, sampler: str,
+                 output: OutputConfig, progress: Callable[[int], None] | None = None) -> int:
     """Write the edited video: each frame with its stitched crop pasted back.
 
     Args:
@@ -57,6 +59,7 @@ def render_video(source: str | os.PathLike, out: str | os.PathLike, *, info: Vid
         quads: float [N, 4, 2] crop quads in frame pixels.
         crops: frame index → what to paste into that frame, or None to keep the frame as it is.
         blending: how to paste.
+        sampler: what warps the crops back (``alignment.sampler``, as they were made).
         output: codec settings.
         progress: called with 1 after each frame is written.
 
@@ -69,7 +72,7 @@ def render_video(source: str | os.PathLike, out: str | os.PathLike, *, info: Vid
         for index, frame in enumerate(iter_frames(source, info)):
             item = crops(index) if index < len(quads) else None
             if item is not None:
-                frame = blend_frame(frame, item, quads[index], blending)
+                frame = blend_frame(frame, item, quads[index], blending, sampler=sampler)
             writer.write(frame)
             written += 1
             if progress is not None:

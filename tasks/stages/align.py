@@ -46,7 +46,7 @@ def align_faces(store_uri: str, source: str, probe: StageRef, landmarks: StageRe
             for i, frame in enumerate(video.iter_frames(source, info)):
                 if i < len(edited) and edited[i]:
                     pending.append(alignment.crop(frame, quads[i], resolution, pad=config.pad,
-                                                  shrink_by=config.shrink_by))
+                                                  shrink_by=config.shrink_by, sampler=config.sampler))
                 if len(pending) == CROP_CHUNK:
                     chunks.append(put_crops(store, key, len(chunks), pending))
                     pending = []

@@ -20,9 +20,11 @@ STAGE = Stage("render", version=2)
 
 
 def ingredients(probe: StageRef, align: StageRef, stitch: StageRef, blending: BlendingConfig, output: OutputConfig,
-                out: str) -> Ingredients:
-    # Where the output goes is not part of the key; its container (the suffix) is.
-    return [probe.key, align.key, stitch.key, _suffix(out)], {"blending": blending, "output": output}
+                out: str, sampler: str) -> Ingredients:
+    # Where the output goes is not part of the key; its container (the suffix) is. The sampler is part of
+    # align's key too, but a caller could pass another: the key must follow what this stage was given.
+    return [probe.key, align.key, stitch.key, _suffix(out)], {"blending": blending, "output": output,
+                                                               "sampler": sampler}
 
 
 def _suffix(out: str) -> str:
@@ -31,10 +33,11 @@ def _suffix(out: str) -> str:
 
 @stage_task("render")
 def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef, stitch: StageRef,
-                  blending: BlendingConfig, output: OutputConfig, out: str) -> StageRef:
+                  blending: BlendingConfig, output: OutputConfig, out: str, *, sampler: str) -> StageRef:
     """Paste the stitched crops back, encode with the source's audio to ``out`` (atomically), and store a copy.
 
-    When the stage is reused nothing is written to ``out``: :func:`deliver_output` copies the stored one.
+    ``sampler`` is ``alignment.sampler``, with which the align stage made the crops. When the stage is reused
+    nothing is written to ``out``: :func:`deliver_output` copies the stored one.
     """
     store = open_store(store_uri)
     info = video.VideoInfo.from_dict(probe.info["video"])
@@ -48,11 +51,11 @@ def render_output(store_uri: str, source: str, probe: StageRef, align: StageRef,
         with stage_progress("render", total=info.frame_count, unit="frame", label=os.path.basename(source)) as advance:
             frames = render_video(source, out, info=info, quads=table["quad"],
                                   crops=lambda i: chunks.row(row[i]) if edited[i] else None,
-                                  blending=blending, output=output, progress=advance)
+                                  blending=blending, sampler=sampler, output=output, progress=advance)
         store.put_file(f"{key}/output{suffix}", out)
         return {"frames": frames, "output": f"{key}/output{suffix}"}
 
-    return STAGE.make(store, ingredients(probe, align, stitch, blending, output, out), produce)
+    return STAGE.make(store, ingredients(probe, align, stitch, blending, output, out, sampler), produce)
 
 
 @retrying(name="deliver")

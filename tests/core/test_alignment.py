@@ -213,6 +213,7 @@ def test_crop_matches_the_reference_pil_quad_transform(astronaut, astronaut_land
     # Only rounding differs: measured max 1, mean 0.49.
     assert diff.max() <= 2
     assert diff.mean() < 1.0
+    np.testing.assert_array_equal(alignment.crop(astronaut, quad, size, sampler="pil"), np.asarray(pil))
 
 
 def test_quad_corners_land_on_crop_pixel_edges(astronaut_landmarks):
@@ -238,35 +239,56 @@ def test_crop_landmarks_sit_where_ffhq_puts_them(astronaut, astronaut_landmarks)
     assert 0.6 * size < mouth[1] < 0.8 * size
 
 
-def test_crop_of_a_large_quad_does_not_alias():
+@pytest.mark.parametrize("sampler", alignment.SAMPLERS)
+def test_crop_of_a_large_quad_does_not_alias(sampler):
     # One-pixel stripes seen through a quad 12 times larger than the crop average out to grey.
     stripes = np.zeros((1024, 1024, 3), np.uint8)
     stripes[:, ::2] = 255
     centre, right, down = np.array([512.0, 512.0]), np.array([380.0, 20.0]), np.array([-20.0, 380.0])
     quad = alignment.quad_from_axes(centre, right, down)
-    crop = alignment.crop(stripes, quad, 64).astype(np.float64)
+    crop = alignment.crop(stripes, quad, 64, sampler=sampler).astype(np.float64)
     assert abs(crop.mean() - 127.5) < 3
     assert crop.std() < 10
 
 
-def test_crop_mirrors_the_frame_where_the_quad_leaves_it():
+@pytest.mark.parametrize("sampler", alignment.SAMPLERS)
+@pytest.mark.parametrize("shrink_by", ["side", "half-diagonal"])
+def test_crop_mirrors_the_frame_where_the_quad_leaves_it(sampler, shrink_by):
     frame = np.full((100, 100, 3), 200, np.uint8)
     quad = alignment.quad_from_axes(np.array([10.0, 90.0]), np.array([40.0, 0.0]), np.array([0.0, 40.0]))
-    np.testing.assert_array_equal(alignment.crop(frame, quad, 32), 200)
+    np.testing.assert_array_equal(alignment.crop(frame, quad, 32, shrink_by=shrink_by, sampler=sampler), 200)
+    # A ramp across the left edge, one frame pixel per crop pixel: column u shows frame column u - 9.5, and
+    # mirrored at frame column 0 the crop is symmetric about u = 9.5.
+    ramp = np.broadcast_to(np.arange(100, dtype=np.uint8)[None, :, None] * 2, (100, 100, 3)).copy()
+    upright = alignment.quad_from_axes(np.array([10.0, 50.0]), np.array([20.0, 0.0]), np.array([0.0, 20.0]))
+    row = alignment.crop(ramp, upright, 40, sampler=sampler)[20, :, 0].astype(int)
+    np.testing.assert_allclose(row[:10], row[10:20][::-1], atol=1)
+    assert row[0] >= 18
 
 
+@pytest.mark.parametrize("sampler", alignment.SAMPLERS)
 @pytest.mark.parametrize("shrink_by", ["side", "half-diagonal"])
-def test_black_pad_fills_where_the_samples_leave_the_frame(shrink_by):
+def test_black_pad_fills_where_the_samples_leave_the_frame(shrink_by, sampler):
     # Crop pixel (u, v) samples frame point (-30 + 2.5 (u + 0.5), 50 + 2.5 (v + 0.5)): off the frame's
-    # pixel edges (x < -0.5, y >= 99.5) from column 11 down and row 20 up. "side" pools by 2 first.
+    # pixel edges (x < -0.5, y >= 99.5) from column 11 down and row 20 up. "side" pools by 2 first (with
+    # "pil" the pooled quad moves half a frame pixel, which the samples' distance from the edges absorbs).
     frame = np.full((100, 100, 3), 200, np.uint8)
     quad = alignment.quad_from_axes(np.array([10.0, 90.0]), np.array([40.0, 0.0]), np.array([0.0, 40.0]))
     assert alignment.shrink_factor(quad, 32, shrink_by=shrink_by) == (2 if shrink_by == "side" else 1)
-    crop = alignment.crop(frame, quad, 32, pad="black", shrink_by=shrink_by)
+    crop = alignment.crop(frame, quad, 32, pad="black", shrink_by=shrink_by, sampler=sampler)
     expected = np.full((32, 32, 3), 200, np.uint8)
     expected[:, :12] = 0
     expected[20:] = 0
     np.testing.assert_array_equal(crop, expected)
+
+
+@pytest.mark.parametrize("sampler", alignment.SAMPLERS)
+def test_a_large_quad_off_the_frame_crops_black_or_mirrored(sampler):
+    frame = np.full((100, 100, 3), 200, np.uint8)
+    quad = alignment.quad_from_axes(np.array([2000.0, 50.0]), np.array([30.0, 5.0]), np.array([-5.0, 30.0]))
+    assert alignment.shrink_factor(quad, 16) == 3
+    np.testing.assert_array_equal(alignment.crop(frame, quad, 16, pad="black", sampler=sampler), 0)
+    np.testing.assert_array_equal(alignment.crop(frame, quad, 16, sampler=sampler), 200)
 
 
 def test_crop_rejects_unknown_pads_and_shrinks():
@@ -276,11 +298,27 @@ def test_crop_rejects_unknown_pads_and_shrinks():
         alignment.crop(frame, quad, 8, pad="zeros")
     with pytest.raises(ValueError, match="shrink_by"):
         alignment.crop(frame, quad, 8, shrink_by="diagonal")
+    with pytest.raises(ValueError, match="sampler"):
+        alignment.crop(frame, quad, 8, sampler="cv2")
 
 
-def test_uncrop_valid_covers_the_quad(astronaut_landmarks):
+def test_the_pil_sampler_shrinks_the_whole_frame_and_shifts_the_quad():
+    # A pooled pixel of PIL's resize by k is centred on frame pixel k j + (k - 1) / 2; the quad divided by k
+    # puts it at k j: the crop shows the frame (k - 1) / 2 pixels right and down of where the quad is.
+    frame = cv2.resize(np.random.default_rng(0).integers(0, 256, (24, 32, 3)).astype(np.uint8), (256, 192),
+                       interpolation=cv2.INTER_CUBIC)
+    quad = alignment.quad_from_axes(np.array([128.0, 96.0]), np.array([40.0, 0.0]), np.array([0.0, 40.0]))
+    assert alignment.shrink_factor(quad, 16, shrink_by="side") == 5
+    pooled = PIL.Image.fromarray(frame).resize((51, 38), PIL.Image.Resampling.LANCZOS)  # rint(256 / 5), rint(192 / 5)
+    expected = pooled.transform((16, 16), PIL.Image.Transform.QUAD, (quad / 5 + 0.5).ravel().tolist(),
+                                PIL.Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(alignment.crop(frame, quad, 16, sampler="pil"), np.asarray(expected))
+
+
+@pytest.mark.parametrize("sampler", alignment.SAMPLERS)
+def test_uncrop_valid_covers_the_quad(astronaut_landmarks, sampler):
     quad = alignment.quad_from_axes(*alignment.face_axes(astronaut_landmarks))
-    image, valid = alignment.uncrop(np.full((64, 64, 3), 7, np.uint8), quad, (512, 512, 3))
+    image, valid = alignment.uncrop(np.full((64, 64, 3), 7, np.uint8), quad, (512, 512, 3), sampler=sampler)
     assert image.shape == (512, 512, 3) and valid.shape == (512, 512)
     cx, cy = np.rint(quad.mean(axis=0)).astype(int)
     assert valid[cy, cx] == 1.0 and image[cy, cx, 0] == 7
@@ -288,3 +326,27 @@ def test_uncrop_valid_covers_the_quad(astronaut_landmarks):
     # Area of the valid region equals the quad's (side^2), to within its one-pixel edge.
     side = np.hypot(*(quad[3] - quad[0]))
     assert abs(valid.sum() - side**2) < 4 * side
+
+
+def test_the_pil_uncrop_is_pils_perspective_transform(astronaut, astronaut_landmarks):
+    quad = alignment.quad_from_axes(*alignment.face_axes(astronaut_landmarks))
+    crop = alignment.crop(astronaut, quad, 64, sampler="pil")
+    rgba = np.dstack([crop, np.linspace(0, 255, 64 * 64).reshape(64, 64).astype(np.uint8)])
+    box = alignment.quad_bounds(quad, astronaut.shape)
+    image, valid = alignment.uncrop(rgba, quad, astronaut.shape, box=box, sampler="pil")
+    # PIL's data maps frame points (pixel i's centre at i + 0.5) onto the crop's edges 0 and 64, the whole frame.
+    rows = []
+    for (x, y), (u, v) in zip(quad + 0.5, [[0, 0], [0, 64], [64, 64], [64, 0]]):
+        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y, u], [0, 0, 0, x, y, 1, -v * x, -v * y, v]]
+    system = np.array(rows)
+    data = np.linalg.lstsq(system[:, :8], system[:, 8], rcond=None)[0].tolist()
+    whole = PIL.Image.fromarray(rgba).transform((512, 512), PIL.Image.Transform.PERSPECTIVE, data,
+                                                PIL.Image.Resampling.BILINEAR)
+    x0, y0, x1, y1 = box
+    np.testing.assert_array_equal(image, np.asarray(whole)[y0:y1, x0:x1])
+    assert set(np.unique(valid)) == {0.0, 1.0}
+    np.testing.assert_array_equal(image[valid == 0], 0)
+    with pytest.raises(ValueError, match="uint8 RGB or RGBA"):
+        alignment.uncrop(crop.astype(np.float32), quad, astronaut.shape, sampler="pil")
+    with pytest.raises(ValueError, match="sampler"):
+        alignment.uncrop(crop, quad, astronaut.shape, sampler="cv2")

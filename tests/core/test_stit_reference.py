@@ -2,7 +2,7 @@
 
 ``data/stit_reference.safetensors`` holds small fixed inputs and what the reference functions made of them
 (see ``data/README.md``); each test runs ours on the same inputs under ``--preset stit-code`` and must agree
-within 1e-5, so a drift from the reference fails here.
+within 1e-5 (crops and the paste-back exactly), so a drift from the reference fails here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from scipy.ndimage import gaussian_filter1d
 from safetensors.torch import load_file
 
 from stitchtime_core.alignment import crop, face_axes, quad_from_axes, shrink_factor, track_quads
-from stitchtime_core.blending import feather_square
+from stitchtime_core.blending import feather_square, paste_back
 from stitchtime_core.config import run_config
 from stitchtime_core.editing import edit_latents, load_direction_file
 from stitchtime_core.masks import square_masks
@@ -172,27 +172,60 @@ def test_pti_frame_order():
     assert sorted(shuffled[:3].tolist()) == sorted(shuffled[3:].tolist()) == [0, 1, 2]
 
 
+def stit_code_crop(frame: np.ndarray, quad: np.ndarray, size: int, config=STIT_CODE.alignment) -> np.ndarray:
+    return crop(frame, quad, size, pad=config.pad, shrink_by=config.shrink_by, sampler=config.sampler)
+
+
 def test_crops_outside_the_frame_are_black(ref):
     assert (STIT_CODE.alignment.pad, PAPER.alignment.pad) == ("black", "mirror")
+    assert (STIT_CODE.alignment.sampler, PAPER.alignment.sampler) == ("pil", "opencv")
     frame, quad, expected = ref["crop_frame"].numpy(), ref["crop_edge_quad"].numpy(), ref["crop_edge"].numpy()
-    got = crop(frame, quad, 16, pad=STIT_CODE.alignment.pad, shrink_by=STIT_CODE.alignment.shrink_by)
     black = (expected == 0).all(axis=-1)
     assert 20 < black.sum() < 200  # a wedge, and the rest of the crop
-    np.testing.assert_array_equal((got == 0).all(axis=-1), black)
-    # The same samples elsewhere: PIL truncates the bilinear value, OpenCV rounds it.
-    assert 0 <= (got.astype(int) - expected).min() and (got.astype(int) - expected).max() <= 1
-    mirrored = crop(frame, quad, 16, pad=PAPER.alignment.pad, shrink_by=PAPER.alignment.shrink_by)
-    assert (mirrored[black] > 0).any(axis=-1).all()  # the frame, mirrored at its edge
+    np.testing.assert_array_equal(stit_code_crop(frame, quad, 16), expected)
+    # OpenCV: the same samples, the same black, but each value rounded where PIL truncates it.
+    rounded = stit_code_crop(frame, quad, 16, dataclasses.replace(STIT_CODE.alignment, sampler="opencv"))
+    np.testing.assert_array_equal((rounded == 0).all(axis=-1), black)
+    assert 0 <= (rounded.astype(int) - expected).min() and (rounded.astype(int) - expected).max() <= 1
+    for sampler in ("opencv", "pil"):
+        mirrored = crop(frame, quad, 16, pad=PAPER.alignment.pad, shrink_by=PAPER.alignment.shrink_by, sampler=sampler)
+        assert (mirrored[black] > 0).any(axis=-1).all()  # the frame, mirrored at its edge
 
 
 def test_a_quad_under_2_83_crops_is_not_pooled(ref):
     # Its side is 2.4 crops: the reference measures its diagonal and samples it directly; "side" pools by 2.
     assert (STIT_CODE.alignment.shrink_by, PAPER.alignment.shrink_by) == ("half-diagonal", "side")
     frame, quad, expected = ref["crop_frame"].numpy(), ref["crop_between_quad"].numpy(), ref["crop_between"].numpy()
-    got = crop(frame, quad, 8, pad=STIT_CODE.alignment.pad, shrink_by=STIT_CODE.alignment.shrink_by)
-    assert 0 <= (got.astype(int) - expected).min() and (got.astype(int) - expected).max() <= 1
-    pooled = crop(frame, quad, 8, pad=STIT_CODE.alignment.pad, shrink_by=PAPER.alignment.shrink_by)
+    np.testing.assert_array_equal(stit_code_crop(frame, quad, 8), expected)
+    rounded = stit_code_crop(frame, quad, 8, dataclasses.replace(STIT_CODE.alignment, sampler="opencv"))
+    assert 0 <= (rounded.astype(int) - expected).min() and (rounded.astype(int) - expected).max() <= 1
+    by_side = dataclasses.replace(STIT_CODE.alignment, shrink_by=PAPER.alignment.shrink_by)
+    pooled = stit_code_crop(frame, quad, 8, by_side)
     assert np.abs(pooled.astype(int) - expected).max() > 10
+
+
+def test_a_quad_over_2_83_crops_is_pooled_with_the_whole_frame(ref):
+    # Side 31 for 7 px: pooled by 3, the frame resized with PIL's Lanczos filter and the quad divided by 3.
+    frame, quad, expected = ref["crop_frame"].numpy(), ref["crop_pooled_quad"].numpy(), ref["crop_pooled"].numpy()
+    assert shrink_factor(quad, 7, shrink_by=STIT_CODE.alignment.shrink_by) == 3
+    np.testing.assert_array_equal(stit_code_crop(frame, quad, 7), expected)
+    # Box-averaging around the quad with the exact mapping is another crop of this busy frame.
+    boxed = stit_code_crop(frame, quad, 7, dataclasses.replace(STIT_CODE.alignment, sampler="opencv"))
+    assert np.abs(boxed.astype(int) - expected).mean() > 5
+
+
+def test_the_feathered_paste_back(ref):
+    assert (STIT_CODE.blending.feather_shape, PAPER.blending.feather_shape) == ("square", "square")
+    frame, quad = ref["crop_frame"].numpy(), ref["paste_quad"].numpy()
+    soft = feather_square(ref["paste_mask"].numpy() / 255, 2)
+    expected = ref["paste_feathered_r2"].numpy()
+    got = paste_back(frame, ref["paste_crop"].numpy(), soft, quad, sampler=STIT_CODE.alignment.sampler)
+    np.testing.assert_array_equal(got, expected)
+    changed = (expected != frame).any(axis=-1)
+    assert 50 < changed.sum() < 150
+    # OpenCV warps crop and mask apart in floating point and rounds once: a few levels apart at the mask's edge.
+    rounded = paste_back(frame, ref["paste_crop"].numpy(), soft, quad, sampler=PAPER.alignment.sampler)
+    assert 0 < np.abs(rounded.astype(int) - expected).max() <= 4
 
 
 @pytest.mark.parametrize("side, by_side, by_half_diagonal", [

@@ -214,7 +214,7 @@ def test_every_long_stage_counts_up_to_its_total(tmp_path: Path, recorded: list[
     edit = stages.call(stages.edit_pivots, store, pivots, EditingConfig(edits=(("age", 2.0),)), TINY)
     stitch = stitch_here(store, align, pti, edit, config.stitching, TINY, chunk_size=2)
     stages.call(stages.render_output, store, source, probe, align, stitch, config.blending, config.output,
-                str(tmp_path / "out.mp4"))
+                str(tmp_path / "out.mp4"), sampler=config.alignment.sampler)
     # Fanned out: a runner that stitches the chunks here, as the workers would, and reports each one done.
     def run_chunks(chunks: list[stages.StitchChunk], done: Callable[[int], None]) -> dict[str, Any]:
         results = []

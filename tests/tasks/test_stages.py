@@ -1,5 +1,6 @@
 """The stage tasks' own behaviour, their code called without Prefect (``stages.call``) on a short real clip:
-the ablation settings change what they say, PTI resumes from its checkpoint, render blends each way."""
+the ablation settings change what they say, PTI resumes from its checkpoint, render blends each way, the sampler
+keys the crops and the paste-back."""
 
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def test_each_blending_method_pastes_its_own_way(up: Upstream, tmp_path: Path) -
         out = str(tmp_path / f"{method}.mp4")
         blending = BlendingConfig(method=method)
         stages.call(stages.render_output, up.store_uri, up.source, up.probe, up.align, stitch, blending,
-                    OutputConfig(crf=0, preset="ultrafast", pix_fmt="yuv444p"), out)
+                    OutputConfig(crf=0, preset="ultrafast", pix_fmt="yuv444p"), out,
+                    sampler=up.config.alignment.sampler)
         frames[method] = np.stack(list(iter_frames(out, probe(out)))).astype(int)
     source = np.stack(list(iter_frames(up.source, probe(up.source)))).astype(int)
     changed = {name: (np.abs(f - source).max(axis=-1) > 3).mean() for name, f in frames.items()}
@@ -123,6 +125,30 @@ def test_each_blending_method_pastes_its_own_way(up: Upstream, tmp_path: Path) -
     assert 0 < changed["mask"] < changed["feather"]
     assert np.abs(frames["poisson"] - frames["mask"]).mean() > 0.5
     assert np.abs(frames["feather"] - frames["mask"]).mean() > 0.5
+
+
+def test_the_sampler_keys_the_crops_and_the_paste_back(up: Upstream, tmp_path: Path) -> None:
+    # alignment.sampler makes the crops (align) and warps them back (render): a change re-runs both.
+    pil = dataclasses.replace(up.config.alignment, sampler="pil")
+    assert up.config.alignment.sampler == "opencv"
+    landmarks = stages.call(stages.detect_landmarks, up.store_uri, up.source, up.probe, pil)
+    align = stages.call(stages.align_faces, up.store_uri, up.source, up.probe, landmarks, pil, 64)
+    assert landmarks.reused and not align.reused and align.key != up.align.key
+    stitch = _stitch(up, up.config.stitching)
+    output = OutputConfig(crf=0, preset="ultrafast", pix_fmt="yuv444p")
+    frames, keys = {}, {}
+    for sampler in ("opencv", "pil"):
+        out = str(tmp_path / f"{sampler}.mp4")
+        render = stages.call(stages.render_output, up.store_uri, up.source, up.probe, up.align, stitch,
+                             up.config.blending, output, out, sampler=sampler)
+        if render.reused:  # the blending test may have rendered this one
+            stages.deliver_output(up.store_uri, render, out)
+        keys[sampler] = render.key
+        frames[sampler] = np.stack(list(iter_frames(out, probe(out)))).astype(int)
+    assert keys["pil"] != keys["opencv"]
+    difference = np.abs(frames["pil"] - frames["opencv"])
+    # Truncated against rounded, in the pasted region only.
+    assert 0 < difference.mean() < 0.5 and difference.max() <= 12
 
 
 class _Killed(Exception):
