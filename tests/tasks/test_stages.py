@@ -142,7 +142,7 @@ def test_the_sampler_keys_the_crops_and_the_paste_back(up: Upstream, tmp_path: P
         render = stages.call(stages.render_output, up.store_uri, up.source, up.probe, up.align, stitch,
                              up.config.blending, output, out, sampler=sampler)
         if render.reused:  # the blending test may have rendered this one
-            stages.deliver_output(up.store_uri, render, out)
+            stages.call(stages.deliver_output, up.store_uri, render, out)
         keys[sampler] = render.key
         frames[sampler] = np.stack(list(iter_frames(out, probe(out)))).astype(int)
     assert keys["pil"] != keys["opencv"]
