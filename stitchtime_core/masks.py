@@ -188,7 +188,10 @@ def square_masks(faces: torch.Tensor, size: int, *, border_px_1024: int
         raise ValueError(f"border_px_1024 must be >= 0, got {border_px_1024}")
     r, side = border_px_1024 // 2, faces.shape[-1]
     face = faces[:, None].float()
-    full = F.max_pool2d(face, 2 * r + 1, stride=1, padding=r)  # outside the image counts as nothing
+    # A square's maximum is the maximum of the row maxima: two 1-D passes, the same numbers 25x cheaper at r = 25.
+    # Outside the image counts as nothing.
+    full = F.max_pool2d(F.max_pool2d(face, (1, 2 * r + 1), stride=1, padding=(0, r)), (2 * r + 1, 1), stride=1,
+                        padding=(r, 0))
     near_edge = torch.ones(side, side, device=faces.device)
     near_edge[r:side - r, r:side - r] = 0
     border = torch.maximum(torch.minimum(near_edge, face), full - face).clamp(0, 1)
