@@ -435,7 +435,8 @@ class S3Store(ArtifactStore):
             "s3",
             region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             # No endpoint_url: boto3 reads AWS_ENDPOINT_URL itself, and passing one would override it.
-            config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}),
+            # botocore's own "max_attempts" counts the retries after the first try; "total_max_attempts" the tries.
+            config=Config(retries={"total_max_attempts": max_attempts, "mode": "standard"}),
         )
 
     @property

@@ -626,9 +626,9 @@ class _RefusingHandler(BaseHTTPRequestHandler):
         pass
 
 
-SLOWDOWNS = 6
-"""botocore tries a request 6 times (the store's ``max_attempts`` of 5 counts the retries, botocore's
-``total_max_attempts`` is one more): 6 refusals make one failed store write, and the stage's task fails once."""
+SLOWDOWNS = 5
+"""botocore tries a request 5 times (the store's ``max_attempts``, botocore's ``total_max_attempts``): 5 refusals
+make one failed store write, and the stage's task fails once."""
 
 
 def test_a_failed_last_write_of_pti_is_retried_without_tuning_again(
