@@ -356,7 +356,7 @@ def crop(frame: np.ndarray, quad: np.ndarray, size: int, *, pad: str = "mirror",
     _check_image(frame, "frame")
     if pad not in PADS:
         raise ValueError(f"pad must be one of {PADS}, got {pad!r}")
-    _check_sampler(sampler)
+    check_sampler(sampler)
     matrix = crop_transform(quad, size)
     q = np.asarray(quad, dtype=np.float64)
     shrink = shrink_factor(q, size, shrink_by=shrink_by)
@@ -457,7 +457,7 @@ def uncrop(
     image = np.asarray(crop_image)
     if image.ndim != 3 or image.shape[0] != image.shape[1]:
         raise ValueError(f"crop_image must have shape [S, S, C], got {list(image.shape)}")
-    _check_sampler(sampler)
+    check_sampler(sampler)
     h, w = int(frame_shape[0]), int(frame_shape[1])
     x0, y0, x1, y1 = (0, 0, w, h) if box is None else box
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
@@ -598,7 +598,8 @@ def _check_quad(quad: np.ndarray) -> np.ndarray:
     return _check_points(quad, 4, "quad")
 
 
-def _check_sampler(sampler: str) -> None:
+def check_sampler(sampler: str) -> None:
+    """Raises ValueError unless ``sampler`` is one of :data:`SAMPLERS`."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import PIL.Image
 
-from stitchtime_core.alignment import SAMPLERS, quad_bounds, uncrop
+from stitchtime_core.alignment import check_sampler, quad_bounds, uncrop
 
 
 def feather(mask: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -225,8 +225,7 @@ def _warp_back(frame: np.ndarray, crop_image: np.ndarray, crop_mask: np.ndarray,
         the crop; with "pil" both are multiples of 1 and 1/255).
     """
     image, mask = _check_paste_inputs(frame, crop_image, crop_mask)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    check_sampler(sampler)
     x0, y0, x1, y1 = quad_bounds(quad, frame.shape)
     if x1 <= x0 or y1 <= y0:
         return None

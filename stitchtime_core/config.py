@@ -455,10 +455,7 @@ def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[s
     Raises:
         ValueError: an unknown profile, quality or preset, or a bad override.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    config = with_overrides(RunConfig(), PRESETS[preset])
-    config = with_overrides(config, _differences(profile_defaults(profile, quality), RunConfig()))
+    config = with_overrides(_preset_config(preset), _differences(profile_defaults(profile, quality), RunConfig()))
     return with_overrides(config, overrides or {})
 
 
@@ -469,9 +466,18 @@ def preset_differences(config: RunConfig, preset: str) -> dict[str, dict[str, An
     Raises:
         ValueError: an unknown preset.
     """
+    return _differences(config, _preset_config(preset))
+
+
+def _preset_config(preset: str) -> RunConfig:
+    """The settings a preset gives before any profile, quality or override.
+
+    Raises:
+        ValueError: an unknown preset.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return _differences(config, with_overrides(RunConfig(), PRESETS[preset]))
+    return with_overrides(RunConfig(), PRESETS[preset])
 
 
 def _differences(config: RunConfig, base: RunConfig) -> dict[str, dict[str, Any]]:
