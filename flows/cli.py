@@ -335,7 +335,7 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     overrides = run_overrides(ablations, parsed)
     checked_config(profile, quality, device, preset, overrides, parsed)  # each video's container: by its run
     prepare_environment(store, verbose)
-    from flows.edit_library import edit_library, exit_status
+    from flows.edit_library import detail, edit_library, exit_status
     from stitchtime_core.errors import StitchtimeError
     from tasks.store import open_store
 
@@ -355,9 +355,8 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
         for video in summary["videos"]:
-            # An error names its file; the line names the video already.
-            detail = video.get("error", ", ".join(video.get("outputs", []))).removeprefix(f"{video['source']}: ")
-            click.echo(f"{video['status']:<8} {video['source']}" + (f": {detail}" if detail else ""))
+            text = detail(video)
+            click.echo(f"{video['status']:<8} {video['source']}" + (f": {text}" if text else ""))
         counts = summary["counts"]
         click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
     sys.exit(exit_status(summary))

@@ -90,7 +90,7 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
     _write_summary(dest, summary)
     for video in videos:
         if video["status"] == "failed":
-            log.error("%s failed: %s", video["source"], video["error"].removeprefix(f"{video['source']}: "))
+            log.error("%s failed: %s", video["source"], detail(video))
     return summary
 
 
@@ -136,6 +136,13 @@ def _edit_one(name: str, out_name: str, *, source: str, dest: str, edits: list[l
 def _failed(shown: str, name: str, exc: Exception, message: str, started: float) -> dict[str, Any]:
     return {"source": shown, "name": name, "status": "failed", "error": message, "error_type": type(exc).__name__,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def detail(video: dict[str, Any]) -> str:
+    """What a batch's line for ``video`` says after its name: its error (which names the video first; that
+    name is left out) or its outputs."""
+    text = video.get("error") or ", ".join(video.get("outputs", []))
+    return text.removeprefix(f"{video['source']}: ")
 
 
 def _write_summary(dest: str, summary: dict[str, Any]) -> None:
