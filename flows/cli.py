@@ -12,7 +12,9 @@ import click
 
 from flows.edit_spec import parse_edits, parse_places, parse_setting, run_overrides
 from flows.prefect_server import prepare_environment, use_prefect_api
-from stitchtime_core.config import ABLATIONS, PRESETS, RunConfig, SettingError, default_quality, run_config
+from stitchtime_core.config import (ABLATIONS, PRESETS, RunConfig, SettingError, check_device, default_quality,
+                                     run_config)
+from stitchtime_core.errors import DeviceError, StitchtimeError
 
 EXAMPLES = """
 \b
@@ -80,7 +82,7 @@ def _option(setting: str, settings: list[tuple[str, str, str]]) -> str:
 def checked_config(profile: str, quality: str | None, device: str, preset: str,
                    overrides: dict[str, dict[str, str]], settings: list[tuple[str, str, str]], *,
                    out: str | None = None, source: str | None = None) -> RunConfig:
-    """A run's settings, checked before anything starts: every setting against its allowed range, ffmpeg
+    """A run's settings, checked before anything starts: every setting against its allowed range, the device, ffmpeg
     asked whether it can write ``out``'s container (``.mkv`` when None) with the output settings and
     ``source``'s audio, and a ``--face X,Y`` point inside ``source``'s frame.
 
@@ -96,6 +98,10 @@ def checked_config(profile: str, quality: str | None, device: str, preset: str,
         raise BadSetting(f"{_option(exc.setting, settings)}: {exc}") from None
     except ValueError as exc:  # an unknown stage or setting, a value of the wrong type
         raise BadSetting(str(exc)) from None
+    try:
+        check_device(device)
+    except DeviceError as exc:
+        raise BadSetting(f"--device {exc.device}: {exc.problem}") from None
     try:
         info = check_encoding(out or "output.mkv", config.output, source)
     except ValueError as exc:
@@ -117,7 +123,6 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
               quality: str | None = None, preset: str = "paper") -> dict:
     _starting(f"to edit {source}")
     overrides = run_overrides(ablations, settings)
-    from stitchtime_core.errors import StitchtimeError
     from tasks.outputs import check_outputs, sidecar_paths
 
     try:  # before Prefect starts, so a wrong path, a file that is no video or a bad setting fails at once
@@ -336,7 +341,6 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     checked_config(profile, quality, device, preset, overrides, parsed)  # each video's container: by its run
     prepare_environment(store, verbose)
     from flows.edit_library import detail, edit_library, exit_status
-    from stitchtime_core.errors import StitchtimeError
     from tasks.store import open_store
 
     try:
@@ -440,7 +444,6 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, qual
     _starting(f"to edit {source} with the full method and each ablation")
     overrides = run_overrides((), parsed)
     folder = Path(out_dir) if out_dir else Path(source).with_name(f"{Path(source).stem}-ablation")
-    from stitchtime_core.errors import StitchtimeError
 
     try:  # before the folder is made: a missing file, a symlink loop, not a video, a bad setting
         variant = Path(folder, f"{Path(source).stem}.full{Path(source).suffix or '.mp4'}")
@@ -492,7 +495,6 @@ def report(run: str) -> None:
     The report is built from the summary and the artifacts in the store the run used, and written
     beside each output as OUT-STEM.report.html; nothing is recomputed and no network runs.
     """
-    from stitchtime_core.errors import StitchtimeError
     from tasks.outputs import RunSummary, sidecar_paths
     from tasks.report import write_report
 
@@ -533,7 +535,6 @@ def metrics(edited: str, source: str, arcface: str | None, face: str, as_json: b
     divided by the same pair's similarity in SOURCE: 1 keeps the source's consistency. Both videos are
     cropped where the face is found in SOURCE; they must have the same frame count and size.
     """
-    from stitchtime_core.errors import StitchtimeError
     from tasks.commands import measure_files
 
     try:

@@ -11,10 +11,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from stitchtime_core.errors import DeviceError
 
 
 POSITIVE = {"gt": 0}
@@ -414,6 +417,40 @@ def ablations_of(config: RunConfig) -> list[str]:
 PROFILES = ("tiny", "ffhq", "mobile")
 """The sets of networks a run can use (:mod:`stitchtime_core.models.profiles` loads them)."""
 QUALITIES = ("preview", "paper")
+
+
+def check_device(device: Any) -> None:
+    """Check that torch can compute on ``device`` (a name or a ``torch.device``) here, before any network is put
+    there. Loads torch only for a CUDA device.
+
+    Raises:
+        DeviceError: a CUDA device is asked for and this torch has no CUDA, or finds no GPU, or fewer GPUs than
+            the index asked for; the message says which, and what ``CUDA_VISIBLE_DEVICES`` holds.
+        ValueError: not a device torch knows (e.g. "gpu").
+    """
+    if str(device) == "cpu":
+        return
+    import torch
+
+    try:
+        wanted = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda") from None
+    if wanted.type != "cuda":
+        return
+    if torch.version.cuda is None:
+        raise DeviceError(str(device), f"this torch ({torch.__version__}) was built without CUDA; "
+                                       "install a CUDA build of torch, or run with --device cpu")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible!r}"
+    count = torch.cuda.device_count()
+    if not count:
+        raise DeviceError(str(device), f"no CUDA GPU is visible here (torch {torch.__version__}, CUDA "
+                                       f"{torch.version.cuda}{shown}): run with --device cpu, or where an NVIDIA GPU "
+                                       "and its driver are")
+    if (wanted.index or 0) >= count:
+        raise DeviceError(str(device), f"only {count} CUDA GPU{'s' if count > 1 else ''} visible here "
+                                       f"(cuda:0 to cuda:{count - 1}{shown})")
 
 
 def default_quality(device: str) -> str:

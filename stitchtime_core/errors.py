@@ -32,6 +32,22 @@ class NoFaceError(InputError):
     """No face was found in a video (or in too few of its frames to edit it)."""
 
 
+class DeviceError(StitchtimeError):
+    """The compute device a run asks for is not there: no CUDA device is visible, or fewer than its index.
+
+    Args:
+        device: the device asked for, as given ("cuda", "cuda:1").
+        problem: what is wrong, as a short sentence fragment.
+    """
+
+    def __init__(self, device: str, problem: str):
+        self.device, self.problem = device, problem
+        super().__init__(f"device {device}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.device, self.problem)
+
+
 class StoreError(StitchtimeError):
     """The artifact store cannot be reached or refused an operation.
 

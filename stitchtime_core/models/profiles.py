@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from stitchtime_core.editing import load_direction_file, sefa_directions
-from stitchtime_core.config import PROFILES
+from stitchtime_core.config import PROFILES, check_device
 from stitchtime_core.errors import InputError
 from stitchtime_core.files import replacing
 from stitchtime_core.models import registry
@@ -211,6 +211,7 @@ class Networks:
                  device: torch.device | str = "cpu"):
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        check_device(device)
         self.profile, self.device = profile, device
         self.folder = Path(models_dir) if models_dir else registry.default_models_dir()
 

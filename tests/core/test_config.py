@@ -27,8 +27,8 @@ from stitchtime_core.config import (
     to_dict,
     with_overrides,
 )
-from stitchtime_core.config import (MAX_STRENGTH, PREVIEW, SettingError, default_quality, preset_differences,
-                                    profile_defaults, run_config)
+from stitchtime_core.config import (MAX_STRENGTH, PREVIEW, SettingError, check_device, default_quality,
+                                    preset_differences, profile_defaults, run_config)
 
 STAGE_CONFIGS = (AlignmentConfig, EncodingConfig, PTIConfig, EditingConfig, StitchingConfig, BlendingConfig,
                  OutputConfig)
@@ -299,3 +299,38 @@ def test_a_run_records_what_differs_from_its_preset() -> None:
     assert preset_differences(run_config("mobile"), "paper") == {}
     with pytest.raises(ValueError, match="unknown preset 'stit'"):
         preset_differences(config, "stit")
+
+
+def test_a_missing_gpu_is_named_before_any_network_is_put_there() -> None:
+    import torch
+
+    from stitchtime_core.errors import DeviceError
+    from stitchtime_core.models.profiles import Networks
+
+    check_device("cpu")
+    check_device(torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown device 'gpu'; choose cpu or cuda"):
+        check_device("gpu")
+    count = torch.cuda.device_count()
+    if count:  # a GPU machine: its GPUs pass, an index past them does not
+        check_device("cuda")
+        check_device(f"cuda:{count - 1}")
+    with pytest.raises(DeviceError) as raised:
+        check_device(f"cuda:{count}")
+    expected = f"only {count} CUDA GPU" if count else "no CUDA GPU is visible here (torch "
+    assert str(raised.value).startswith(f"device cuda:{count}: ") and expected in raised.value.problem
+    with pytest.raises(DeviceError, match=f"device cuda:{count}: "):
+        Networks("tiny", device=f"cuda:{count}")  # every stage loads its networks through one
+    # Prefect pickles the errors of tasks and flows.
+    copy = pickle.loads(pickle.dumps(raised.value))
+    assert (copy.device, copy.problem, str(copy)) == (raised.value.device, raised.value.problem, str(raised.value))
+
+
+def test_hidden_gpus_are_named_as_hidden() -> None:
+    code = "from stitchtime_core.config import check_device\ncheck_device('cuda')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("stitchtime_core.errors.DeviceError: device cuda: no CUDA GPU "
+                                                     "is visible here (torch ")
+    assert "CUDA_VISIBLE_DEVICES=''): run with --device cpu, or where an NVIDIA GPU and its driver are" in result.stderr

@@ -124,6 +124,23 @@ def test_a_bad_setting_fails_before_prefect_starts(options: list[str], expected:
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_missing_gpu_fails_before_prefect_starts(clip: Path, tmp_path: Path) -> None:
+    """--device cuda where no GPU is visible (CUDA_VISIBLE_DEVICES hides any): one Error: line, exit 2."""
+    home = tmp_path / "prefect-home"
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), CUDA_VISIBLE_DEVICES="")
+    (tmp_path / "out").mkdir()
+    result = run_cli(["edit", str(clip), "--edit", "age=2", "--out", str(tmp_path / "out" / "edited.mp4"), *FAST,
+                      "--store", str(tmp_path / "data"), "--device", "cuda"], env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[0] == f"stitchtime: starting to edit {clip}", result.stderr
+    assert lines[1].startswith("Error: --device cuda: no CUDA GPU is visible here (torch ")
+    assert lines[1].endswith("CUDA_VISIBLE_DEVICES=''): run with --device cpu, or where an NVIDIA GPU and its driver are")
+    assert not home.exists() and not (tmp_path / "data").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_a_bad_setting_fails_a_batch_before_prefect_starts(clip: Path, tmp_path: Path) -> None:
     library, home = tmp_path / "library", tmp_path / "prefect-home"
     library.mkdir()
