@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from flows.edit_spec import parse_edits, parse_places, parse_setting, run_overrides
+from flows.edit_spec import parse_edits, parse_fan_out, parse_places, parse_setting, run_overrides
 from flows.prefect_server import prepare_environment, use_prefect_api
 from stitchtime_core.config import (ABLATIONS, PRESETS, RunConfig, SettingError, check_device, default_quality,
                                      run_config)
@@ -254,7 +254,7 @@ def _run_options(*, skip: tuple[str, ...] = ()):
             "--set", "settings", multiple=True, metavar="STAGE.SETTING=VALUE",
             help="Override a stage setting, e.g. --set stitching.steps=50 --set pti.lr=1e-3."),
         "fan_out": click.option(
-            "--fan-out", "fan_out", default=None, metavar="DEPLOYMENT",
+            "--fan-out", "fan_out", default=None, metavar="DEPLOYMENT", callback=parse_fan_out,
             help="Run each stitching chunk as a flow run of this stitch-chunk deployment on GPU workers "
                  "(e.g. stitch-chunk/gpu; default $STITCHTIME_STITCH_DEPLOYMENT); without it, in this "
                  "process. Needs a Prefect server and a store the workers share (s3://)."),

@@ -96,14 +96,55 @@ def parse_setting(text: str) -> tuple[str, str, str]:
     return stage, name, value
 
 
+PLACEABLE_STAGES = ("encode", "pti")
+"""The stages a run can place on another work pool, whole: those of ``tasks.stages.PLACEABLE`` (a test keeps the
+two alike; this module reads them without importing the stages, Prefect and torch)."""
+
+
+def check_deployment_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is FLOW/DEPLOYMENT, as Prefect names a deployment."""
+    flow_name, _, deployment = name.partition("/")
+    if not flow_name or not deployment or "/" in deployment:
+        raise ValueError(f"a deployment is named FLOW/DEPLOYMENT (e.g. stitch-chunk/gpu), got {name!r}")
+
+
+def parse_placement(text: str | None) -> dict[str, str]:
+    """``encode=run-stage/gpu,pti=run-stage/gpu`` as a placement.
+
+    Raises:
+        ValueError: not of that form, or a stage that cannot be placed.
+    """
+    placement = {}
+    for part in filter(None, (text or "").replace(" ", "").split(",")):
+        stage, sep, deployment = part.partition("=")
+        if not sep or not deployment:
+            raise ValueError(f"placement {part!r}: expected STAGE=DEPLOYMENT, e.g. pti=run-stage/gpu")
+        if stage not in PLACEABLE_STAGES:
+            raise ValueError(f"stage {stage!r} cannot be placed; choose one of {', '.join(PLACEABLE_STAGES)}")
+        try:
+            check_deployment_name(deployment)
+        except ValueError as exc:
+            raise ValueError(f"placement {part!r}: {exc}") from None
+        placement[stage] = deployment
+    return placement
+
+
 def parse_places(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str] | None:
     """Click callback: the ``--place STAGE=DEPLOYMENT`` options as a placement; None when none is given (the
     flow then reads ``$STITCHTIME_PLACEMENT``)."""
     if not values:
         return None
-    from flows.run_stage import parse_placement  # imports Prefect: only when --place is given
-
     try:
         return parse_placement(",".join(values))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def parse_fan_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: ``--fan-out``'s deployment, checked for its form (whether it exists is asked later)."""
+    if value:
+        try:
+            check_deployment_name(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value

@@ -15,7 +15,8 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.run_stage import PLACEMENT_ENV, check_placement, parse_placement, place, placed_ref
+from flows.edit_spec import parse_placement
+from flows.run_stage import PLACEMENT_ENV, check_placement, place, placed_ref
 from flows.stitch_chunk import FAN_OUT_ENV, deployment_runner
 from stitchtime_core.config import PROFILES, StitchingConfig, default_quality, run_config
 from tasks import outputs, report, stages
@@ -72,7 +73,11 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     store = store or default_store_uri()
     fan_out = fan_out or os.environ.get(FAN_OUT_ENV) or None
     run_chunks = deployment_runner(fan_out) if fan_out else None  # a wrong name fails now, not after PTI
-    placement = placement if placement is not None else parse_placement(os.environ.get(PLACEMENT_ENV))
+    if placement is None:
+        try:
+            placement = parse_placement(os.environ.get(PLACEMENT_ENV))
+        except ValueError as exc:
+            raise ValueError(f"${PLACEMENT_ENV}: {exc}") from None
     check_placement(placement)
     # A missing or broken model file fails now, before any stage: the networks this process will run load here.
     runtime = stages.Runtime(profile, models_dir, device)

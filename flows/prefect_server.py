@@ -22,6 +22,7 @@ from typing import IO
 
 import click
 
+from flows.edit_spec import check_deployment_name
 from stitchtime_core.errors import StitchtimeError
 
 
@@ -118,6 +119,10 @@ def check_deployment(name: str, *, otherwise: str) -> None:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
+    try:
+        check_deployment_name(name)
+    except ValueError as exc:
+        raise StitchtimeError(f"{exc}; {otherwise}") from None
     with get_client(sync_client=True) as client:
         try:
             client.read_deployment_by_name(name)

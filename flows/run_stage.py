@@ -20,6 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
+from flows.edit_spec import parse_placement
 from flows.prefect_server import check_deployment
 from stitchtime_core.errors import StitchtimeError
 from tasks import stages
@@ -60,25 +61,6 @@ def run_stage(stage: str, arguments: dict[str, Any], device: str | None = None) 
     arguments["runtime"] = dataclasses.replace(arguments["runtime"], device=device)  # this worker's
     ref = stages.run(task, **arguments)
     return {"stage": stage, "key": ref.key, "reused": ref.reused, "seconds": ref.seconds, **where}
-
-
-def parse_placement(text: str | None) -> dict[str, str]:
-    """``encode=run-stage/gpu,pti=run-stage/gpu`` as a placement.
-
-    Raises:
-        ValueError: not of that form, or a stage that cannot be placed.
-    """
-    placement = {}
-    for part in filter(None, (text or "").replace(" ", "").split(",")):
-        stage, sep, deployment = part.partition("=")
-        if not sep or not deployment:
-            raise ValueError(f"placement {part!r}: expected STAGE=DEPLOYMENT, e.g. pti=run-stage/gpu")
-        if stage not in stages.PLACEABLE:
-            raise ValueError(f"stage {stage!r} cannot be placed; choose one of {', '.join(stages.PLACEABLE)}")
-        if "/" not in deployment:
-            raise ValueError(f"placement {part!r}: the deployment is FLOW/DEPLOYMENT, e.g. run-stage/gpu")
-        placement[stage] = deployment
-    return placement
 
 
 def check_placement(placement: dict[str, str]) -> None:

@@ -100,6 +100,8 @@ def test_an_unknown_direction_or_setting_is_refused(options: list[str], problem:
     (["--out-name", "edited.txt"], ["edited.txt: ffmpeg cannot write a .txt file holding libx264 video"]),
     (["--face", "9999,5"], ["--face 9999,5: the point lies outside the frame of", "(160x160 px"]),
     (["--face", "-5,5"], ["--face -5,5: alignment.face must be 'largest', an index N or a pixel X,Y"]),
+    (["--place", "pti=a/b/c"], ["'--place'", "placement 'pti=a/b/c': a deployment is named FLOW/DEPLOYMENT"]),
+    (["--fan-out", "stitch-chunk"], ["'--fan-out'", "a deployment is named FLOW/DEPLOYMENT", "'stitch-chunk'"]),
 ])
 def test_a_bad_setting_fails_before_prefect_starts(options: list[str], expected: list[str], clip: Path,
                                                     tmp_path: Path) -> None:
@@ -117,10 +119,21 @@ def test_a_bad_setting_fails_before_prefect_starts(options: list[str], expected:
     assert "Traceback" not in result.stderr and result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and all(text in errors[0] for text in expected), result.stderr
-    if "'--edit'" not in expected:  # the edit language is read by click itself, before the command runs
+    if not expected[0].startswith("'--"):  # click reads these options itself, before the command runs
         assert result.stderr.splitlines()[0] == f"stitchtime: starting to edit {clip}"
         assert result.stderr.splitlines()[1] == errors[0]  # one line, no usage text
     assert not home.exists() and not (tmp_path / "data").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_placement_on_a_missing_deployment_is_one_line(clip: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """--place is read without Prefect, whose console logs the command quiets only once it starts."""
+    result = edit(clip, tmp_path / "out" / "edited.mp4", cli_env, tmp_path, "--place", "pti=run-stage/nosuch")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"stitchtime: starting to edit {clip}",
+        f"Error: no deployment 'run-stage/nosuch' on {cli_env['PREFECT_API_URL']}; deploy it (see "
+        "deployments/README.md) or run the stage in the edit flow"]
     assert list((tmp_path / "out").iterdir()) == []
 
 

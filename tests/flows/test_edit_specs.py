@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import pytest
 
-from flows.edit_spec import parse_edit_spec, run_overrides
+from flows.edit_spec import PLACEABLE_STAGES, parse_edit_spec, parse_placement, run_overrides
 from tasks.outputs import check_outputs, output_label, output_paths
 from stitchtime_core.config import ABLATIONS
 from stitchtime_core.errors import InputError
@@ -119,3 +119,22 @@ def test_every_run_command_takes_a_preset_and_the_config_file_records_it(tmp_pat
     write_config(path, "tiny", "preview", "stit-code", run_config("tiny", "preview", preset="stit-code"), [])
     written = json.loads(path.read_text())
     assert written["preset"] == "stit-code" and written["stitching"]["loss"] == "l2"
+
+
+def test_a_placement_names_placeable_stages_and_flow_slash_deployment() -> None:
+    from tasks import stages
+
+    assert PLACEABLE_STAGES == tuple(stages.PLACEABLE)  # the CLI reads the names without importing the stages
+    assert parse_placement(" encode=run-stage/gpu , pti=run-stage/big-gpu") == {"encode": "run-stage/gpu",
+                                                                               "pti": "run-stage/big-gpu"}
+    assert parse_placement("") == parse_placement(None) == {}
+    for text, problem in [("pti", "placement 'pti': expected STAGE=DEPLOYMENT"),
+                          ("pti=", "placement 'pti=': expected STAGE=DEPLOYMENT"),
+                          ("render=run-stage/gpu", "stage 'render' cannot be placed; choose one of encode, pti"),
+                          ("pti=gpu", "placement 'pti=gpu': a deployment is named FLOW/DEPLOYMENT"),
+                          ("pti=a/b/c", "placement 'pti=a/b/c': a deployment is named FLOW/DEPLOYMENT (e.g. "
+                                        "stitch-chunk/gpu), got 'a/b/c'"),
+                          ("pti=/gpu", "got '/gpu'"), ("pti=run-stage/", "got 'run-stage/'")]:
+        with pytest.raises(ValueError) as raised:
+            parse_placement(text)
+        assert problem in str(raised.value)
