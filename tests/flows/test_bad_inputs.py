@@ -149,7 +149,8 @@ def test_a_missing_gpu_fails_before_prefect_starts(clip: Path, tmp_path: Path) -
     lines = result.stderr.splitlines()
     assert len(lines) == 2 and lines[0] == f"stitchtime: starting to edit {clip}", result.stderr
     assert lines[1].startswith("Error: --device cuda: no CUDA GPU is visible here (torch ")
-    assert lines[1].endswith("CUDA_VISIBLE_DEVICES=''): run with --device cpu, or where an NVIDIA GPU and its driver are")
+    assert lines[1].endswith("CUDA_VISIBLE_DEVICES=''): run with --device cpu, or where an NVIDIA GPU and its "
+                             "driver are")
     assert not home.exists() and not (tmp_path / "data").exists()
     assert list((tmp_path / "out").iterdir()) == []
 
