@@ -538,7 +538,7 @@ def metrics(edited: str, source: str, arcface: str | None, face: str, as_json: b
     from tasks.commands import measure_files
 
     try:
-        result = measure_files(edited, source, arcface=arcface, face=face)
+        result = measure_files(edited, source, arcface=arcface, face=face, out=out)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # --face
@@ -551,11 +551,6 @@ def metrics(edited: str, source: str, arcface: str | None, face: str, as_json: b
         click.echo(f"similarity to the source: {_score(result['source_similarity'])}")
         click.echo(f"frames:  {result['frames']} ({result['frames_with_face']} with a face)")
         click.echo(f"network: {result['network']}")
-    if out:
-        try:
-            Path(out).write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as exc:
-            raise click.ClickException(f"{out}: cannot be written ({exc.strerror})") from None
 
 
 def _first_line(exc: ValueError) -> str:

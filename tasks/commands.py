@@ -16,6 +16,7 @@ from stitchtime_core.measure import measure_pair
 from stitchtime_core.models import registry
 from stitchtime_core.sample_clip import make_sample_clip
 from tasks import model_files
+from tasks.outputs import check_writable, write_json
 
 Say = Callable[[str, bool], None]
 """Prints a line of a long command: the line, and whether it is an error (stderr)."""
@@ -75,16 +76,24 @@ def fetch_models(folder: Path, profile: str, *, include_optional: bool, say: Say
     return failed
 
 
-def measure_files(edited: str, source: str, *, arcface: str | None, face: str) -> dict[str, Any]:
-    """TL-ID, TG-ID and the similarity to the source of ``edited`` against ``source`` (see ``stitchtime metrics``).
+def measure_files(edited: str, source: str, *, arcface: str | None, face: str,
+                  out: str | None = None) -> dict[str, Any]:
+    """TL-ID, TG-ID and the similarity to the source of ``edited`` against ``source`` (see ``stitchtime metrics``);
+    with ``out``, also written there as JSON, through a temporary name. ``out`` is checked before any work: it
+    may be neither video, and its folder must be writable.
 
     Raises:
         ValueError: ``face`` is not ``largest``, N or X,Y.
-        StitchtimeError: a file cannot be read or measured.
+        StitchtimeError: a file cannot be read or measured, or ``out`` cannot be written.
     """
     config = AlignmentConfig(face=face)
+    if out:
+        check_writable(out, inputs=[edited, source])
     identity = load_arcface_identity(arcface) if arcface else load_dlib_identity()
-    return measure_pair(edited, source, identity=identity, config=config).to_dict()
+    result = measure_pair(edited, source, identity=identity, config=config).to_dict()
+    if out:
+        write_json(Path(out), result)
+    return result
 
 
 def make_demo_clip(path: Path, *, seconds: float, fps: int) -> None:

@@ -112,19 +112,28 @@ def check_paths(source: str, out: str | os.PathLike) -> None:
     check_file(source)  # a missing file, a symlink loop, a folder: each named as such
     if not os.access(source, os.R_OK):
         raise InputError(source, "not readable")
+    check_writable(out, inputs=[source])
+    if not Path(out).resolve().suffix:
+        raise InputError(out, "output needs a file extension (e.g. .mp4)")
+
+
+def check_writable(out: str | os.PathLike, *, inputs: list[str]) -> None:
+    """Fail before any work when ``out`` is one of the ``inputs`` or its folder cannot be written.
+
+    Raises:
+        InputError: naming ``out`` or its folder, and the problem.
+    """
     if is_symlink_loop(out):  # Path.resolve would raise RuntimeError
         raise InputError(out, "a symlink loop")
-    out_path = Path(out).resolve()
-    if same_file(out, source):
+    if any(same_file(out, path) for path in inputs):
         raise InputError(out, "output would overwrite its source")
-    if not out_path.parent.is_dir():
-        raise InputError(out_path.parent, "output folder does not exist")
+    folder = Path(out).resolve().parent
+    if not folder.is_dir():
+        raise InputError(folder, "output folder does not exist")
     try:  # the real test: permissions, a read-only file system, ACLs (os.access misses some)
-        tempfile.TemporaryFile(dir=out_path.parent).close()
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
-        raise InputError(out_path.parent, f"output folder is not writable ({exc.strerror})") from None
-    if not out_path.suffix:
-        raise InputError(out, "output needs a file extension (e.g. .mp4)")
+        raise InputError(folder, f"output folder is not writable ({exc.strerror})") from None
 
 
 def check_encoding(out: str | os.PathLike, output: OutputConfig, source: str | None = None) -> VideoInfo | None:

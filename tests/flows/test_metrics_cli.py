@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -66,3 +67,18 @@ def test_a_face_point_outside_every_face_names_the_nearest(clip: Path, tmp_path:
     assert result.stderr.startswith(f"Error: {clip}: --face 2,3: no face contains this point in frame 0, "
                                     "the first with faces; the nearest is the face at ("), result.stderr
     assert result.stderr.rstrip().endswith(" px away"), result.stderr
+
+
+@pytest.mark.parametrize("case", ["edited", "source", "missing-folder"])
+def test_out_is_checked_before_measuring_and_never_overwrites_a_video(case: str, clip: Path, tmp_path: Path) -> None:
+    edited, source = tmp_path / "edited.mp4", tmp_path / "source.mp4"
+    shutil.copy(clip, edited)
+    shutil.copy(clip, source)
+    out = {"edited": edited, "source": source, "missing-folder": tmp_path / "nowhere" / "m.json"}[case]
+    result = run_cli(["metrics", str(edited), str(source), "--out", str(out)], dict(os.environ), tmp_path)
+    assert result.returncode == 1 and result.stdout == ""  # nothing measured, no scores printed
+    problem = "output folder does not exist" if case == "missing-folder" else "output would overwrite its source"
+    shown = out.parent if case == "missing-folder" else out
+    assert result.stderr.splitlines() == [f"Error: {shown}: {problem}"]
+    assert edited.read_bytes() == source.read_bytes() == clip.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.mp4", "source.mp4"]
