@@ -116,6 +116,19 @@ def checked_config(profile: str, quality: str | None, device: str, preset: str,
     return config
 
 
+def _check_uris(*options: tuple[str, str | None]) -> None:
+    """Each given (option, URI) opened as a store, so that a bad URI fails now, naming its option, before it is
+    recorded as a flow-run parameter; an empty one is refused, not taken for the default."""
+    from tasks.store import open_store
+
+    for option, uri in options:
+        if uri is not None:
+            try:
+                open_store(uri)
+            except ValueError as exc:
+                raise click.UsageError(f"{option}: {exc}") from None
+
+
 def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *, profile: str,
               store: str | None, device: str, models: str | None, ablations: tuple[str, ...],
               settings: list[tuple[str, str, str]], as_json: bool, verbose: bool, fan_out: str | None = None,
@@ -132,11 +145,9 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
         raise click.ClickException(str(exc)) from None
     prepare_environment(store, verbose)
     from flows.edit_video import edit_video
-    from tasks.store import open_store
 
     try:
-        if store:
-            open_store(store)  # a bad URI fails now, before it is recorded as a flow-run parameter
+        _check_uris(("--store", store))
         use_prefect_api()
         summary = edit_video(source, out, edit_sets, profile=profile, store=store, device=device, models_dir=models,
                              overrides=overrides, fan_out=fan_out, quality=quality, placement=placement,
@@ -341,12 +352,9 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     checked_config(profile, quality, device, preset, overrides, parsed)  # each video's container: by its run
     prepare_environment(store, verbose)
     from flows.edit_library import detail, edit_library, exit_status
-    from tasks.store import open_store
 
     try:
-        for uri in (source, dest, store):
-            if uri:
-                open_store(uri)  # a bad URI fails now, before it is recorded as a flow-run parameter
+        _check_uris(("SOURCE", source), ("--out", dest), ("--store", store))
         use_prefect_api()
         summary = edit_library(source, dest, edit_sets, profile=profile, store=store, device=device,
                                models_dir=models, overrides=overrides, concurrency=concurrency, fan_out=fan_out,
@@ -452,11 +460,9 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, qual
         raise click.ClickException(str(exc)) from None
     prepare_environment(store, verbose)
     from flows.ablate import ablate_video
-    from tasks.store import open_store
 
     try:
-        if store:
-            open_store(store)  # a bad URI fails now, before it is recorded as a flow-run parameter
+        _check_uris(("--store", store))
         folder.mkdir(parents=True, exist_ok=True)
         use_prefect_api()
         table = ablate_video(source, str(folder), edit_sets[0], profile=profile, store=store, device=device,

@@ -53,12 +53,12 @@ def edit_library(source: str, dest: str, edits: list[list[tuple[str, float]]], p
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     library.check_apart(source, dest)
-    library.check_dest(dest)
     started = time.perf_counter()
     listing = library.list_library(source)
     names = listing.videos
     if not names and not listing.refused:
         raise StitchtimeError(f"{source}: no videos found (looked for {', '.join(library.VIDEO_SUFFIXES)})")
+    library.check_dest(dest)  # made only now: a batch with nothing to edit leaves no folder behind
 
     outs = library.output_names(names)
     first_with: dict[str, str] = {}  # output name -> the video that gets it: its own name first

@@ -281,6 +281,35 @@ def test_an_empty_library_is_an_error(tmp_path: Path, cli_env: dict[str, str]) -
     assert result.returncode == 1 and "no videos found" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("case, problem", [
+    ("missing", "no such folder"),
+    ("file", "a file, not a folder of videos (stitchtime edit edits one video)"),
+])
+def test_a_source_that_is_no_folder_is_named_as_such(case: str, problem: str, tmp_path: Path,
+                                                      cli_env: dict[str, str]) -> None:
+    source = tmp_path / "lib.mp4"
+    if case == "file":
+        make_sample_clip(source, seconds=0.2, size=(64, 64))
+    result = run_cli(["batch", str(source), "--edit", "age=2", "--out", str(tmp_path / "out")], env=cli_env,
+                     cwd=tmp_path)
+    assert result.returncode == 1 and f"Error: {source}: {problem}" in result.stderr.splitlines()
+    assert not (tmp_path / "out").exists()  # nothing to edit: no destination folder made
+
+
+@pytest.mark.parametrize("option, uri, problem", [
+    ("SOURCE", "s3://", "store URI 's3://' names no bucket"),
+    ("--out", "ftp://x", "store URI 'ftp://x' has unknown scheme 'ftp'"),
+    ("--store", "", "store URI is empty"),
+])
+def test_a_bad_uri_is_named_by_its_option(option: str, uri: str, problem: str, tmp_path: Path) -> None:
+    (tmp_path / "lib").mkdir()
+    uris = {"SOURCE": str(tmp_path / "lib"), "--out": str(tmp_path / "out"), "--store": str(tmp_path / "data"),
+            option: uri}
+    result = run_cli(["batch", uris["SOURCE"], "--edit", "age=2", "--out", uris["--out"], "--store", uris["--store"]],
+                     env=dict(os.environ), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1].startswith(f"Error: {option}: {problem}")
+
+
 def test_a_destination_that_cannot_be_written_fails_before_any_video(tmp_path: Path, cli_env: dict[str, str]) -> None:
     (tmp_path / "lib").mkdir()
     make_sample_clip(tmp_path / "lib" / "a.mp4", seconds=0.2, size=(64, 64))
@@ -292,3 +321,8 @@ def test_a_destination_that_cannot_be_written_fails_before_any_video(tmp_path: P
     assert starting == f"stitchtime: starting to edit the videos under {tmp_path / 'lib'}"
     assert line == f"Error: {tmp_path / 'file' / 'out'}: the destination folder cannot be written (Not a directory)"
     assert not (tmp_path / "data").exists()  # no video was started
+    result = run_cli(["batch", str(tmp_path / "lib"), "--edit", "age=2", "--out", str(tmp_path / "file"),
+                      "--store", str(tmp_path / "data")], env=cli_env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"Error: {tmp_path / 'file'}: a file, not a folder for the outputs"
+    assert not (tmp_path / "data").exists()
