@@ -427,7 +427,7 @@ Examples:
 
 @main.command(epilog=ABLATE_EXAMPLES)
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--edit", "edit_sets", required=True, callback=parse_edits, metavar="NAME=S[+NAME=S...]",
+@click.option("--edit", "edit_sets", required=True, multiple=True, callback=parse_edits, metavar="NAME=S[+NAME=S...]",
               help="The one edit every variant makes, e.g. age=2 or age=2+smile=1 (a single strength each).")
 @click.option("--out-dir", default=None, type=click.Path(file_okay=False),
               help="Folder for the outputs, summaries, reports and the table (default: SOURCE-STEM-ablation/ beside "

@@ -138,3 +138,13 @@ def test_a_placement_names_placeable_stages_and_flow_slash_deployment() -> None:
         with pytest.raises(ValueError) as raised:
             parse_placement(text)
         assert problem in str(raised.value)
+
+
+def test_ablate_refuses_a_second_edit_rather_than_dropping_one() -> None:
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    for edits in (["age=1", "smile=1"], ["age=1,2"]):
+        refused = CliRunner().invoke(main, ["ablate", "x.mp4", *(f"--edit={edit}" for edit in edits)])
+        assert refused.exit_code == 2 and "give one edit (one strength per direction)" in refused.output
