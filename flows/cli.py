@@ -548,7 +548,7 @@ def metrics(edited: str, source: str, arcface: str | None, face: str, as_json: b
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # --face
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(f"--face {face}: {exc}") from None
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

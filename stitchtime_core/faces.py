@@ -324,7 +324,7 @@ def _start_face(faces: list[tuple[Rect, np.ndarray]], pick: int | np.ndarray, ch
     """Index into ``faces`` (largest first) of the face ``pick`` names."""
     if isinstance(pick, int):
         if pick >= len(faces):
-            raise ValueError(f"choose={choose!r} asks for face {pick} (0 = largest), but frame {index}, "
+            raise ValueError(f"--face {choose}: asks for face {pick} (0 = largest), but frame {index}, "
                              f"the first with faces, has {len(faces)} face{'s' if len(faces) != 1 else ''}")
         return pick
 

@@ -237,7 +237,8 @@ def test_track_starts_at_the_first_frame_with_faces(landmarker, scene):
 
 def test_track_rejects_a_rank_beyond_the_faces_found(landmarker, scene):
     blank = np.full_like(scene, 128)
-    with pytest.raises(ValueError, match="frame 1, the first with faces, has 2 faces"):
+    with pytest.raises(ValueError, match=r"^--face 2: asks for face 2 \(0 = largest\), but frame 1, the first with "
+                                         "faces, has 2 faces"):
         landmarks_for_video([blank, scene], landmarker, choose="2")
 
 
