@@ -113,7 +113,21 @@ def check_paths(source: str, out: str | os.PathLike) -> None:
     if not os.access(source, os.R_OK):
         raise InputError(source, "not readable")
     check_writable(out, inputs=[source])
-    if not Path(out).resolve().suffix:
+    check_output_name(out)
+
+
+def check_output_name(out: str | os.PathLike) -> None:
+    """Fail unless ``out`` names a file with an extension, which picks the container.
+
+    Raises:
+        InputError: an empty path, a name that is only an extension (``.mp4``) or none.
+    """
+    name = Path(out).name
+    if not str(out):
+        raise InputError("--out", "the output path is empty")
+    if name.startswith(".") and not Path(name).suffix:
+        raise InputError(out, f"output needs a name before its extension (e.g. clip{name})")
+    if not Path(out).suffix:
         raise InputError(out, "output needs a file extension (e.g. .mp4)")
 
 
@@ -155,8 +169,7 @@ def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet])
     With several outputs ``--out`` itself is not written (only its summary), so it may name the source.
     The summary, config and reports written beside the outputs may not name it either.
     """
-    if not Path(out).suffix:
-        raise InputError(out, "output needs a file extension (e.g. .mp4)")
+    check_output_name(out)
     outputs = output_paths(out, edit_sets)
     for _, path in outputs:
         check_paths(source, path)

@@ -148,3 +148,17 @@ def test_ablate_refuses_a_second_edit_rather_than_dropping_one() -> None:
     for edits in (["age=1", "smile=1"], ["age=1,2"]):
         refused = CliRunner().invoke(main, ["ablate", "x.mp4", *(f"--edit={edit}" for edit in edits)])
         assert refused.exit_code == 2 and "give one edit (one strength per direction)" in refused.output
+
+
+@pytest.mark.parametrize("out, problem", [
+    ("", "--out: the output path is empty"),
+    (".mp4", ".mp4: output needs a name before its extension (e.g. clip.mp4)"),
+    ("edited", "edited: output needs a file extension (e.g. .mp4)"),
+])
+def test_an_output_name_without_a_name_or_an_extension_is_named_as_such(out: str, problem: str,
+                                                                         tmp_path: Path) -> None:
+    source = tmp_path / "clip.mp4"
+    source.write_bytes(b"not read")
+    with pytest.raises(InputError) as raised:
+        check_outputs(str(source), out, [[("age", 2.0)]])
+    assert str(raised.value) == problem
