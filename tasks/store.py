@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -72,10 +73,12 @@ def open_store(uri: str) -> ArtifactStore:
             directory), or ``s3://bucket/prefix``.
 
     Returns:
-        A :class:`FileStore` or an :class:`S3Store`. Opening reads and writes nothing.
+        A :class:`FileStore` or an :class:`S3Store`. Opening writes nothing and reads nothing but, for a
+        folder, its path's metadata (one ``stat``, to refuse a file at once); an S3 store is not contacted.
 
     Raises:
-        ValueError: the URI is empty, has an unknown scheme, or names no bucket.
+        ValueError: the URI is empty, has an unknown scheme, names no bucket or no folder, or names a
+            folder whose path is a file.
     """
     uri = str(uri)
     if not uri:
@@ -93,11 +96,26 @@ def open_store(uri: str) -> ArtifactStore:
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"store URI {redact_urls(uri)!r} must be file:///absolute/path")
-        return FileStore(unquote(parts.path))
+        if not parts.path:  # file:// alone would be the working directory, which nobody means
+            raise ValueError(f"store URI {uri!r} names no folder (expected file:///absolute/path)")
+        return _folder_store(unquote(parts.path))
     # A single letter is a Windows drive, not a scheme.
     if len(parts.scheme) > 1:
         raise ValueError(f"store URI {uri!r} has unknown scheme {parts.scheme!r} (use file:// or s3://)")
-    return FileStore(uri)
+    return _folder_store(uri)
+
+
+def _folder_store(path: str) -> FileStore:
+    """A FileStore at ``path``, refused at once when a file is there: every write would fail, and only after a
+    stage had done its work."""
+    store = FileStore(path)
+    try:
+        mode = os.stat(store.root).st_mode
+    except OSError:  # missing (made on the first write), or not reachable: the first write says why
+        return store
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"{store.root}: a file, not a folder")
+    return store
 
 
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
@@ -287,8 +305,10 @@ class ArtifactStore(abc.ABC):
 
 # --- file:// --------------------------------------------------------------------------------------
 
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
-"""Write errors that come back the same when the write is tried again seconds later."""
+_PERMANENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                        errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
+"""OS errors that come back the same when the operation is tried again seconds later: a full or read-only disk,
+a refused permission, a file where a folder should be (or the reverse)."""
 
 
 def _write_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -324,13 +344,43 @@ class FileStore(ArtifactStore):
 
     @contextlib.contextmanager
     def _store_errors(self, key: str, action: str) -> Iterator[None]:
-        """Report the store's OS errors (permissions, full disk, ...) as StoreError; a full or read-only disk
-        is not worth a retry seconds later."""
+        """Report the store's OS errors (permissions, full disk, ...) as StoreError. One of :data:`_PERMANENT`,
+        or a root folder that is a file or cannot be made, is not worth a retry seconds later."""
         try:
             yield
         except OSError as exc:
-            raise StoreError(f"{self.url_for(key)}: cannot {action}: {exc.strerror or exc}",
-                             transient=exc.errno not in _DISK_FULL) from exc
+            raise self._error(exc, key, action) from exc
+
+    def _error(self, exc: OSError, key: str, action: str) -> StoreError:
+        """The StoreError of an OS error met on ``action`` of ``key``: naming the root folder when the fault is
+        the folder's own (a file in its place, or it cannot be made), else the object."""
+        reason = exc.strerror or str(exc)
+        permanent = exc.errno in _PERMANENT
+        try:
+            mode = os.stat(self.root).st_mode
+        except (FileNotFoundError, NotADirectoryError):  # missing: the failed write was to make it
+            file = self._file_above()
+            if file is not None:
+                return StoreError(f"{self.root}: cannot create the store folder: {file} is a file, not a folder",
+                                  transient=False)
+            return StoreError(f"{self.root}: cannot create the store folder ({reason})",
+                              transient=not permanent and exc.errno != errno.ENOENT)
+        except OSError:
+            pass  # cannot tell; the error itself says enough
+        else:
+            if not stat.S_ISDIR(mode):
+                return StoreError(f"{self.root}: the store folder is a file, not a folder", transient=False)
+        return StoreError(f"{self.url_for(key)}: cannot {action}: {reason}", transient=not permanent)
+
+    def _file_above(self) -> Path | None:
+        """The nearest existing path above the missing root, when it is a file (so the root cannot be made)."""
+        for parent in self.root.parents:
+            try:
+                mode = os.stat(parent).st_mode
+            except OSError:
+                continue
+            return None if stat.S_ISDIR(mode) else parent
+        return None
 
     def _put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -345,7 +395,7 @@ class FileStore(ArtifactStore):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ArtifactNotFound(key, self.uri) from None
         except OSError as exc:
-            raise StoreError(f"{self.url_for(key)}: cannot read: {exc.strerror or exc}") from exc
+            raise self._error(exc, key, "read") from exc
         with f:
             yield f
 
@@ -354,7 +404,8 @@ class FileStore(ArtifactStore):
             return f.read()
 
     def _exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        with self._store_errors(key, "read"):  # is_file() raises what is neither "missing" nor "not a folder"
+            return self._path(key).is_file()
 
     def _delete(self, key: str) -> None:
         path = self._path(key)

