@@ -55,7 +55,8 @@ def list_library(source: str) -> Listing:
     links: every key is listed as it is (a bad key is refused later by :func:`check_name`).
 
     Raises:
-        InputError: the folder is missing, a file or a symlink loop.
+        ValueError: ``source`` is a file (see :func:`tasks.store.open_store`).
+        InputError: the folder is missing or a symlink loop.
         StoreError: the folder or bucket cannot be read.
     """
     store = open_store(source)
@@ -71,8 +72,6 @@ def list_library(source: str) -> Listing:
     refused: dict[str, str] = {}
     try:
         entries = _entries(store.root)
-    except NotADirectoryError:
-        raise InputError(store.root, "a file, not a folder of videos (stitchtime edit edits one video)") from None
     except OSError as exc:
         raise StoreError(f"{store.root}: cannot read the library folder ({exc.strerror or exc})",
                          transient=False) from None
@@ -85,7 +84,7 @@ def list_videos(source: str) -> list[str]:
     (:attr:`Listing.videos` of :func:`list_library`).
 
     Raises:
-        InputError: the folder is missing, a file or a symlink loop.
+        ValueError: ``source`` is a file. InputError: the folder is missing or a symlink loop.
         StoreError: the folder or bucket cannot be read.
     """
     return list_library(source).videos
@@ -240,8 +239,6 @@ def check_dest(dest: str) -> None:
     if not isinstance(store, FileStore):
         store.exists(BATCH_SUMMARY)
         return
-    if store.root.exists() and not store.root.is_dir():
-        raise InputError(store.root, "a file, not a folder for the outputs")
     try:  # a real file: permissions, a read-only file system, ACLs (os.access misses some)
         store.root.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=store.root).close()

@@ -281,18 +281,19 @@ def test_an_empty_library_is_an_error(tmp_path: Path, cli_env: dict[str, str]) -
     assert result.returncode == 1 and "no videos found" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("case, problem", [
-    ("missing", "no such folder"),
-    ("file", "a file, not a folder of videos (stitchtime edit edits one video)"),
+@pytest.mark.parametrize("case, status, problem", [
+    ("missing", 1, "{source}: no such folder"),
+    ("file", 2, "SOURCE: {source}: a file, not a folder"),
 ])
-def test_a_source_that_is_no_folder_is_named_as_such(case: str, problem: str, tmp_path: Path,
+def test_a_source_that_is_no_folder_is_named_as_such(case: str, status: int, problem: str, tmp_path: Path,
                                                       cli_env: dict[str, str]) -> None:
     source = tmp_path / "lib.mp4"
     if case == "file":
         make_sample_clip(source, seconds=0.2, size=(64, 64))
     result = run_cli(["batch", str(source), "--edit", "age=2", "--out", str(tmp_path / "out")], env=cli_env,
                      cwd=tmp_path)
-    assert result.returncode == 1 and f"Error: {source}: {problem}" in result.stderr.splitlines()
+    assert result.returncode == status
+    assert result.stderr.splitlines()[-1] == f"Error: {problem.format(source=source)}"
     assert not (tmp_path / "out").exists()  # nothing to edit: no destination folder made
 
 
@@ -323,6 +324,6 @@ def test_a_destination_that_cannot_be_written_fails_before_any_video(tmp_path: P
     assert not (tmp_path / "data").exists()  # no video was started
     result = run_cli(["batch", str(tmp_path / "lib"), "--edit", "age=2", "--out", str(tmp_path / "file"),
                       "--store", str(tmp_path / "data")], env=cli_env, cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.splitlines()[-1] == f"Error: {tmp_path / 'file'}: a file, not a folder for the outputs"
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == f"Error: --out: {tmp_path / 'file'}: a file, not a folder"
     assert not (tmp_path / "data").exists()
