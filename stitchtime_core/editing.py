@@ -132,7 +132,7 @@ def resolve_direction(spec: str, *, G: Generator, named: dict[str, torch.Tensor]
     if spec.startswith("sefa:"):
         index = spec.split(":", 1)[1]
         if not index.isdigit() or int(index) >= G.w_dim:
-            raise ValueError(f"edit {spec!r}: sefa:K needs 0 <= K < {G.w_dim}")
+            raise ValueError(f"edit {spec!r}: sefa:K needs a whole number K from 0 to {G.w_dim - 1}")
         return sefa_directions(G)[int(index)].to(device)
     if Path(spec).suffix in (".npy", ".pt") or Path(spec).exists():
         return load_direction_file(spec, num_ws=G.num_ws, w_dim=G.w_dim,

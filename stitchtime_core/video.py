@@ -464,7 +464,7 @@ def check_encoding(out: str | os.PathLike, config: OutputConfig, *,
             audio = " and the source's audio" if audio_source is not None else ""
             reason = _first_error_line(result.stderr, muxed).replace(os.fspath(muxed), muxed.name)
             raise ValueError(f"ffmpeg cannot write a {suffix or 'file without an extension'} file holding "
-                             f"{config.codec} video{audio} ({reason})")
+                             f"{config.codec} video{audio}: name the output .mp4, .mkv or .mov (ffmpeg: {reason})")
 
 
 class VideoWriter:

@@ -174,7 +174,8 @@ def test_resolve_direction(tiny, sefa, tmp_path):
 
 @pytest.mark.parametrize("spec", ["sefa:x", "sefa:", "sefa:-1", f"sefa:{W_DIM}", "sefa:1.5"])
 def test_resolve_direction_rejects_bad_sefa_indices(tiny, spec):
-    with pytest.raises(ValueError, match="sefa:K needs"):
+    w_dim = tiny.generator.w_dim
+    with pytest.raises(ValueError, match=f"^edit '{spec}': sefa:K needs a whole number K from 0 to {w_dim - 1}$"):
         resolve_direction(spec, G=tiny.generator, named=tiny.directions)
 
 

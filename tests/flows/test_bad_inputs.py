@@ -98,6 +98,8 @@ def test_an_unknown_direction_or_setting_is_refused(options: list[str], problem:
     (["--set", "output.codec=nosuchcodec"], ["edited.mp4: output.codec=nosuchcodec", "Unknown encoder"]),
     (["--set", "output.preset=warp"], ["ffmpeg cannot encode with these settings", "invalid preset 'warp'"]),
     (["--out-name", "edited.txt"], ["edited.txt: ffmpeg cannot write a .txt file holding libx264 video"]),
+    (["--out-name", "edited.avi"], ["edited.avi: ffmpeg cannot write a .avi file holding libx264 video and the "
+                                    "source's audio: name the output .mp4, .mkv or .mov (ffmpeg: "]),
     (["--face", "9999,5"], ["--face 9999,5: the point lies outside the frame of", "(160x160 px"]),
     (["--face", "-5,5"], ["--face -5,5: alignment.face must be 'largest', an index N or a pixel X,Y"]),
     (["--place", "pti=a/b/c"], ["'--place'", "placement 'pti=a/b/c': a deployment is named FLOW/DEPLOYMENT"]),
