@@ -24,7 +24,7 @@ import torch
 
 from stitchtime_core.errors import InputError
 from stitchtime_core.models.stylegan2 import Generator
-from stitchtime_core.models.torch_files import load_failure_reason
+from stitchtime_core.models.torch_files import load_failure_reason, read_tensors_file
 
 
 def sefa_directions(G: Generator) -> torch.Tensor:
@@ -76,7 +76,7 @@ def load_direction_file(path: str | Path, *, num_ws: int, w_dim: int,
                                        "unpickled; a direction is an array of numbers)")
             array = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
         elif path.suffix == ".pt":
-            array = torch.load(path, map_location="cpu", weights_only=True)
+            array = read_tensors_file(path, what="a direction file")
             if not isinstance(array, torch.Tensor):
                 raise InputError(path, f"holds a {type(array).__name__}, expected one tensor")
             array = array.to(torch.float32)

@@ -135,7 +135,8 @@ def test_load_direction_never_unpickles_a_pt(tmp_path, payload):
     # The payload is live: a full (not weights-only) torch.load runs it.
     torch.load(tmp_path / "control.pt", weights_only=False)
     assert control_marker.exists()
-    with pytest.raises(InputError, match="not a readable direction file") as error:
+    with pytest.raises(InputError, match="cannot be read as a tensors-only torch file .*, so it is not a direction "
+                                         "file$") as error:
         load_direction_file(tmp_path / "evil.pt", num_ws=NUM_WS, w_dim=W_DIM)
     assert error.value.path == str(tmp_path / "evil.pt")
     assert not marker.exists()
@@ -157,6 +158,9 @@ def test_load_direction_rejects_missing_and_unknown_files(tmp_path):
     (tmp_path / "garbage.npy").write_bytes(os.urandom(64))
     with pytest.raises(InputError, match="not a readable direction file"):
         load_direction_file(tmp_path / "garbage.npy", num_ws=NUM_WS, w_dim=W_DIM)
+    (tmp_path / "garbage.pt").write_bytes(b"\x01" + os.urandom(63))  # neither torch.save's zip nor a pickle
+    with pytest.raises(InputError, match="garbage.pt: is not a torch file, so it is not a direction file$"):
+        load_direction_file(tmp_path / "garbage.pt", num_ws=NUM_WS, w_dim=W_DIM)
 
 
 def test_resolve_direction(tiny, sefa, tmp_path):
