@@ -14,6 +14,7 @@ edit flow submits only missing chunks, and a chunk run finds its artifact first.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -107,16 +108,17 @@ def deployment_runner(name: str, *, resubmits: int = 2, poll_seconds: float = 2.
         chunk_timeout: seconds; default ``$STITCHTIME_CHUNK_TIMEOUT``, else :data:`CHUNK_TIMEOUT`; 0 for none.
 
     Raises:
-        StitchtimeError: no such deployment on the Prefect server, or a chunk timeout that is not a number.
+        StitchtimeError: no such deployment on the Prefect server, or a chunk timeout that is not seconds >= 0.
     """
     if chunk_timeout is None:
         try:
             chunk_timeout = float(os.environ.get(CHUNK_TIMEOUT_ENV) or CHUNK_TIMEOUT)
         except ValueError:
-            raise StitchtimeError(f"{CHUNK_TIMEOUT_ENV}={os.environ[CHUNK_TIMEOUT_ENV]!r}: expected seconds") from None
-    if "/" not in name:
-        raise StitchtimeError(f"stitch deployment {name!r}: expected FLOW/DEPLOYMENT, e.g. stitch-chunk/gpu")
-    check_deployment(name, otherwise="stitch in-process")
+            chunk_timeout = math.nan
+        if not chunk_timeout >= 0:
+            raise StitchtimeError(f"{CHUNK_TIMEOUT_ENV}={os.environ[CHUNK_TIMEOUT_ENV]!r}: expected seconds, "
+                                  "0 for no timeout")
+    check_deployment(name, otherwise="stitch in-process")  # its form (FLOW/DEPLOYMENT) first
 
     def run(chunks: list[stages.StitchChunk], progress: Callable[[int], None]) -> dict[str, Any]:
         return _run_on_deployment(name, chunks, progress, resubmits=resubmits, poll_seconds=poll_seconds,

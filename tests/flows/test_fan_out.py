@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from stitchtime_core.config import StitchingConfig
 from stitchtime_core.sample_clip import make_sample_clip
 from stitchtime_core.video import iter_frames
-from flows.stitch_chunk import CHUNK_TIMEOUT_ENV
+from flows.stitch_chunk import CHUNK_TIMEOUT_ENV, deployment_runner
+from stitchtime_core.errors import StitchtimeError
 from tasks import stages
 from tasks.store import open_store
 
@@ -389,3 +390,18 @@ def test_a_chunk_run_whose_machine_is_lost_is_marked_crashed_and_run_again(
     assert sorted(p.name for p in (store / key).glob("chunk-*")) == [
         f"chunk-{start:06d}-{stop:06d}.safetensors" for start, stop in CHUNKS]
     assert len(list(iter_frames(workdir / "lost.mp4"))) == 10
+
+
+@pytest.mark.parametrize("name, timeout, problem", [
+    ("stitch-chunk/gpu", "-5", "STITCHTIME_CHUNK_TIMEOUT='-5': expected seconds, 0 for no timeout"),
+    ("stitch-chunk/gpu", "soon", "STITCHTIME_CHUNK_TIMEOUT='soon': expected seconds, 0 for no timeout"),
+    ("stitch-chunk/gpu", "nan", "STITCHTIME_CHUNK_TIMEOUT='nan': expected seconds, 0 for no timeout"),
+    ("a/b/c", "60", "a deployment is named FLOW/DEPLOYMENT (e.g. stitch-chunk/gpu), got 'a/b/c'; stitch in-process"),
+])
+def test_a_bad_chunk_timeout_or_deployment_name_fails_before_asking_the_server(
+        name: str, timeout: str, problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CHUNK_TIMEOUT_ENV, timeout)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens: asking would fail otherwise
+    with pytest.raises(StitchtimeError) as raised:
+        deployment_runner(name)
+    assert str(raised.value) == problem
