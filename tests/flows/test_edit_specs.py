@@ -162,3 +162,18 @@ def test_an_output_name_without_a_name_or_an_extension_is_named_as_such(out: str
     with pytest.raises(InputError) as raised:
         check_outputs(str(source), out, [[("age", 2.0)]])
     assert str(raised.value) == problem
+
+
+def test_a_bad_profile_from_the_environment_names_the_variable() -> None:
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    args = ["edit", "x.mp4", "--edit", "age=1", "--out", "y.mp4"]
+    refused = CliRunner(env={"STITCHTIME_PROFILE": "bogus"}).invoke(main, args)
+    assert refused.exit_code == 2
+    assert refused.output.splitlines()[-1] == "Error: $STITCHTIME_PROFILE=bogus: 'bogus' is not one of 'mobile', " \
+                                              "'ffhq', 'tiny'."
+    refused = CliRunner(env={"STITCHTIME_PROFILE": "bogus"}).invoke(main, [*args, "--profile", "bogos"])
+    assert refused.output.splitlines()[-1] == "Error: Invalid value for '--profile': 'bogos' is not one of " \
+                                              "'mobile', 'ffhq', 'tiny'."
