@@ -81,16 +81,17 @@ def _option(setting: str, settings: list[tuple[str, str, str]]) -> str:
 
 def checked_config(profile: str, quality: str | None, device: str, preset: str,
                    overrides: dict[str, dict[str, str]], settings: list[tuple[str, str, str]], *,
+                   edit_sets: list[list[tuple[str, float]]], models: str | None,
                    out: str | None = None, source: str | None = None) -> RunConfig:
-    """A run's settings, checked before anything starts: every setting against its allowed range, the device, ffmpeg
-    asked whether it can write ``out``'s container (``.mkv`` when None) with the output settings and
-    ``source``'s audio, and a ``--face X,Y`` point inside ``source``'s frame.
+    """A run's settings, checked before anything starts: every setting against its allowed range, the device, each
+    edit's direction name against the profile's, ffmpeg asked whether it can write ``out``'s container (``.mkv``
+    when None) with the output settings and ``source``'s audio, and a ``--face X,Y`` point inside ``source``'s frame.
 
     Raises:
         BadSetting: naming the option and what is wrong.
         StitchtimeError: ``source`` is not a video ffprobe can read, or ffmpeg is missing.
     """
-    from tasks.outputs import check_encoding
+    from tasks.outputs import check_direction_names, check_encoding
 
     try:
         config = run_config(profile, quality or default_quality(device), overrides, preset=preset)
@@ -102,6 +103,10 @@ def checked_config(profile: str, quality: str | None, device: str, preset: str,
         check_device(device)
     except DeviceError as exc:
         raise BadSetting(f"--device {exc.device}: {exc.problem}") from None
+    try:
+        check_direction_names(edit_sets, profile, models)
+    except ValueError as exc:
+        raise BadSetting(f"--edit: {exc}") from None
     try:
         info = check_encoding(out or "output.mkv", config.output, source)
     except ValueError as exc:
@@ -140,7 +145,8 @@ def _run_edit(source: str, out: str, edit_sets: list[list[tuple[str, float]]], *
 
     try:  # before Prefect starts, so a wrong path, a file that is no video or a bad setting fails at once
         check_outputs(source, out, edit_sets)
-        checked_config(profile, quality, device, preset, overrides, settings, out=out, source=source)
+        checked_config(profile, quality, device, preset, overrides, settings, edit_sets=edit_sets, models=models,
+                       out=out, source=source)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     prepare_environment(store, verbose)
@@ -362,7 +368,8 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
     _starting(f"to edit the videos under {source}")
     overrides = run_overrides(ablations, parsed)
-    checked_config(profile, quality, device, preset, overrides, parsed)  # each video's container: by its run
+    # each video's container: by its run
+    checked_config(profile, quality, device, preset, overrides, parsed, edit_sets=edit_sets, models=models)
     prepare_environment(store, verbose)
     from flows.edit_library import detail, edit_library, exit_status
 
@@ -468,7 +475,8 @@ def ablate(source: str, edit_sets: list, out_dir: str | None, profile: str, qual
 
     try:  # before the folder is made: a missing file, a symlink loop, not a video, a bad setting
         variant = Path(folder, f"{Path(source).stem}.full{Path(source).suffix or '.mp4'}")
-        checked_config(profile, quality, device, preset, overrides, parsed, out=str(variant), source=source)
+        checked_config(profile, quality, device, preset, overrides, parsed, edit_sets=edit_sets, models=models,
+                       out=str(variant), source=source)
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     prepare_environment(store, verbose)

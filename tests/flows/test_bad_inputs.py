@@ -102,6 +102,8 @@ def test_an_unknown_direction_or_setting_is_refused(options: list[str], problem:
                                     "source's audio: name the output .mp4, .mkv or .mov (ffmpeg: "]),
     (["--face", "9999,5"], ["--face 9999,5: the point lies outside the frame of", "(160x160 px"]),
     (["--face", "-5,5"], ["--face -5,5: alignment.face must be 'largest', an index N or a pixel X,Y"]),
+    (["--edit", "agee=2"], ["--edit: unknown edit direction 'agee': not a profile direction (age, pose, smile), "
+                            "sefa:K or a file"]),
     (["--place", "pti=a/b/c"], ["'--place'", "placement 'pti=a/b/c': a deployment is named FLOW/DEPLOYMENT"]),
     (["--fan-out", "stitch-chunk"], ["'--fan-out'", "a deployment is named FLOW/DEPLOYMENT", "'stitch-chunk'"]),
 ])
