@@ -91,6 +91,9 @@ def _binary(name: str, env_var: str) -> str:
         found = shutil.which(chosen)
         if not found:
             raise StitchtimeError(f"{env_var}={chosen} is not an executable {name} program")
+        if not _answers_as(found, name):  # else its silence would be blamed on the video
+            raise StitchtimeError(f"{env_var}={chosen} is not an {name} program (`{chosen} -version` does not "
+                                  f"print '{name} version')")
         return found
     found = shutil.which(name)
     if not found:
@@ -108,6 +111,17 @@ def ffmpeg_binary() -> str:
         StitchtimeError: neither is set or found.
     """
     return _binary("ffmpeg", "STITCHTIME_FFMPEG")
+
+
+@functools.lru_cache(maxsize=None)
+def _answers_as(binary: str, name: str) -> bool:
+    """Whether ``binary -version`` says it is ``name`` (ffmpeg or ffprobe); asked once per program."""
+    try:
+        result = subprocess.run([binary, "-hide_banner", "-version"], capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.stdout.lstrip().startswith(f"{name} version")
 
 
 def _parse_ffmpeg_version(text: str) -> tuple[int, int] | None:

@@ -523,3 +523,8 @@ def test_missing_binaries_say_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("STITCHTIME_FFPROBE", "/no/such/ffprobe")
     with pytest.raises(StitchtimeError, match="STITCHTIME_FFPROBE"):
         ffprobe_binary()
+    monkeypatch.setenv("PATH", os.defpath)
+    monkeypatch.setenv("STITCHTIME_FFMPEG", "true")  # runs, says nothing: its silence is not the video's fault
+    with pytest.raises(StitchtimeError, match=r"^STITCHTIME_FFMPEG=true is not an ffmpeg program \(`true -version` "
+                                              r"does not print 'ffmpeg version'\)$"):
+        ffmpeg_binary()
