@@ -368,8 +368,8 @@ def batch(source: str, edit_sets: list, dest: str, concurrency: int, profile: st
     parsed += [("alignment", name, value) for name, value in (("face", face), ("detector", detector)) if value]
     _starting(f"to edit the videos under {source}")
     overrides = run_overrides(ablations, parsed)
-    # each video's container: by its run
-    checked_config(profile, quality, device, preset, overrides, parsed, edit_sets=edit_sets, models=models)
+    checked_config(profile, quality, device, preset, overrides, parsed, edit_sets=edit_sets,
+                   models=models)  # each video's container is checked by its own run
     prepare_environment(store, verbose)
     from flows.edit_library import detail, edit_library, exit_status
 
