@@ -584,7 +584,8 @@ def _first_line(exc: ValueError) -> str:
     """What is wrong, in a line: pydantic's first error with where it is, or the exception's first line."""
     errors = exc.errors() if hasattr(exc, "errors") else None
     if errors:
-        return f"{'.'.join(str(part) for part in errors[0]['loc'])}: {errors[0]['msg']}"
+        where = ".".join(str(part) for part in errors[0]["loc"])
+        return f"{where}: {errors[0]['msg']}" if where else errors[0]["msg"]
     return str(exc).strip().splitlines()[0]
 
 

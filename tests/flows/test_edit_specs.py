@@ -177,3 +177,18 @@ def test_a_bad_profile_from_the_environment_names_the_variable() -> None:
     refused = CliRunner(env={"STITCHTIME_PROFILE": "bogus"}).invoke(main, [*args, "--profile", "bogos"])
     assert refused.output.splitlines()[-1] == "Error: Invalid value for '--profile': 'bogos' is not one of " \
                                               "'mobile', 'ffhq', 'tiny'."
+
+
+def test_report_of_a_file_that_is_no_summary_says_what_is_wrong(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    (tmp_path / "bad.summary.json").write_text("{bad")
+    (tmp_path / "empty.summary.json").write_text("{}")
+    for name, reason in [("bad", "Invalid JSON: key must be a string at line 1 column 2"),
+                         ("empty", "input: Field required")]:
+        refused = CliRunner().invoke(main, ["report", str(tmp_path / f"{name}.summary.json")])
+        assert refused.exit_code == 1
+        assert refused.output.splitlines() == [f"Error: {tmp_path / name}.summary.json: not a stitchtime run summary "
+                                               f"({reason})"]
