@@ -154,12 +154,15 @@ def check_writable(out: str | os.PathLike, *, inputs: list[str]) -> None:
 def check_direction_names(edit_sets: list[EditSet], profile: str, models_dir: str | None) -> None:
     """Fail before any work when an edit names no direction of the profile, no ``sefa:K`` and no file; the
     networks are not loaded (the flow resolves every direction, files and ``sefa:K`` included, before its first
-    stage).
+    stage). A profile without named directions (an ffhq folder without them) is left to the flow, which checks
+    the profile's files first.
 
     Raises:
         ValueError: the first unknown name, listing the profile's directions.
     """
     names = direction_names(profile, models_dir)
+    if not names:  # an ffhq models folder without directions: the flow checks the profile's files first
+        return
     for edit_set in edit_sets:
         for name, _ in edit_set:
             direction_kind(name, names)
