@@ -91,7 +91,7 @@ def checked_config(profile: str, quality: str | None, device: str, preset: str,
         BadSetting: naming the option and what is wrong.
         StitchtimeError: ``source`` is not a video ffprobe can read, or ffmpeg is missing.
     """
-    from tasks.outputs import check_direction_names, check_encoding
+    from tasks.outputs import check_direction_names, check_encoding, check_face_point
 
     try:
         config = run_config(profile, quality or default_quality(device), overrides, preset=preset)
@@ -111,13 +111,11 @@ def checked_config(profile: str, quality: str | None, device: str, preset: str,
         info = check_encoding(out or "output.mkv", config.output, source)
     except ValueError as exc:
         raise BadSetting(f"{out}: {exc}" if out else str(exc)) from None
-    point = config.alignment.face.replace(" ", "").split(",")
-    if info and len(point) == 2:
-        x, y = (float(value) for value in point)
-        if not (0 <= x < info.width and 0 <= y < info.height):
-            raise BadSetting(f"--face {config.alignment.face}: the point lies outside the frame of {source} "
-                             f"({info.width}x{info.height} px; X from 0 to {info.width - 1}, Y from 0 to "
-                             f"{info.height - 1})")
+    if info:
+        try:
+            check_face_point(config.alignment.face, info, source)
+        except ValueError as exc:
+            raise BadSetting(str(exc)) from None
     return config
 
 
@@ -569,7 +567,7 @@ def metrics(edited: str, source: str, arcface: str | None, face: str, as_json: b
     except StitchtimeError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # --face
-        raise click.UsageError(f"--face {face}: {exc}") from None
+        raise click.UsageError(str(exc)) from None
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

@@ -15,8 +15,9 @@ from stitchtime_core.identity import load_arcface_identity, load_dlib_identity
 from stitchtime_core.measure import measure_pair
 from stitchtime_core.models import registry
 from stitchtime_core.sample_clip import make_sample_clip
+from stitchtime_core.video import probe
 from tasks import model_files
-from tasks.outputs import check_writable, write_json
+from tasks.outputs import check_face_point, check_writable, write_json
 
 Say = Callable[[str, bool], None]
 """Prints a line of a long command: the line, and whether it is an error (stderr)."""
@@ -87,10 +88,14 @@ def measure_files(edited: str, source: str, *, arcface: str | None, face: str,
     may be neither video, and its folder must be writable.
 
     Raises:
-        ValueError: ``face`` is not ``largest``, N or X,Y.
+        ValueError: ``face`` is not ``largest``, N or X,Y, or a point outside ``source``'s frame.
         StitchtimeError: a file cannot be read or measured, or ``out`` cannot be written.
     """
-    config = AlignmentConfig(face=face)
+    try:
+        config = AlignmentConfig(face=face)
+    except ValueError as exc:
+        raise ValueError(f"--face {face}: {exc}") from None
+    check_face_point(config.face, probe(source), source)
     if out:
         check_writable(out, inputs=[edited, source])
     identity = load_arcface_identity(arcface) if arcface else load_dlib_identity()

@@ -181,6 +181,20 @@ def check_encoding(out: str | os.PathLike, output: OutputConfig, source: str | N
     return info
 
 
+def check_face_point(face: str, info: VideoInfo, source: str) -> None:
+    """Fail before any work when ``face`` (``AlignmentConfig.face``) is a point X,Y outside ``source``'s frame.
+
+    Raises:
+        ValueError: naming ``--face``, the frame's size and the ranges of X and Y.
+    """
+    point = face.replace(" ", "").split(",")
+    if len(point) == 2:
+        x, y = (float(value) for value in point)
+        if not (0 <= x < info.width and 0 <= y < info.height):
+            raise ValueError(f"--face {face}: the point lies outside the frame of {source} ({info.width}x"
+                             f"{info.height} px; X from 0 to {info.width - 1}, Y from 0 to {info.height - 1})")
+
+
 def check_outputs(source: str, out: str | os.PathLike, edit_sets: list[EditSet]) -> list[tuple[str, Path]]:
     """:func:`check_paths` for every output the edit sets make, before any work; returns :func:`output_paths`.
 

@@ -69,6 +69,16 @@ def test_a_face_point_outside_every_face_names_the_nearest(clip: Path, tmp_path:
     assert result.stderr.rstrip().endswith(" px away"), result.stderr
 
 
+@pytest.mark.parametrize("face, problem", [
+    ("160,5", "the point lies outside the frame of {clip} (160x160 px; X from 0 to 159, Y from 0 to 159)"),
+    ("abc", "alignment.face must be 'largest', an index N or a pixel X,Y; got 'abc'"),
+])
+def test_a_bad_face_option_is_named_before_measuring(face: str, problem: str, clip: Path, tmp_path: Path) -> None:
+    result = run_cli(["metrics", str(clip), str(clip), "--face", face], dict(os.environ), tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == f"Error: --face {face}: {problem.format(clip=clip)}"
+
+
 @pytest.mark.parametrize("case", ["edited", "source", "missing-folder"])
 def test_out_is_checked_before_measuring_and_never_overwrites_a_video(case: str, clip: Path, tmp_path: Path) -> None:
     edited, source = tmp_path / "edited.mp4", tmp_path / "source.mp4"
