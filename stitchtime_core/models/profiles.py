@@ -156,7 +156,8 @@ def load_mobile(folder: Path) -> Models:
     """MobileStyleGAN, LPIPS' AlexNet and the encoder trained here (see ``stitchtime models list --profile mobile``).
 
     Named directions are STIT's, vendored (:data:`~stitchtime_core.models.registry.MOBILE_DIRECTIONS`):
-    ``[18, 512]`` files with equal rows, applied as on the ffhq profile. Masks come from the landmarks (no face parser here).
+    ``[18, 512]`` files with equal rows, applied as on the ffhq profile. Masks come from the landmarks (no face
+    parser here).
     """
     files = _required_files(folder, "mobile")
     G = _mobile_generator(files)
