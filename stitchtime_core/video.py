@@ -114,14 +114,18 @@ def ffmpeg_binary() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _version_run(binary: str) -> subprocess.CompletedProcess:
+    """``binary -hide_banner -version``, run once per program (what it is, and which version)."""
+    return subprocess.run([binary, "-hide_banner", "-version"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60)
+
+
 def _answers_as(binary: str, name: str) -> bool:
-    """Whether ``binary -version`` says it is ``name`` (ffmpeg or ffprobe); asked once per program."""
+    """Whether ``binary -version`` says it is ``name`` (ffmpeg or ffprobe)."""
     try:
-        result = subprocess.run([binary, "-hide_banner", "-version"], capture_output=True, text=True,
-                                stdin=subprocess.DEVNULL, timeout=60)
+        return _version_run(binary).stdout.lstrip().startswith(f"{name} version")
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return result.stdout.lstrip().startswith(f"{name} version")
 
 
 def _parse_ffmpeg_version(text: str) -> tuple[int, int] | None:
@@ -131,10 +135,7 @@ def _parse_ffmpeg_version(text: str) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=None)
 def _version_of(binary: str) -> tuple[int, int] | None:
-    result = subprocess.run(
-        [binary, "-hide_banner", "-version"],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL,
-    )
+    result = _version_run(binary)
     if result.returncode != 0:
         raise StitchtimeError(f"{binary} -version failed: {result.stderr.strip() or 'no message'}")
     return _parse_ffmpeg_version(result.stdout)
