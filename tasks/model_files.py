@@ -357,21 +357,31 @@ def _download(url: str, part: Path, *, progress: ProgressCallback | None, timeou
         received = 0
         try:
             with open(part, mode) as f:
-                while chunk := response.read(CHUNK_BYTES):
+                while chunk := _read(response, url, have + received, timeout):
                     f.write(chunk)
                     received += len(chunk)
                     if progress is not None:
                         progress(have + received, total)
                 f.flush()
                 os.fsync(f.fileno())
-        except (OSError, http.client.HTTPException) as exc:
-            raise ModelFetchError(url, f"{_reason(exc, timeout)} after {have + received} bytes; fetch again to "
-                                       f"resume") from None
+        except OSError as exc:  # the part's own file: the network's errors come from _read
+            size = part.stat().st_size if part.is_file() else 0
+            kept = f"; its {size} bytes are kept: fetch again to resume" if size else ""
+            message = f"cannot write {part} ({exc.strerror or exc}) while downloading {url}{kept}"
+            raise ModelFetchError(url, "cannot write the download", message) from None
     # http.client does not flag a body cut short when it is read in chunks.
     if expected_body is not None and received < expected_body:
         raise ModelFetchError(url, f"connection closed after {have + received} of {have + expected_body} bytes; "
                                    f"fetch again to resume")
     return True
+
+
+def _read(response: http.client.HTTPResponse, url: str, received: int, timeout: float) -> bytes:
+    """The next chunk of ``response``'s body (b"" at its end); a network error as a :class:`ModelFetchError`."""
+    try:
+        return response.read(CHUNK_BYTES)
+    except (OSError, http.client.HTTPException) as exc:
+        raise ModelFetchError(url, f"{_reason(exc, timeout)} after {received} bytes; fetch again to resume") from None
 
 
 def _check_download(entry: ModelFile, part: Path) -> None:

@@ -164,6 +164,48 @@ def test_fetch_resumes_a_download_cut_off_by_the_server(server: FileServer, tmp_
     assert not (tmp_path / "ffhq.pkl.part").exists()
 
 
+def test_fetch_names_a_download_it_cannot_write_and_is_not_blamed_on_the_network(server: FileServer,
+                                                                                 tmp_path: Path) -> None:
+    (tmp_path / "ffhq.pkl.part").mkdir()  # the part's name is taken by a folder
+
+    with pytest.raises(ModelFetchError) as refused:
+        fetch(entry_for(server.url()), tmp_path)
+
+    assert str(refused.value) == (f"cannot write {tmp_path / 'ffhq.pkl.part'} (Is a directory) while downloading "
+                                  f"{server.url()}")
+    assert not (tmp_path / "ffhq.pkl").exists()
+
+
+def test_fetch_keeps_what_it_wrote_before_the_disk_refused_more_and_resumes(server: FileServer,
+                                                                             tmp_path: Path) -> None:
+    # A file-size limit of 1 MB in a child process: the disk refuses the part's writes past it (EFBIG).
+    child = ("import resource, signal, sys\n"
+             "from pathlib import Path\n"
+             "from stitchtime_core.models.registry import ModelFile\n"
+             "from tasks.model_files import ModelFetchError, fetch\n"
+             "url, folder, sha256, size = sys.argv[1:]\n"
+             "entry = ModelFile(name='ffhq.pkl', role='generator', description='a test generator', url=url,\n"
+             "                  size=int(size), sha256=sha256, profile='test')\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))\n"
+             "try:\n"
+             "    fetch(entry, Path(folder))\n"
+             "except ModelFetchError as exc:\n"
+             "    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", child, server.url(), str(tmp_path), PAYLOAD_SHA256,
+                           str(len(PAYLOAD))], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[2], check=True)
+
+    part = tmp_path / "ffhq.pkl.part"
+    kept = part.stat().st_size
+    assert 0 < kept <= 1_000_000
+    assert done.stdout.strip() == (f"cannot write {part} (File too large) while downloading {server.url()}; "
+                                   f"its {kept} bytes are kept: fetch again to resume")
+    path = fetch(entry_for(server.url()), tmp_path)
+    assert server.requests == [("/ffhq.pkl", None), ("/ffhq.pkl", f"bytes={kept}-")]
+    assert path.read_bytes() == PAYLOAD
+
+
 def test_fetch_resumes_a_part_left_on_disk(server: FileServer, tmp_path: Path) -> None:
     (tmp_path / "ffhq.pkl.part").write_bytes(PAYLOAD[:HALF])
     seen: list[tuple[int, int | None]] = []
