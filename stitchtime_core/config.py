@@ -73,9 +73,11 @@ class AlignmentConfig:
 
     detector: Literal["hog", "cnn"] = "hog"
     """dlib's HOG face detector, or its CNN (MMOD) detector: slower, finds more turned faces."""
-    detector_upsample: int = field(default=0, metadata=NON_NEGATIVE)
+    detector_upsample: int = field(default=0, metadata={"ge": 0, "le": 3})
     """How many times the detector upsamples the image it searches (the reference code: 0). HOG finds
-    face boxes down to about 55 px at 0, 30 px at 1, in pixels of that image (``detect_max_side``)."""
+    face boxes down to about 55 px at 0, 30 px at 1, in pixels of that image (``detect_max_side``). At most
+    3: each time doubles both sides, so a full 4K frame upsampled 3 times is 30720 px wide (1.6 GB), and the
+    faces found past that are a few pixels wide, far too small to edit."""
     detect_max_side: int = field(default=0, metadata=NON_NEGATIVE)
     """Faces are detected on a copy of the frame at most this large (0: the full frame, as the reference
     code); landmarks always use the full frame. 960 with upsample 1 cuts a 4K frame's detection from 0.6

@@ -95,6 +95,8 @@ def test_an_unknown_direction_or_setting_is_refused(options: list[str], problem:
     (["--set", "blending.feather_px=inf"], ["--set blending.feather_px=inf: ", "must be a finite number"]),
     (["--set", "stitching.lambda_m=-1"], ["--set stitching.lambda_m=-1: stitching.lambda_m must be >= 0"]),
     (["--set", "output.crf=999"], ["--set output.crf=999: output.crf must be <= 63, got 999"]),
+    (["--set", "alignment.detector_upsample=6"], ["--set alignment.detector_upsample=6: alignment.detector_upsample "
+                                                   "must be <= 3, got 6"]),
     (["--set", "output.codec=nosuchcodec"], ["edited.mp4: output.codec=nosuchcodec", "Unknown encoder"]),
     (["--set", "output.preset=warp"], ["ffmpeg cannot encode with these settings", "invalid preset 'warp'"]),
     (["--out-name", "edited.txt"], ["edited.txt: ffmpeg cannot write a .txt file holding libx264 video"]),
