@@ -382,6 +382,12 @@ class FileStore(ArtifactStore):
             return None if stat.S_ISDIR(mode) else parent
         return None
 
+    def _not_found(self, key: str, action: str) -> None:
+        """Called where ``key`` was not found: raise the store folder's own fault when a file has taken the
+        folder's place since the store was opened, as a write would, rather than report nothing stored."""
+        if self.root.is_file():
+            raise self._error(NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), key, action)
+
     def _put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         with self._store_errors(key, "write"):
@@ -393,6 +399,7 @@ class FileStore(ArtifactStore):
         try:
             f = open(self._path(key), "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            self._not_found(key, "read")
             raise ArtifactNotFound(key, self.uri) from None
         except OSError as exc:
             raise self._error(exc, key, "read") from exc
@@ -405,7 +412,10 @@ class FileStore(ArtifactStore):
 
     def _exists(self, key: str) -> bool:
         with self._store_errors(key, "read"):  # is_file() raises what is neither "missing" nor "not a folder"
-            return self._path(key).is_file()
+            found = self._path(key).is_file()
+        if not found:
+            self._not_found(key, "read")
+        return found
 
     def _delete(self, key: str) -> None:
         path = self._path(key)
@@ -423,6 +433,8 @@ class FileStore(ArtifactStore):
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix) and not _TEMP_NAME.match(name):
                     keys.append(key)
+        if not keys:
+            self._not_found(prefix, "list")
         return sorted(keys)
 
     def _put_file(self, key: str, local_path: Path) -> None:

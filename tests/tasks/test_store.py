@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import threading
 import uuid
@@ -325,6 +326,20 @@ def test_a_store_folder_that_became_a_file_fails_every_write_for_good(tmp_path):
     assert str(error) == f"{tmp_path / 'store'}: the store folder is a file, not a folder"
     assert not error.transient  # a stage task does not retry it (tasks.stages.base._retry_unless_bad_input)
     assert (tmp_path / "store").read_text() == "not a folder"
+
+
+def test_a_store_folder_that_became_a_file_is_named_by_reads_not_taken_for_an_empty_store(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    store.put_json("probe/k/probe.json", {"frames": 1})
+    shutil.rmtree(tmp_path / "store")
+    (tmp_path / "store").write_text("not a folder")
+    for read in (lambda: store.get_json("probe/k/probe.json"), lambda: store.exists("probe/k/probe.json"),
+                 lambda: store.list("probe/"), lambda: store.get_file("probe/k/probe.json", tmp_path / "copy")):
+        with pytest.raises(StoreError) as error:
+            read()
+        assert str(error.value) == f"{tmp_path / 'store'}: the store folder is a file, not a folder"
+        assert not error.value.transient
+    assert not (tmp_path / "copy").exists()
 
 
 def test_a_store_folder_under_a_file_fails_every_write_for_good(tmp_path):
