@@ -41,9 +41,12 @@ work folder's ``keyframes/``. Clips, stores, outputs and the HTML reports stay i
 On two idle CPU cores the full run takes about 1.5 hours, most of it the optimisation pivots (330
 projector steps per clip at 1024 px). ``--quick`` (2 frames, one step of everything) checks the script
 end to end in about 10 minutes and writes its results into the work folder, not over the committed ones.
+``--quality paper`` runs the paper's settings instead (results in ``real-faces-paper-<device>.json``, keyframes
+named ``*-paper.png``); on a CPU that takes hours per clip, so give it few frames and one ``--pivots`` method.
 
     .venv/bin/python benchmarks/real_faces.py [--clips astronaut 2008_001322 2008_002506]
-        [--frames-seconds 2] [--quick] [--models models] [--device cpu|cuda] [--work-dir DIR]
+        [--frames-seconds 2] [--quick] [--quality preview|paper] [--pivots encoder optimization]
+        [--models models] [--device cpu|cuda] [--work-dir DIR]
         [--photos DIR] [--out benchmarks/results/real-faces-<device>.json] [--keyframes DIR]
 """
 
@@ -69,6 +72,7 @@ from PIL import Image
 
 from common import run_child, write_report
 from flows.cli import DEMO_EDIT, DEMO_FPS, DEMO_SECONDS
+from stitchtime_core.config import QUALITIES
 from stitchtime_core.faces import load_landmarker
 from stitchtime_core.models.registry import Distribution, ModelFile
 from stitchtime_core.sample_clip import FACE_BOX, camera_matrices, make_sample_clip
@@ -234,13 +238,16 @@ def keyframe(source: Path, edited: Path, out: Path) -> int:
     return index
 
 
-def run_clip(name: str, clip: dict, work: Path, options: list[str], keyframes: Path) -> list[dict]:
-    """Both pivot methods on one clip in one fresh store; one result per run."""
-    store = work / name / "store"
+def run_clip(name: str, clip: dict, work: Path, options: list[str], keyframes: Path, methods: list[str],
+             suffix: str) -> list[dict]:
+    """Each pivot method of ``methods`` on one clip in one fresh store; one result per run. ``suffix`` tells
+    apart the outputs and keyframes of another quality."""
+    store = work / name / f"store{suffix}"
     shutil.rmtree(store, ignore_errors=True)  # a fresh store: nothing reused from an earlier benchmark
     runs = []
-    for pivots, settings in PIVOTS.items():
-        out = work / name / f"{name}-{pivots}.mp4"
+    for pivots in methods:
+        settings = PIVOTS[pivots]
+        out = work / name / f"{name}-{pivots}{suffix}.mp4"
         cli = ["edit", clip["path"], "--edit", EDIT, "--out", str(out), "--store", str(store),
                "--face", clip["face_point"], "--json", *options, *settings]
         print(f"real_faces: stitchtime {' '.join(cli)}", file=sys.stderr)
@@ -249,7 +256,7 @@ def run_clip(name: str, clip: dict, work: Path, options: list[str], keyframes: P
         frames = summary["frames"]
         made = made_seconds(store, {**summary["artifacts"], **output["artifacts"]})
         pti, identity, stitching = summary["pti"], output["identity"], output["stitching"]
-        image = (keyframes if name in PUBLIC_DOMAIN else work / "keyframes") / f"{name}-{pivots}.png"
+        image = (keyframes if name in PUBLIC_DOMAIN else work / "keyframes") / f"{name}-{pivots}{suffix}.png"
         index = keyframe(Path(clip["path"]), out, image)
         runs.append({
             "clip": name, "pivots": pivots, "frames": frames, "edited_frames": summary["edited_frames"],
@@ -301,6 +308,10 @@ def main() -> None:
                         help="a smoke run: 2 frames per clip, one step of PTI, stitching and projection")
     parser.add_argument("--models", type=Path, default=ROOT / "models", help="the mobile profile's model files")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quality", default="preview", choices=QUALITIES,
+                        help="the runs' --quality (default preview; paper takes hours per clip on a CPU)")
+    parser.add_argument("--pivots", nargs="+", choices=list(PIVOTS), default=list(PIVOTS),
+                        help="the pivot methods to run (default: both)")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "stitchtime-real-faces",
                         help="clips, stores, outputs and reports (kept; each clip's store is emptied first)")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -319,19 +330,22 @@ def main() -> None:
         return
     began = time.perf_counter()
     seconds = 2 / float(FPS) if args.quick else args.frames_seconds
-    options = ["--profile", "mobile", "--models", str(args.models.resolve()), "--quality", "preview",
+    options = ["--profile", "mobile", "--models", str(args.models.resolve()), "--quality", args.quality,
                "--device", args.device, *(QUICK if args.quick else [])]
     work = args.work_dir.resolve()
     # A smoke run leaves the committed results alone.
     results = work / "quick-results" if args.quick else RESULTS
-    out = args.out or results / f"real-faces-{args.device}.json"
+    # Another quality's results and keyframes go beside the preview's, not over them.
+    suffix = "" if args.quality == "preview" else f"-{args.quality}"
+    out = args.out or results / f"real-faces{suffix}-{args.device}.json"
     keyframes = args.keyframes or results / "real-faces"
     clips = make_clips(args.clips, work, args.photos, seconds)
-    runs = [run for name in args.clips for run in run_clip(name, clips[name], work, options, keyframes)]
+    runs = [run for name in args.clips
+            for run in run_clip(name, clips[name], work, options, keyframes, args.pivots, suffix)]
     write_report(out, "the mobile profile on real faces (the demo clip and two PASCAL VOC faces from dlib's sdist): "
                       "PTI reconstruction, identity, boundary error and seconds, encoder vs optimisation pivots", runs,
-                 settings={"profile": "mobile", "quality": "preview", "device": args.device, "edit": EDIT,
-                           "fps": str(FPS), "size": list(SIZE), "seconds": seconds, "quick": args.quick,
+                 settings={"profile": "mobile", "quality": args.quality, "pivots": args.pivots, "device": args.device,
+                           "edit": EDIT, "fps": str(FPS), "size": list(SIZE), "seconds": seconds, "quick": args.quick,
                            "cli_options": options},
                  clips=clips, benchmark_seconds=round(time.perf_counter() - began, 1))
     print(table(runs))
