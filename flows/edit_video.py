@@ -67,11 +67,13 @@ def edit_video(source: str, out: str, edits: list[list[tuple[str, float]]], prof
     paths = outputs.check_outputs(source, out, edit_sets)
     started = time.perf_counter()
     quality = quality or default_quality(device)
-    config = run_config(profile, quality, overrides, preset=preset)
+    fan_out = fan_out or os.environ.get(FAN_OUT_ENV) or None
+    # Chunks fanned out are stitched on the workers' GPUs: the defaults of this run's device are theirs only
+    # where the flow stitches itself.
+    config = run_config(profile, quality, overrides, preset=preset, device=None if fan_out else device)
     # Whether ffmpeg can write the output is asked now, not after an hour of PTI.
     outputs.check_encoding(out, config.output, source)
     store = store or default_store_uri()
-    fan_out = fan_out or os.environ.get(FAN_OUT_ENV) or None
     run_chunks = deployment_runner(fan_out) if fan_out else None  # a wrong name fails now, not after PTI
     if placement is None:
         try:

@@ -484,10 +484,26 @@ def profile_defaults(profile: str, quality: str = "paper") -> RunConfig:
     return PREVIEW if quality == "preview" else RunConfig()
 
 
+def device_defaults(profile: str, device: str) -> dict[str, dict[str, Any]]:
+    """``{stage: {setting: value}}`` that running on ``device`` changes: on a CPU the real profiles stitch one
+    frame at a time, as ``preview`` always does.
+
+    At 1024 px on two CPU cores, frames tuned 8 at once (each with its own weights) cost 2.3x a frame what one
+    at a time does: the mobile profile's stitch stage took 235 s a frame at the paper's 100 steps, the reference
+    code's loop 101 s, and warm starts, which then run through a whole chunk, 39 s at a lower boundary error and
+    a higher TL-ID (``benchmarks/stitching.py``; README, Benchmarks). The tiny profile's 64 px frames gain from
+    batches on a CPU too (3x), so it keeps them; on a GPU batches are the point.
+    """
+    if profile != "tiny" and not str(device).startswith("cuda"):
+        return {"stitching": {"batch_size": 1}}
+    return {}
+
+
 def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[str, Any]] | None = None, *,
-               preset: str = "paper") -> RunConfig:
+               preset: str = "paper", device: str | None = None) -> RunConfig:
     """A preset's settings, then those the profile and quality change (step counts, learning rates: what
-    :func:`profile_defaults` sets apart from the paper's), then the user's overrides; the edits are set per output.
+    :func:`profile_defaults` sets apart from the paper's), then the device's (:func:`device_defaults`, when
+    ``device`` is given), then the user's overrides; the edits are set per output.
 
     So ``--quality preview`` shortens a ``stit-code`` run as it shortens a ``paper`` one, and ``--set`` wins.
 
@@ -495,6 +511,8 @@ def run_config(profile: str, quality: str = "paper", overrides: dict[str, dict[s
         ValueError: an unknown profile, quality or preset, or a bad override.
     """
     config = with_overrides(_preset_config(preset), _differences(profile_defaults(profile, quality), RunConfig()))
+    if device is not None:
+        config = with_overrides(config, device_defaults(profile, device))
     return with_overrides(config, overrides or {})
 
 

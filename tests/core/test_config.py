@@ -28,7 +28,7 @@ from stitchtime_core.config import (
     with_overrides,
 )
 from stitchtime_core.config import (MAX_STRENGTH, PREVIEW, SettingError, check_device, default_quality,
-                                    preset_differences, profile_defaults, run_config)
+                                    device_defaults, preset_differences, profile_defaults, run_config)
 
 STAGE_CONFIGS = (AlignmentConfig, EncodingConfig, PTIConfig, EditingConfig, StitchingConfig, BlendingConfig,
                  OutputConfig)
@@ -209,6 +209,21 @@ def test_quality_presets():
     assert default_quality("cuda") == "paper" and default_quality("cpu") == "preview"
     with pytest.raises(ValueError, match="unknown quality"):
         profile_defaults("mobile", "draft")
+
+
+def test_on_a_cpu_the_real_profiles_stitch_one_frame_at_a_time_unless_told_otherwise():
+    for profile in ("mobile", "ffhq"):
+        assert run_config(profile, "paper", device="cpu").stitching.batch_size == 1
+        assert run_config(profile, "paper", device="cuda:1").stitching.batch_size == 8
+        assert run_config(profile, "paper").stitching.batch_size == 8  # no device: the flow fans chunks out
+        assert run_config(profile, "paper", preset="stit-code", device="cpu").stitching.batch_size == 1
+        cpu = run_config(profile, "paper", {"stitching": {"batch_size": "4"}}, device="cpu")
+        assert cpu.stitching.batch_size == 4  # the user's setting wins
+        # Only the batch: every other setting is the paper's, and the run records the difference.
+        assert preset_differences(run_config(profile, "paper", device="cpu"), "paper") == {
+            "stitching": {"batch_size": 1}}
+    assert run_config("tiny", "paper", device="cpu").stitching.batch_size == 8  # 64 px frames gain from batches
+    assert device_defaults("tiny", "cpu") == device_defaults("mobile", "cuda") == {}
 
 
 def test_presets_and_how_they_combine_with_quality_and_overrides():

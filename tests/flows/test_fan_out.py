@@ -133,6 +133,7 @@ def test_one_command_deploys_the_library_and_stitch_chunk_deployments(env: dict[
     assert [s.schedule.cron for s in library.schedules] == ["0 2 * * *"] and library.schedules[0].active
     assert library.job_variables["env"]["STITCHTIME_STITCH_DEPLOYMENT"] == DEPLOYMENT
     assert set(library.parameters) <= set(library.parameter_openapi_schema["properties"])  # all the flow's
+    assert library.parameters["quality"] == "paper"  # not the cpu device's default: PTI and stitching run on GPUs
     assert not stitch.schedules and stitch.parameters == {}
     for deployment in (library, stitch):
         assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
