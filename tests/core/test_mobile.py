@@ -94,8 +94,9 @@ def test_gradients_reach_the_weights_and_vmap_gives_the_same_image(G: MobileGene
     stacked = {name: p.detach().unsqueeze(0) for name, p in params.items()}
     one_frame = lambda frame_params, frame_ws: functional_call(synthesis, (frame_params, buffers),  # noqa: E731
                                                                (frame_ws[None],))[0]
+    # To float rounding: vmap's batched convolutions add in another order (up to 2e-5 on an AVX-512 CPU).
     with torch.no_grad():
-        torch.testing.assert_close(vmap(one_frame)(stacked, ws), image.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(vmap(one_frame)(stacked, ws), image.detach(), atol=1e-4, rtol=0)
 
 
 def test_stylegan2_wplus_maps_each_style_to_the_entry_of_the_same_part() -> None:

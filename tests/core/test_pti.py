@@ -235,7 +235,9 @@ def test_uint8_crops_tune_like_float_crops(tiny, face_clip, pivots, lpips_fn):
                                 lpips_fn=lpips_fn)
     from_uint8 = tune_generator(tiny.generator, pivots[:4], face_clip.crops_chw[:4], config=SHORT_CONFIG,
                                 lpips_fn=lpips_fn)
-    assert from_float.losses == pytest.approx(from_uint8.losses, rel=1e-5)
+    # The two conversions differ by an ulp, which 4 steps grow to about 2e-5 on an AVX-512 CPU; reading the
+    # uint8 crops as [0, 1] or without the offset would differ by tens of percent.
+    assert from_float.losses == pytest.approx(from_uint8.losses, rel=1e-4)
 
 
 def test_a_checkpoint_of_another_run_is_refused(tiny, face_clip, pivots, lpips_fn):

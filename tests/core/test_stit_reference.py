@@ -81,10 +81,17 @@ def test_two_stitching_steps(stitch_inputs, ref, loss, preset):
     config = dataclasses.replace(preset.stitching, steps=2, batch_size=1)
     result = stitch_frames(G, w, crop, content, border, config=config, edits=edit)
     assert result.steps.tolist() == [2]
-    torch.testing.assert_close(result.stitched[0, :, 24:40], ref[f"stitch_{loss}_2_steps_rows_24_40"],
-                               rtol=TOLERANCE, atol=TOLERANCE)
-    torch.testing.assert_close((result.stitched - edit).abs().sum().reshape(1), ref[f"stitch_{loss}_2_steps_abs_sum"],
-                               rtol=TOLERANCE, atol=0)
+    rows, abs_sum = result.stitched[0, :, 24:40], (result.stitched - edit).abs().sum().reshape(1)
+    if loss == "l2":
+        torch.testing.assert_close(rows, ref["stitch_l2_2_steps_rows_24_40"], rtol=TOLERANCE, atol=TOLERANCE)
+        torch.testing.assert_close(abs_sum, ref["stitch_l2_2_steps_abs_sum"], rtol=TOLERANCE, atol=0)
+        return
+    # L1 starts at the edit itself, where the mask term's gradient is the sign of rounding noise, which differs
+    # between CPUs and their kernels (README, Benchmarks): an AVX-512 machine ended 1e-3 from the stored pixels
+    # on average (2.7e-3, up to 1e-2, with its kernels held to AVX2) and 0.1 % (0.7 %) from the stored sum,
+    # while 2 steps move the pixels 0.27 on average, and L2 instead of L1 ends 0.054 and 13 % away.
+    assert float((rows - ref["stitch_l1_2_steps_rows_24_40"]).abs().mean()) < 1e-2
+    torch.testing.assert_close(abs_sum, ref["stitch_l1_2_steps_abs_sum"], rtol=3e-2, atol=0)
 
 
 def test_early_stop_checks_before_the_update(stitch_inputs, ref):
