@@ -33,7 +33,7 @@ demo: install
 # Two workers, a test file each at a time (files share their costly fixtures): most of the suite's time
 # is spent waiting (on servers, retries, timeouts), so two cores do 13 minutes' work in 10.
 test: models
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15
 
 # Benchmarks write JSON under benchmarks/results/.
 bench: install
