@@ -30,8 +30,9 @@ models: install
 demo: install
 	$(VENV)/bin/stitchtime demo
 
-# Two workers, a test file each at a time (files share their costly fixtures): most of the suite's time
-# is spent waiting (on servers, retries, timeouts), so two cores do 13 minutes' work in 10.
+# Two workers, a test file each at a time (files share their costly fixtures): much of the suite's time is
+# spent waiting (on servers, retries, timeouts). On 2-core VMs it has taken 14 to 21 minutes; the 15
+# slowest tests are printed at the end.
 test: models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15
 
