@@ -21,7 +21,7 @@ from stitchtime_core import video
 from stitchtime_core.config import OutputConfig, RunConfig, ablations_of, preset_differences, to_dict
 from stitchtime_core.errors import InputError
 from stitchtime_core.files import check_file, is_symlink_loop, write_output
-from stitchtime_core.models.registry import direction_kind, direction_names
+from stitchtime_core.models.registry import DIRECTION_SUFFIXES, direction_kind, direction_names
 from stitchtime_core.video import VideoInfo, probe, same_file
 
 if TYPE_CHECKING:  # the command line checks outputs with this module before Prefect and torch are imported
@@ -33,7 +33,7 @@ EditSet = list[tuple[str, float]]
 
 def _direction_label(name: str) -> str:
     path = Path(name)
-    if path.suffix in (".npy", ".pt") or "/" in name or os.sep in name:
+    if path.suffix in DIRECTION_SUFFIXES or "/" in name or os.sep in name:
         name = path.stem
     name = re.sub(r"\s+", "-", name.strip())
     return re.sub(r"[^A-Za-z0-9._-]+", "", name).strip(".") or "edit"
