@@ -30,9 +30,9 @@ models: install
 demo: install
 	$(VENV)/bin/stitchtime demo
 
-# Two workers, a test file each at a time (files share their costly fixtures): much of the suite's time is
-# spent waiting (on servers, retries, timeouts). On 2-core VMs it has taken 14 to 21 minutes; the 15
-# slowest tests are printed at the end.
+# Two workers, a test file each at a time (files share their costly fixtures), each worker's torch on its
+# share of the cores (tests/conftest.py): much of the suite's time is spent waiting (on servers, retries,
+# timeouts). On a 2-core VM it takes about 12 minutes; the 15 slowest tests are printed at the end.
 test: models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15
 
