@@ -31,7 +31,8 @@ os.environ["STITCHTIME_PROFILE"] = "tiny"
 # Set before torch is imported; a value already in the environment wins.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     assert "torch" not in sys.modules, "torch was imported before its thread count was set"
-    _threads = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     os.environ.setdefault("OMP_NUM_THREADS", _threads)
     os.environ.setdefault("MKL_NUM_THREADS", _threads)
 
