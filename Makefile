@@ -32,7 +32,7 @@ demo: install
 
 # Two workers, a test file each at a time (files share their costly fixtures), each worker's torch on its
 # share of the cores (tests/conftest.py): much of the suite's time is spent waiting (on servers, retries,
-# timeouts). On a 2-core VM it takes 10-12 minutes; the 15 slowest tests are printed at the end.
+# timeouts). On a 2-core VM it takes 10-13 minutes; the 15 slowest tests are printed at the end.
 test: models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15
 
