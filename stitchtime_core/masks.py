@@ -2,8 +2,8 @@
 
 The paper segments the face with a parsing network; :func:`landmark_face_mask` is the
 landmark-only mask used where no parsing network is loaded (the tiny profile, tests). The masks of
-:func:`stitching_masks` are float32 [size, size] arrays with values in {0, 1} (``mask_shape`` "disc");
-:func:`square_masks` makes the reference code's, soft-edged (``mask_shape`` "square").
+:func:`face_masks` and :func:`boundaries_of` are float32 [size, size] arrays with values in {0, 1}
+(``mask_shape`` "disc"); :func:`square_masks` makes the reference code's, soft-edged (``mask_shape`` "square").
 """
 
 from __future__ import annotations
@@ -124,25 +124,6 @@ def _binary(mask: np.ndarray) -> np.ndarray:
     if m.ndim != 2:
         raise ValueError(f"mask must have shape [H, W], got {list(m.shape)}")
     return (m > 0.5).astype(np.uint8)
-
-
-def stitching_masks(crop_landmarks: np.ndarray, size: int, *, border_px_1024: float,
-                    parsed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The masks stitching tuning needs for each frame: parsed where given and found, else from landmarks.
-
-    Args:
-        crop_landmarks: float [N, 68, 2] landmarks in crop pixels.
-        size: crop size in pixels.
-        border_px_1024: boundary width at 1024 px, scaled to ``size``.
-        parsed: float [N, size, size] face masks from a parsing network, or None to use the landmarks
-            for every frame (see :func:`parsed_or_landmark_masks`).
-
-    Returns:
-        (masks m, boundaries b = dilate(m) XOR m, each float32 [N, size, size] in {0, 1}; bool [N],
-        True where m came from the landmarks). The dilated mask m^d used for pasting is m + b.
-    """
-    masks, from_landmarks = face_masks(crop_landmarks, size, parsed=parsed)
-    return masks, boundaries_of(masks, border_px_1024=border_px_1024), from_landmarks
 
 
 def face_masks(crop_landmarks: np.ndarray, size: int, *, parsed: np.ndarray | None = None

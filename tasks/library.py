@@ -79,17 +79,6 @@ def list_library(source: str) -> Listing:
     return Listing(sorted(videos), dict(sorted(refused.items())))
 
 
-def list_videos(source: str) -> list[str]:
-    """The names (relative '/'-separated paths) of the videos under ``source`` that may be edited, sorted
-    (:attr:`Listing.videos` of :func:`list_library`).
-
-    Raises:
-        ValueError: ``source`` is a file. InputError: the folder is missing or a symlink loop.
-        StoreError: the folder or bucket cannot be read.
-    """
-    return list_library(source).videos
-
-
 def _is_video_name(name: str) -> bool:
     path = PurePosixPath(name)
     return path.suffix.lower() in VIDEO_SUFFIXES and not path.name.startswith(".")

@@ -26,8 +26,6 @@ class E4ECheckpoint:
     """The encoder with the checkpoint's weights, in eval mode."""
     latent_avg: torch.Tensor
     """[num_ws, w_dim]: the average latent the encoder's offsets are added to."""
-    decoder_state: dict[str, torch.Tensor]
-    """The pSp decoder's weights in rosinality's naming (see :mod:`stitchtime_core.models.rosinality`)."""
     opts: dict[str, Any]
     """The training options saved with the checkpoint."""
 
@@ -70,8 +68,7 @@ def load_e4e_checkpoint(path: str | os.PathLike) -> E4ECheckpoint:
         latent_avg = latent_avg.unsqueeze(0).repeat(style_count, 1)
     if tuple(latent_avg.shape) != (style_count, widths[3]):
         raise InputError(path, f"latent_avg has shape {list(latent_avg.shape)}, expected [{style_count}, {widths[3]}]")
-    decoder = {k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")}
-    return E4ECheckpoint(encoder.eval(), latent_avg.float(), decoder, opts)
+    return E4ECheckpoint(encoder.eval(), latent_avg.float(), opts)
 
 
 def _first_line(exc: Exception) -> str:

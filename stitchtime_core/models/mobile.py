@@ -12,7 +12,7 @@ export.
 W+ has 23 styles, indexed as the reference code: the first convolution reads style 0; block i
 (0-6) reads 3i+1 (upsampling and first convolution), 3i+2 (second convolution) and 3i+3 (its wavelet
 head; only the last block's, style 21, reaches the image); style 22 is unused. 23 equal rows are the
-mapping network's w. :func:`from_stylegan2_wplus` maps StyleGAN2's 18-entry W+ onto these 23.
+mapping network's w. :data:`STYLEGAN2_LAYERS` maps StyleGAN2's 18-entry W+ onto these 23.
 
 Noise is fixed, as in the export: each layer adds ``noise_strength * noise_const``, a constant map of
 unit spread times a learned scale (the export stores their product; loading splits it), so that the
@@ -227,16 +227,6 @@ class MobileSynthesisNetwork(nn.Module):
         for i, block in enumerate(self.layers):
             x = block(x, ws[:, 3 * i + 1], ws[:, 3 * i + 2], noise_mode=noise_mode)
         return self.to_img(x, ws[:, 3 * len(self.layers)])
-
-
-def from_stylegan2_wplus(ws: torch.Tensor) -> torch.Tensor:
-    """StyleGAN2 W+ codes or per-layer directions [..., 18, w_dim] → MobileStyleGAN's [..., 23, w_dim].
-
-    Equal rows stay equal rows, so a W code or a W-space direction means the same on both generators.
-    """
-    if ws.ndim < 2 or ws.shape[-2] != 18:
-        raise ValueError(f"expected [..., 18, w_dim] StyleGAN2 W+ codes, got {list(ws.shape)}")
-    return ws[..., list(STYLEGAN2_LAYERS), :]
 
 
 class MobileGenerator(nn.Module):

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch.func import functional_call, vmap
 
-from stitchtime_core.models.mobile import STYLEGAN2_LAYERS, MobileGenerator, from_stylegan2_wplus, load_mobile_generator
+from stitchtime_core.editing import load_direction_file
+from stitchtime_core.errors import InputError
+from stitchtime_core.models.mobile import STYLEGAN2_LAYERS, MobileGenerator, load_mobile_generator
 
 STORED = json.loads((Path(__file__).parent / "data" / "mobilestylegan_openvino.json").read_text())
 """The OpenVINO runtime's w and image pixels for three seeds (how they were made: the file's "source")."""
@@ -99,15 +101,20 @@ def test_gradients_reach_the_weights_and_vmap_gives_the_same_image(G: MobileGene
         torch.testing.assert_close(vmap(one_frame)(stacked, ws), image.detach(), atol=1e-4, rtol=0)
 
 
-def test_stylegan2_wplus_maps_each_style_to_the_entry_of_the_same_part() -> None:
+def test_stylegan2_wplus_directions_map_each_style_to_the_entry_of_the_same_part(tmp_path: Path) -> None:
     assert len(STYLEGAN2_LAYERS) == 23
     assert STYLEGAN2_LAYERS[:4] == (0, 1, 2, 3)  # 4 px conv; the 8 px block's upsampling, conv and head
     assert STYLEGAN2_LAYERS[19:] == (13, 14, 17, 17)  # the 512 px block, then the final image head
-    wplus = torch.arange(18.0).reshape(18, 1).expand(18, 4)
-    mapped = from_stylegan2_wplus(wplus)
+    per_layer = tmp_path / "per_layer.npy"
+    np.save(per_layer, np.arange(18.0, dtype=np.float32)[:, None].repeat(4, axis=1))
+    mapped = load_direction_file(per_layer, num_ws=23, w_dim=4, stylegan2_layers=STYLEGAN2_LAYERS)
     assert mapped.shape == (23, 4)
     assert mapped[:, 0].tolist() == [float(i) for i in STYLEGAN2_LAYERS]
-    equal_rows = torch.randn(1, 512).expand(2, 18, 512)
-    assert torch.equal(from_stylegan2_wplus(equal_rows), equal_rows[:, :1].expand(2, 23, 512))
-    with pytest.raises(ValueError, match="18"):
-        from_stylegan2_wplus(torch.zeros(23, 512))
+    equal_rows = tmp_path / "equal_rows.npy"  # STIT's layout: its first row, halved, on every style
+    row = np.random.default_rng(0).standard_normal(4).astype(np.float32)
+    np.save(equal_rows, np.tile(row, (18, 1)))
+    torch.testing.assert_close(load_direction_file(equal_rows, num_ws=23, w_dim=4, stylegan2_layers=STYLEGAN2_LAYERS),
+                               torch.from_numpy(row / 2).expand(23, 4))
+    with pytest.raises(InputError, match=r"\[18, 4\]"):  # the mobile generator's own 23 rows are fine, 17 are not
+        np.save(per_layer, np.zeros((17, 4), np.float32))
+        load_direction_file(per_layer, num_ws=23, w_dim=4, stylegan2_layers=STYLEGAN2_LAYERS)

@@ -36,8 +36,8 @@ def _mean_inside(diff: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def case(tiny, face_clip, pivots, pti_run) -> StitchCase:
-    m, b, _ = masks.stitching_masks(face_clip.crop_landmarks[:FRAMES], 64,
-                                 border_px_1024=STITCH_TEST_CONFIG.border_px)
+    m, _ = masks.face_masks(face_clip.crop_landmarks[:FRAMES], 64)
+    b = masks.boundaries_of(m, border_px_1024=STITCH_TEST_CONFIG.border_px)
     latents = edit_latents(pivots[:FRAMES], [(tiny.directions["age"], 2.0)])
     with torch.no_grad():
         edits = pti_run.result.generator.synthesis(latents, noise_mode="const")

@@ -150,7 +150,7 @@ def test_a_batch_from_and_to_s3(workdir: Path, cli_env: dict[str, str], s3_serve
 
 
 def test_library_listing_and_names(workdir: Path) -> None:
-    assert library.list_videos(str(workdir / "src")) == ["a.mp4", "corrupt.mp4", "talks/2026/b.mov"]
+    assert library.list_library(str(workdir / "src")).videos == ["a.mp4", "corrupt.mp4", "talks/2026/b.mov"]
     assert library.output_name("x/clip.webm") == "x/clip.mp4" and library.output_name("y/c.MOV") == "y/c.MOV"
     assert library.output_names(["a/x.avi", "a/x.mp4", "a/x.webm", "b/x.webm", "c.MOV"]) == {
         "a/x.avi": "a/x.avi.mp4", "a/x.mp4": "a/x.mp4", "a/x.webm": "a/x.webm.mp4", "b/x.webm": "b/x.mp4",
@@ -192,7 +192,7 @@ def test_a_library_listing_keeps_the_files_inside_it_and_reports_the_links_it_re
         "pipe.mp4": "not a regular file (a pipe, a socket or a device): refused",
         "sub/up": f"a symlink to {lib}, {loop}",
         "videos/deep/again": f"a symlink to {lib}, {loop}"}
-    assert library.list_videos(str(lib)) == listing.videos
+    assert library.list_library(str(lib)).videos == listing.videos
 
 
 def test_a_library_that_is_a_symlink_loop_is_named_as_one(tmp_path: Path) -> None:

@@ -97,14 +97,14 @@ def test_a_listing_stays_inside_its_prefix_and_keeps_bad_names_to_report(s3_env)
     for key in [f"{prefix}/raw/{name}" for name in BAD_NAMES.values()] + [
             f"{prefix}/raw/ok.mp4", f"{prefix}/raw-other/sibling.mp4", f"{prefix}/outside.mp4"]:
         s3.put_object(Bucket=s3_env.bucket, Key=key, Body=b"not a video")
-    names = library.list_videos(f"s3://{s3_env.bucket}/{prefix}/raw")
+    names = library.list_library(f"s3://{s3_env.bucket}/{prefix}/raw").videos
     assert names == sorted([*BAD_NAMES.values(), "ok.mp4"])  # listed, to be reported; nothing from beside it
 
 
 def test_a_file_library_reports_a_backslash_name(tmp_path: Path) -> None:
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "a\\b.mp4").write_bytes(b"x")  # a legal file name on POSIX, refused as a key
-    [name] = library.list_videos(str(tmp_path / "lib"))
+    [name] = library.list_library(str(tmp_path / "lib")).videos
     with pytest.raises(InputError, match="backslashes") as refused:
         library.check_name(str(tmp_path / "lib"), name)
     assert refused.value.path == f"{tmp_path / 'lib'}/a\\b.mp4"
