@@ -13,7 +13,8 @@
 # each part's figures, status, seconds and log, goes into one JSON.
 #
 # Environment: GPU_CHECK_DEVICE (cuda), GPU_CHECK_SECONDS (the budget, 470), GPU_CHECK_SIZES ("256 1024"),
-# GPU_CHECK_STEPS (stitching steps, 20), GPU_CHECK_OPTIONS ("fp32 bf16 channels-last compile"),
+# GPU_CHECK_STEPS (stitching steps, 20), GPU_CHECK_OPTIONS ("fp32 bf16 channels-last compile"), GPU_CHECK_SKIP
+# (parts to leave out, by the start of their names: "pipeline generator"),
 # GPU_CHECK_OUT (default $OUT/gpu-check.json when OUT is set, else benchmarks/results/gpu-check.json),
 # PYTHON (python3), STITCHTIME_REFERENCE (stylegan2-ada-pytorch's source; default .whl/stylegan2-ada-pytorch
 # when there).
@@ -34,7 +35,13 @@ touch "$PARTS"
 part() {
     local name=$1 limit=$2 start=$SECONDS status
     shift 2
-    local left=$((DEADLINE - SECONDS - 15))
+    local left=$((DEADLINE - SECONDS - 15)) skipped
+    for skipped in ${GPU_CHECK_SKIP:-}; do
+        if [[ $name == "$skipped"* ]]; then
+            skip "$name" "GPU_CHECK_SKIP"
+            return
+        fi
+    done
     if ((left < 20)); then
         skip "$name" "out of time"
         return

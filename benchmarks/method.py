@@ -295,8 +295,11 @@ def summarise(runs: list[dict[str, Any]], *, frames: int) -> list[dict[str, Any]
     CUDA, else RSS) of ours on the short and the long clip, and how much the part past the clip's own
     tensors grows from one to the other (1: flat). Missing measurements are None."""
     summaries = []
-    for size in sorted({run["resolution"] for run in runs}):
-        done = [run for run in runs if run["resolution"] == size and "failed" not in run]
+    def size_of(run: dict[str, Any]) -> int:  # a failed run has only its task's size
+        return run.get("resolution", run.get("size"))
+
+    for size in sorted({size_of(run) for run in runs}):
+        done = [run for run in runs if size_of(run) == size and "failed" not in run]
         stitch = {run["method"]: run for run in done if run["part"] == "stitch" and run["frames"] == frames}
         pti = {(run["method"], run["batch"]): run for run in done if run["part"] == "pti" and run["frames"] == frames}
         ours_pti = {f"batch{b}": run["seconds_per_frame_seen"] for (m, b), run in sorted(pti.items()) if m == "ours"}
