@@ -807,6 +807,36 @@ def test_a_full_disk_under_the_output_stops_the_run_with_one_line_and_leaves_not
     assert disk.files() == ["out"]
 
 
+def test_a_temporary_folder_without_room_for_the_crops_stops_pti_with_one_line(
+        small_disk: Callable[[int], SmallDisk], clip: Path, cli_env: dict[str, str], reference: dict,
+        tmp_path: Path) -> None:
+    """PTI reads the crops from a file in $TMPDIR, mapped into memory (so memory does not grow with the clip):
+    a folder without room for it (15 crops of 12 KiB) ends the run with one line naming the folder."""
+    disk = small_disk(16)
+    store, out = tmp_path / "store", tmp_path / "out" / "edited.mp4"
+    out.parent.mkdir()
+    copy_stages(reference, store, BEFORE_PTI)
+    env = {**cli_env, "TMPDIR": str(disk.folder)}
+
+    result = disk.run(edit_args(clip, out, store), env, tmp_path)
+    problem = "no space left on device" if disk.keeper else "file too large"
+    assert_one_error_line(result, f"{disk.folder}: cannot hold the aligned crops PTI reads", problem, "set TMPDIR")
+    assert crops_files(disk) == []  # the crops' file had no name, and went with the run
+    assert list(out.parent.iterdir()) == [] and not any(store.glob("pti/*/done.json"))
+
+    disk.free()
+    result = disk.run(edit_args(clip, out, store), env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["reused_stages"] == BEFORE_PTI
+    np.testing.assert_array_equal(frames(out), frames(reference["out"]))
+    assert crops_files(disk) == []
+
+
+def crops_files(disk: SmallDisk) -> list[str]:
+    """What the run left in its temporary folder, but for torch's own caches (torch puts them there)."""
+    return [name for name in disk.files() if not name.startswith("torchinductor_")]
+
+
 def test_a_full_disk_while_the_report_is_written_leaves_none_of_the_run_s_outputs(
         small_disk: Callable[[int], SmallDisk], clip: Path, cli_env: dict[str, str], reference: dict,
         tmp_path: Path) -> None:
