@@ -12,6 +12,7 @@ import torch
 from stitchtime_core.identity import IdentityNet, load_arcface_identity, load_dlib_identity
 from stitchtime_core.editing import resolve_direction
 from stitchtime_core.losses import build_lpips
+from stitchtime_core.malloc import keep_freed_memory
 from stitchtime_core.models.profiles import Networks
 from stitchtime_core.models.registry import default_models_dir
 
@@ -21,7 +22,12 @@ ARCFACE_FILE = "model_ir_se50.pth"
 
 @functools.lru_cache(maxsize=2)
 def stage_models(profile: str, models_dir: str | None, device: str) -> Networks:
-    """A profile's networks, each loaded on first use (see :class:`~stitchtime_core.models.profiles.Networks`)."""
+    """A profile's networks, each loaded on first use (see :class:`~stitchtime_core.models.profiles.Networks`).
+
+    A process that loads networks computes with torch: on a CPU, from here on malloc keeps the memory torch
+    frees (:func:`~stitchtime_core.malloc.keep_freed_memory`)."""
+    if device == "cpu":
+        keep_freed_memory()
     return Networks(profile, models_dir, device)
 
 
