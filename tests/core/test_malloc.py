@@ -16,7 +16,7 @@ import torch
 from stitchtime_core.malloc import keep_freed_memory
 kept = keep_freed_memory()
 faults = []
-for _ in range(12):
+for _ in range(24):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(64, 1024, 1024)  # 256 MB, touched
     y = x * 2
@@ -38,9 +38,11 @@ def test_freed_tensors_are_reused_without_faulting_their_pages_in_again() -> Non
     kept = probe()
     assert kept["kept"] is True
     assert kept["faults"][0] > pages / 2  # the first time, the pages come from the kernel
-    # The heap grows for a few rounds (torch asks for aligned blocks, a little larger than the freed ones),
-    # then holds enough to serve every round from its own pages.
-    assert max(kept["faults"][-6:]) < pages / 100, kept
+    # The heap grows in a few rounds (torch asks for aligned blocks, a little larger than the freed ones: 2 to 5.5
+    # rounds' worth of pages in 30 tries here, sometimes as late as round 19); every other round is served from
+    # pages the heap already holds.
+    assert sum(faults < pages / 100 for faults in kept["faults"]) >= 16, kept
     default = probe(STITCHTIME_KEEP_FREED_MEMORY="0")
     assert default["kept"] is False
     assert min(default["faults"]) > pages / 2, default  # malloc as it is: mapped and unmapped every time
+    assert sum(kept["faults"]) < sum(default["faults"]) / 3
