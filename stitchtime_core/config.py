@@ -455,13 +455,14 @@ def check_device(device: Any) -> None:
                                        f"(cuda:0 to cuda:{count - 1}{shown})")
 
 
-def _on_gpu(device: str) -> bool:
+def on_gpu(device: str) -> bool:
+    """Whether ``device`` (a name or a ``torch.device``) is a GPU."""
     return str(device).startswith("cuda")
 
 
 def default_quality(device: str) -> str:
     """``paper`` on a GPU, ``preview`` on a CPU, where the paper's settings take hours per clip."""
-    return "paper" if _on_gpu(device) else "preview"
+    return "paper" if on_gpu(device) else "preview"
 
 
 def profile_defaults(profile: str, quality: str = "paper") -> RunConfig:
@@ -498,7 +499,7 @@ def device_defaults(profile: str, device: str) -> dict[str, dict[str, Any]]:
     a higher TL-ID (``benchmarks/stitching.py``; README, Benchmarks). The tiny profile's 64 px frames gain from
     batches on a CPU too (3x), so it keeps them; on a GPU batches are the point.
     """
-    if profile != "tiny" and not _on_gpu(device):
+    if profile != "tiny" and not on_gpu(device):
         return {"stitching": {"batch_size": 1}}
     return {}
 

@@ -61,13 +61,13 @@ def crops_chw(store: ArtifactStore, align: StageRef) -> torch.Tensor:
     Raises:
         StitchtimeError: the temporary folder cannot hold the crops (a full disk: names the folder and the size).
     """
-    folder, frames, shape = tempfile.gettempdir(), 0, (0, 0, 0)
+    folder, frames, shape = tempfile.gettempdir(), 0, (3, align.info["resolution"], align.info["resolution"])
     try:
         file = tempfile.TemporaryFile(dir=folder, prefix="stitchtime-crops-")
         with file:
             for chunk in iter_crops(store, align):
                 chw = np.ascontiguousarray(chunk.transpose(0, 3, 1, 2))
-                frames, shape = frames + len(chw), chw.shape[1:]
+                frames += len(chw)
                 file.write(memoryview(chw).cast("B"))
             file.flush()
             if not frames:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from stitchtime_core.identity import IdentityNet, load_arcface_identity, load_dlib_identity
+from stitchtime_core.config import on_gpu
 from stitchtime_core.editing import resolve_direction
 from stitchtime_core.losses import build_lpips
 from stitchtime_core.malloc import keep_freed_memory
@@ -26,7 +27,7 @@ def stage_models(profile: str, models_dir: str | None, device: str) -> Networks:
 
     A process that loads networks computes with torch: on a CPU, from here on malloc keeps the memory torch
     frees (:func:`~stitchtime_core.malloc.keep_freed_memory`)."""
-    if device == "cpu":
+    if not on_gpu(device):
         keep_freed_memory()
     return Networks(profile, models_dir, device)
 

@@ -26,7 +26,8 @@ def test_the_crops_come_whole_and_in_order_without_growing_the_heap(tmp_path: Pa
     rng = np.random.default_rng(0)
     chunks = [put_crops(store, "align/k", i, list(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)))
               for i, n in enumerate(sizes)]
-    align = StageRef("align", "align/k", False, 0.0, {"crop_chunks": chunks, "edited_frames": frames})
+    align = StageRef("align", "align/k", False, 0.0,
+                     {"crop_chunks": chunks, "edited_frames": frames, "resolution": size})
     expected = torch.cat([store.get_tensors(key)["crops"].permute(0, 3, 1, 2) for key in chunks])
 
     before = anonymous_mb()
