@@ -131,6 +131,8 @@ def test_one_command_deploys_the_library_and_stitch_chunk_deployments(env: dict[
     assert pools == {"cpu": "process", "gpu": "process"}
     assert library.work_pool_name == "cpu" and stitch.work_pool_name == "gpu"
     assert [s.schedule.cron for s in library.schedules] == ["0 2 * * *"] and library.schedules[0].active
+    assert library.global_concurrency_limit.limit == 1  # a nightly run that overruns holds the next back
+    assert library.concurrency_options.collision_strategy == "ENQUEUE"
     assert library.job_variables["env"]["STITCHTIME_STITCH_DEPLOYMENT"] == DEPLOYMENT
     assert set(library.parameters) <= set(library.parameter_openapi_schema["properties"])  # all the flow's
     assert library.parameters["quality"] == "paper"  # not the cpu device's default: PTI and stitching run on GPUs
