@@ -15,6 +15,7 @@ files (fp32), when ``openvino`` is installed.
         [--dtype fp32|bf16] [--channels-last] [--compile] [--out FILE]
     .venv/bin/python benchmarks/generator.py --generator mobile [--batches 1 4] [--models models]
 
+On a CPU, malloc keeps the memory torch frees, as in the pipeline (``STITCHTIME_KEEP_FREED_MEMORY=0``: not).
 Each size and batch runs in a fresh subprocess so that its peak memory (RSS; on CUDA also the GPU's) is
 its own.
 """
@@ -36,9 +37,11 @@ def measure(size: int, device: str, repeats: int, generator: str = "stylegan2", 
             compile: bool = False) -> dict:
     import torch
 
+    from stitchtime_core.malloc import keep_freed_memory
     from stitchtime_core.models.mobile import load_mobile_generator
     from stitchtime_core.models.stylegan2 import Generator
 
+    kept = device == "cpu" and keep_freed_memory()  # as the pipeline's stages run on a CPU
     torch.manual_seed(0)
     if generator == "mobile":
         G = load_mobile_generator(models / "mobilestylegan" / "MappingNetwork.xml",
@@ -83,7 +86,7 @@ def measure(size: int, device: str, repeats: int, generator: str = "stylegan2", 
         "generator": generator, "resolution": G.img_resolution, "batch": batch, "device": device,
         "parameters": sum(p.numel() for p in G.parameters()),
         **({"channels": channels} if generator == "stylegan2" else {}),
-        "dtype": dtype, "channels_last": channels_last, "compile": compile,
+        "dtype": dtype, "channels_last": channels_last, "compile": compile, "malloc_keeps_freed_memory": kept,
         "forward_seconds_per_image": round(forward, 4),
         "forward_backward_seconds_per_image": round(backward, 4),
         "warmup_seconds": {"forward": round(forward_warmup, 4), "forward_backward": round(backward_warmup, 4)},

@@ -61,20 +61,22 @@ def _haar_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return (signs * 0.5).unsqueeze(1)
 
 
-def inverse_haar(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+def inverse_haar(x: torch.Tensor) -> torch.Tensor:
     """One level of the inverse 2-D Haar transform.
 
     Args:
-        low: [batch, C, h, w] low band.
-        high: [batch, C, 3, h, w] high bands (LH, HL, HH).
+        x: [batch, 4C, h, w]: C low bands, then each channel's three high bands (LH, HL, HH of channel
+            c at C + 3c, C + 3c + 1, C + 3c + 2).
 
     Returns:
         [batch, C, 2h, 2w].
     """
-    batch, channels, height, width = low.shape
-    bands = torch.cat([low.unsqueeze(2), high], dim=2).reshape(1, batch * channels * 4, height, width)
-    kernel = _haar_kernel(low.device, low.dtype).repeat(batch * channels, 1, 1, 1)
-    out = F.conv_transpose2d(bands, kernel, stride=2, groups=batch * channels)
+    batch, bands, height, width = x.shape
+    channels = bands // 4
+    grouped = torch.cat([x[:, :channels].unsqueeze(2), x[:, channels:].reshape(batch, channels, 3, height, width)],
+                        dim=2).reshape(1, batch * bands, height, width)
+    kernel = _haar_kernel(x.device, x.dtype).repeat(batch * channels, 1, 1, 1)
+    out = F.conv_transpose2d(grouped, kernel, stride=2, groups=batch * channels)
     return out.reshape(batch, channels, 2 * height, 2 * width)
 
 
@@ -158,10 +160,7 @@ class WaveletUpsample(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Args: x [batch, 4C, r, r], w [batch, w_dim]. Returns [batch, C, 2r, 2r]."""
-        batch, channels, height, width = x.shape
-        x = x * self.modulation(w)[:, :, None, None]
-        quarter = channels // 4
-        return inverse_haar(x[:, :quarter], x[:, quarter:].reshape(batch, quarter, 3, height, width))
+        return inverse_haar(x * self.modulation(w)[:, :, None, None])
 
 
 class SynthesisBlock(nn.Module):
@@ -190,10 +189,13 @@ class WaveletImage(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Args: x [batch, C, r, r], w [batch, w_dim]. Returns the image [batch, 3, 2r, 2r]."""
-        x = x * self.modulation(w)[:, :, None, None]
-        bands = F.conv2d(x, self.weight, self.bias)
-        batch, _, height, width = bands.shape
-        return inverse_haar(bands[:, :3], bands[:, 3:].reshape(batch, 3, 3, height, width))
+        batch, channels, height, width = x.shape
+        # Modulating the input equals scaling the weights' columns: one matrix product per sample, on
+        # channels-last pixels [batch, r*r, C], as StyledLayer's pointwise convolution.
+        weight = self.weight[:, :, 0, 0].unsqueeze(0) * self.modulation(w).unsqueeze(1)  # [batch, 12, C]
+        pixels = _channels_last(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        bands = torch.baddbmm(self.bias, pixels, weight.transpose(1, 2))
+        return inverse_haar(bands.reshape(batch, height, width, WAVELET_CHANNELS).permute(0, 3, 1, 2))
 
 
 class MobileSynthesisNetwork(nn.Module):
