@@ -26,7 +26,9 @@ import yaml
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Completed, Pending, Running
 from safetensors.torch import load_file
 
 from stitchtime_core.config import StitchingConfig
@@ -147,6 +149,20 @@ def test_one_command_deploys_the_library_and_stitch_chunk_deployments(env: dict[
     run_stage = client_deployment(env, "run-stage/gpu")
     assert run_stage.work_pool_name == "gpu" and not run_stage.schedules and run_stage.parameters == {}
     assert library.job_variables["env"]["STITCHTIME_PLACEMENT"] == "encode=run-stage/gpu,pti=run-stage/gpu"
+
+    # Its concurrency limit at work: while one run holds the slot, a worker that takes a second is told to wait.
+    with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        first, second = (client.create_flow_run_from_deployment(library.id) for _ in range(2))
+        try:
+            assert client.set_flow_run_state(first.id, Pending()).status == SetStateStatus.ACCEPT
+            held = client.set_flow_run_state(second.id, Pending())
+            assert held.status == SetStateStatus.REJECT and held.state.name == "AwaitingConcurrencySlot"
+            for state in (Running(), Completed()):
+                assert client.set_flow_run_state(first.id, state).status == SetStateStatus.ACCEPT
+            assert client.set_flow_run_state(second.id, Pending()).status == SetStateStatus.ACCEPT
+        finally:
+            for run in (first, second):
+                client.delete_flow_run(run.id)
 
 
 def client_deployment(env: dict[str, str], name: str):  # noqa: ANN201 - a Prefect deployment
