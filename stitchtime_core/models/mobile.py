@@ -304,8 +304,7 @@ def _mapping_state(graph: IRGraph, mapping: MappingNetwork) -> dict[str, torch.T
 def _synthesis_state(graph: IRGraph, synthesis: MobileSynthesisNetwork) -> dict[str, torch.Tensor]:
     """Our parameters from the export's named constants (``m.<reference name>``), and the unnamed noise maps
     found by the convolution whose output each is added to."""
-    named = {layer.port_names.removeprefix("m."): layer for layer in graph.of_type("Const")
-             if layer.port_names.startswith("m.")}
+    named = {name.removeprefix("m."): layer for name, layer in graph.named_constants().items() if name.startswith("m.")}
     renames = {"input": "input.input", "to_img.modulation.weight": "layers.6.to_img.conv.modulation.weight",
                "to_img.modulation.bias": "layers.6.to_img.conv.modulation.bias",
                "to_img.weight": "layers.6.to_img.conv.weight", "to_img.bias": "layers.6.to_img.bias"}
