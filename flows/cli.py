@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import signal
 import sys
@@ -195,6 +196,11 @@ class _Commands(click.Group):
     two tasks, may raise an error of its own in its clean-up ("Task run is not set"), which the command
     would report as a usage error. So the signal is also noted when it arrives, and any error after it is
     the interrupt.
+
+    Nor is it always raised where it can stop the command: a signal that lands while a finaliser runs (a
+    ``__del__``, during garbage collection) raises its KeyboardInterrupt there, where Python prints it as
+    "Exception ignored" and drops it, and the run went on to its end. Such a dropped interrupt is delivered
+    again 10 ms later, to the code the main thread is running then.
     """
 
     def invoke(self, ctx: click.Context) -> object:
@@ -204,19 +210,38 @@ class _Commands(click.Group):
             interrupted.append(signum)
             signal.default_int_handler(signum, frame)
 
+        def redeliver(unraisable: object) -> None:  # sys.unraisablehook
+            if interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt):
+                # From another thread, a moment later: raised here, it would be raised inside this hook and
+                # dropped again. note_interrupt raises it anew where the main thread then is.
+                threading.Timer(0.01, interrupt_again).start()
+            else:
+                previous_hook(unraisable)
+
+        def interrupt_again() -> None:
+            if running:
+                _thread.interrupt_main(interrupted[0])
+
         main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
         handled = (signal.SIGINT, signal.SIGTERM)
         previous = {signum: signal.signal(signum, note_interrupt) for signum in handled} if main_thread else {}
+        previous_hook, running = sys.unraisablehook, True
+        if main_thread:
+            sys.unraisablehook = redeliver
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if not interrupted:  # an interrupt that was dropped and not raised again in time still ends it so
+                return result
         except KeyboardInterrupt:
             interrupted.append(signal.SIGINT)
         except Exception:  # click's errors too: what a command made of an error that the interrupt caused
             if not interrupted:
                 raise
         finally:
+            running = False
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            sys.unraisablehook = previous_hook
         if interrupted[0] == signal.SIGTERM:
             click.echo("Terminated (SIGTERM): run the same command again to go on where it stopped.", err=True)
             ctx.exit(TERMINATED)

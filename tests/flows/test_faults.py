@@ -258,6 +258,32 @@ def test_ctrl_c_is_reported_as_such_even_when_clean_up_turns_it_into_another_err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI's handler is gone again
 
 
+def test_ctrl_c_that_lands_in_a_finaliser_still_stops_the_command() -> None:
+    """A signal raised while a ``__del__`` runs is dropped by Python ("Exception ignored in ..."); once, in CI,
+    Ctrl-C landed in tqdm's and the edit ran on to its end with status 0. The command must stop all the same."""
+    group = _Commands()
+    finished = []
+
+    class Finalised:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # the signal lands here, inside the finaliser
+
+    @group.command()
+    def work() -> None:
+        Finalised()  # dropped at once: its __del__ runs here
+        for _ in range(100):
+            time.sleep(0.01)
+        finished.append(True)
+
+    hook, started = sys.unraisablehook, time.monotonic()
+    result = CliRunner().invoke(group, ["work"])
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 130 and not finished, result.output
+    assert result.output.strip() == "Interrupted: run the same command again to go on where it stopped."
+    assert sys.unraisablehook is hook  # the CLI's hook is gone again
+
+
 def test_sigterm_ends_a_command_as_ctrl_c_does_with_its_own_status() -> None:
     group = _Commands()
     cleaned = []
