@@ -103,6 +103,21 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
+def _modulated_pointwise(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor,
+                         bias: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution of ``x`` modulated per sample: modulating the input equals scaling the weights' columns,
+    so one matrix product per sample, on channels-last pixels [batch, r*r, in].
+
+    Args: x [batch, in, r, r], weight [out, in, 1, 1], styles [batch, in], bias [out].
+    Returns: [batch, out, r, r], channels last.
+    """
+    batch, channels, height, width = x.shape
+    weight = weight[:, :, 0, 0].unsqueeze(0) * styles.unsqueeze(1)  # [batch, out, in]
+    pixels = _channels_last(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+    out = torch.baddbmm(bias, pixels, weight.transpose(1, 2))
+    return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
 class StyledLayer(nn.Module):
     """Modulated convolution, fixed noise, bias, leaky ReLU 0.2.
 
@@ -129,13 +144,9 @@ class StyledLayer(nn.Module):
         batch, _, height, width = x.shape
         styles = self.modulation(w)
         if self.separable:
-            # The depthwise convolution is per channel, so modulating its input equals scaling the pointwise
-            # weights' columns: one matrix product per sample, on channels-last pixels [batch, r*r, C].
+            # The depthwise convolution is per channel, so the modulation can wait for the pointwise one.
             x = F.conv2d(_channels_last(x), self.weight_dw, padding=1, groups=x.shape[1])
-            weight = self.weight_permute[:, :, 0, 0].unsqueeze(0) * styles.unsqueeze(1)  # [batch, out, in]
-            pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
-            x = torch.baddbmm(self.bias, pixels, weight.transpose(1, 2))
-            x = x.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+            x = _modulated_pointwise(x, self.weight_permute, styles, self.bias)
         else:
             x = F.conv2d(x * styles[:, :, None, None], self.weight, self.bias, padding=1)
         if noise_mode == "const":
@@ -189,13 +200,7 @@ class WaveletImage(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Args: x [batch, C, r, r], w [batch, w_dim]. Returns the image [batch, 3, 2r, 2r]."""
-        batch, channels, height, width = x.shape
-        # Modulating the input equals scaling the weights' columns: one matrix product per sample, on
-        # channels-last pixels [batch, r*r, C], as StyledLayer's pointwise convolution.
-        weight = self.weight[:, :, 0, 0].unsqueeze(0) * self.modulation(w).unsqueeze(1)  # [batch, 12, C]
-        pixels = _channels_last(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        bands = torch.baddbmm(self.bias, pixels, weight.transpose(1, 2))
-        return inverse_haar(bands.reshape(batch, height, width, WAVELET_CHANNELS).permute(0, 3, 1, 2))
+        return inverse_haar(_modulated_pointwise(x, self.weight, self.modulation(w), self.bias))
 
 
 class MobileSynthesisNetwork(nn.Module):

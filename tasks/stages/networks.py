@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from stitchtime_core.identity import IdentityNet, load_arcface_identity, load_dlib_identity
 from stitchtime_core.config import on_gpu
+from stitchtime_core.identity import IdentityNet, load_arcface_identity, load_dlib_identity
 from stitchtime_core.editing import resolve_direction
 from stitchtime_core.losses import build_lpips
 from stitchtime_core.malloc import keep_freed_memory
